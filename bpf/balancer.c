@@ -1,0 +1,361 @@
+// SPDX-License-Identifier: GPL-2.0
+/* edge-lb XDP balancer: the packet path only. Layouts, maps and constants live in balancer_*.h.
+ * VIP packet -> connection table (SYN skips it) or the VIP's Maglev ring -> IPIP / IP6IP6 / 4in6 -> XDP_TX.
+ * Everything that is not a VIP packet leaves untouched with XDP_PASS. */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "balancer_consts.h"
+#include "balancer_structs.h"
+#include "balancer_maps.h"
+
+/* What the parser learned about one packet. */
+struct packet {
+  struct flow_key flow; /* client -> VIP, also for an ICMP error about that flow */
+  __u32 ip_len;         /* IP total length: what encapsulation wraps */
+  __u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
+  __u8 syn;             /* TCP SYN without ACK: always consult the ring */
+  __u8 icmp;            /* ICMP too-big about the flow: no conn-table insert */
+};
+
+static __always_inline void count(__u32 idx, __u64 bytes) {
+  struct lb_counter *c = reason_stats.lookup(&idx);
+  if (c) {
+    c->packets++;
+    c->bytes += bytes;
+  }
+}
+
+static __always_inline void count_in(void *map_lookup_result, __u64 bytes) {
+  struct lb_counter *c = map_lookup_result;
+  if (c) {
+    c->packets++;
+    c->bytes += bytes;
+  }
+}
+
+static __always_inline __u32 lb_rol32(__u32 w, int s) { return (w << s) | (w >> (32 - s)); }
+
+/* The kernel's jhash_3words (lookup3 final mix). */
+static __always_inline __u32 jhash3(__u32 a, __u32 b, __u32 c, __u32 seed) {
+  __u32 iv = seed + 0xdeadbeef + (3 << 2);
+  a += iv;
+  b += iv;
+  c += iv;
+  c ^= b; c -= lb_rol32(b, 14);
+  a ^= c; a -= lb_rol32(c, 11);
+  b ^= a; b -= lb_rol32(a, 25);
+  c ^= b; c -= lb_rol32(b, 16);
+  a ^= c; a -= lb_rol32(c, 4);
+  b ^= a; b -= lb_rol32(a, 14);
+  c ^= b; c -= lb_rol32(b, 24);
+  return c;
+}
+
+/* Depends on packet fields only, so every node hashes a flow alike. */
+static __always_inline __u32 flow_hash(const struct flow_key *f) {
+  __u32 ports = ((__u32)f->sport << 16) | f->dport;
+  if (f->family == LB_FAMILY_V4)
+    return jhash3(f->src[0], f->dst[0] ^ f->proto, ports, FLOW_HASH_SEED);
+  __u32 h = jhash3(f->src[0], f->src[1], f->src[2], FLOW_HASH_SEED);
+  h = jhash3(f->src[3], f->dst[0], f->dst[1], h);
+  return jhash3(f->dst[2], f->dst[3] ^ f->proto, ports, h);
+}
+
+static __always_inline int is_vip_addr(const __u32 *addr, __u8 family) {
+  struct vip_key k = {};
+  __builtin_memcpy(k.addr, addr, 16);
+  k.family = family;
+  return vip_addrs.lookup(&k) != NULL;
+}
+
+/* Slow path for packets we do not balance: drop what is to a VIP address, pass the rest. */
+static __always_inline int drop_if_vip(const __u32 *addr, __u8 family, __u32 stat, __u64 bytes) {
+  if (!is_vip_addr(addr, family)) {
+    count(STAT_PASS_NOT_VIP, bytes);
+    return XDP_PASS;
+  }
+  count(stat, bytes);
+  return stat == STAT_PASS_OTHER ? XDP_PASS : XDP_DROP;
+}
+
+/* L4 ports at l4 (TCP or UDP). */
+static __always_inline int parse_ports(void *l4, void *data_end, struct packet *p) {
+  if (p->flow.proto == IPPROTO_TCP) {
+    struct tcphdr *tcp = l4;
+    if ((void *)(tcp + 1) > data_end)
+      return XDP_PASS;
+    p->syn = tcp->syn && !tcp->ack;
+  } else {
+    struct udphdr *udp = l4;
+    if ((void *)(udp + 1) > data_end)
+      return XDP_PASS;
+  }
+  __u16 *ports = l4;
+  p->flow.sport = ports[0];
+  p->flow.dport = ports[1];
+  return LB_CONTINUE;
+}
+
+/* ICMP error quoting a packet the backend sent (VIP -> client): rebuild the client -> VIP flow.
+ * quoted points at the quoted IP header; its first 8 L4 bytes hold the ports. */
+static __always_inline int parse_quoted_v4(struct iphdr *q, void *data_end, struct packet *p) {
+  if ((void *)(q + 1) + 4 > data_end || q->ihl != 5)
+    return XDP_PASS;
+  if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP)
+    return XDP_PASS;
+  __u16 *ports = (void *)(q + 1);
+  p->flow.src[0] = q->daddr;
+  p->flow.dst[0] = q->saddr;
+  p->flow.sport = ports[1];
+  p->flow.dport = ports[0];
+  p->flow.proto = q->protocol;
+  p->icmp = 1;
+  return LB_CONTINUE;
+}
+
+static __always_inline int parse_quoted_v6(struct ipv6hdr *q, void *data_end, struct packet *p) {
+  if ((void *)(q + 1) + 4 > data_end)
+    return XDP_PASS;
+  if (q->nexthdr != IPPROTO_TCP && q->nexthdr != IPPROTO_UDP)
+    return XDP_PASS;
+  __u16 *ports = (void *)(q + 1);
+  __builtin_memcpy(p->flow.src, &q->daddr, 16);
+  __builtin_memcpy(p->flow.dst, &q->saddr, 16);
+  p->flow.sport = ports[1];
+  p->flow.dport = ports[0];
+  p->flow.proto = q->nexthdr;
+  p->icmp = 1;
+  return LB_CONTINUE;
+}
+
+static __always_inline int parse_v4(void *data, void *data_end, struct packet *p) {
+  struct iphdr *ip = data + sizeof(struct ethhdr);
+  if ((void *)(ip + 1) > data_end) {
+    count(STAT_PASS_MALFORMED, 0);
+    return XDP_PASS;
+  }
+  p->flow.family = LB_FAMILY_V4;
+  p->flow.src[0] = ip->saddr;
+  p->flow.dst[0] = ip->daddr;
+  p->flow.proto = ip->protocol;
+  p->ip_len = bpf_ntohs(ip->tot_len);
+  p->tos = ip->tos;
+  if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
+    return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_DROP_FRAGMENT, p->ip_len);
+  if (ip->ihl != 5)
+    return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_DROP_IP_OPTIONS, p->ip_len);
+  void *l4 = ip + 1;
+  if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
+    return parse_ports(l4, data_end, p);
+  if (ip->protocol == IPPROTO_ICMP) {
+    __u8 *icmp = l4;
+    if ((void *)(icmp + 8) <= data_end && icmp[0] == LB_ICMP_DEST_UNREACH && icmp[1] == LB_ICMP_FRAG_NEEDED)
+      return parse_quoted_v4((void *)(icmp + 8), data_end, p);
+  }
+  return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_PASS_OTHER, p->ip_len);
+}
+
+static __always_inline int parse_v6(void *data, void *data_end, struct packet *p) {
+  struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+  if ((void *)(ip6 + 1) > data_end) {
+    count(STAT_PASS_MALFORMED, 0);
+    return XDP_PASS;
+  }
+  p->flow.family = LB_FAMILY_V6;
+  __builtin_memcpy(p->flow.src, &ip6->saddr, 16);
+  __builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
+  p->flow.proto = ip6->nexthdr;
+  p->ip_len = bpf_ntohs(ip6->payload_len) + IPV6_HDR_LEN;
+  p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+  void *l4 = ip6 + 1;
+  if (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP)
+    return parse_ports(l4, data_end, p);
+  if (ip6->nexthdr == LB_IPPROTO_FRAGMENT)
+    return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_DROP_FRAGMENT, p->ip_len);
+  if (ip6->nexthdr == IPPROTO_ICMPV6) {
+    __u8 *icmp = l4;
+    if ((void *)(icmp + 8) <= data_end && icmp[0] == LB_ICMPV6_PKT_TOOBIG)
+      return parse_quoted_v6((void *)(icmp + 8), data_end, p);
+  }
+  return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_PASS_OTHER, p->ip_len);
+}
+
+static __always_inline struct vip_meta *find_vip(struct packet *p, struct lb_ctl *ctl) {
+  struct vip_key k = {};
+  __builtin_memcpy(k.addr, p->flow.dst, 16);
+  k.port = p->flow.dport;
+  k.proto = p->flow.proto;
+  k.family = p->flow.family;
+  struct vip_meta *vip = vips.lookup(&k);
+  if (vip || !ctl->port0_vips)
+    return vip;
+  k.port = 0;
+  return vips.lookup(&k);
+}
+
+/* Backend index for the flow: the connection table unless SYN, a stale entry or a miss; else the ring. */
+static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip, __u32 hash,
+                                          struct backend **be) {
+  if (!p->syn) {
+    struct conn *c = conn_table.lookup(&p->flow);
+    if (c) {
+      __u32 idx = c->backend_idx;
+      *be = backends.lookup(&idx);
+      if (*be && ((*be)->flags & BACKEND_F_UP)) {
+        count(STAT_CT_HIT, 0);
+        return idx;
+      }
+    }
+  }
+  count(STAT_CT_MISS, 0);
+  __u32 slot = vip->vip_num * RING_SIZE + hash % RING_SIZE;
+  __u32 *ring_idx = rings.lookup(&slot);
+  if (!ring_idx || !*ring_idx)
+    return 0;
+  __u32 idx = *ring_idx;
+  *be = backends.lookup(&idx);
+  if (!*be)
+    return 0;
+  if (!p->icmp) {
+    struct conn c = {.backend_idx = idx};
+    conn_table.update(&p->flow, &c);
+  }
+  return idx;
+}
+
+static __always_inline void write_eth(struct ethhdr *eth, struct lb_ctl *ctl, __u16 proto) {
+  __builtin_memcpy(eth->h_dest, ctl->gw_mac, ETH_ALEN);
+  __builtin_memcpy(eth->h_source, ctl->own_mac, ETH_ALEN);
+  eth->h_proto = bpf_htons(proto);
+}
+
+static __always_inline __u16 ipv4_csum(struct iphdr *ip) {
+  __u32 sum = 0;
+  __u16 *w = (__u16 *)ip;
+#pragma clang loop unroll(full)
+  for (int i = 0; i < IPV4_HDR_LEN / 2; i++)
+    sum += w[i];
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  return ~sum;
+}
+
+static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct backend *be,
+                                    struct lb_ctl *ctl, __u32 hash) {
+  if (bpf_xdp_adjust_head(ctx, 0 - IPV4_HDR_LEN))
+    return STAT_DROP_ENCAP_FAILED;
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+  struct iphdr *outer = data + sizeof(struct ethhdr);
+  if ((void *)(outer + 1) > data_end)
+    return STAT_DROP_ENCAP_FAILED;
+  write_eth(eth, ctl, ETH_P_IP);
+  outer->version = 4;
+  outer->ihl = 5;
+  outer->tos = p->tos;
+  outer->tot_len = bpf_htons(p->ip_len + IPV4_HDR_LEN);
+  outer->id = 0;
+  outer->frag_off = 0;
+  outer->ttl = OUTER_TTL;
+  outer->protocol = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  outer->check = 0;
+  outer->saddr = ctl->encap_v4_prefix | (hash & ctl->encap_v4_hostmask);
+  outer->daddr = be->addr[0];
+  outer->check = ipv4_csum(outer);
+  return LB_CONTINUE;
+}
+
+static __always_inline int encap_v6(struct xdp_md *ctx, struct packet *p, struct backend *be,
+                                    struct lb_ctl *ctl, __u32 hash) {
+  if (bpf_xdp_adjust_head(ctx, 0 - IPV6_HDR_LEN))
+    return STAT_DROP_ENCAP_FAILED;
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+  struct ipv6hdr *outer = data + sizeof(struct ethhdr);
+  if ((void *)(outer + 1) > data_end)
+    return STAT_DROP_ENCAP_FAILED;
+  write_eth(eth, ctl, ETH_P_IPV6);
+  outer->version = 6;
+  outer->priority = p->tos >> 4;
+  /* Flow label from the flow hash: routers and NICs spread tunnelled flows by it. */
+  outer->flow_lbl[0] = (p->tos << 4) | ((hash >> 16) & 0x0f);
+  outer->flow_lbl[1] = hash >> 8;
+  outer->flow_lbl[2] = hash;
+  outer->payload_len = bpf_htons(p->ip_len);
+  outer->nexthdr = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  outer->hop_limit = OUTER_TTL;
+  __u32 *src = (__u32 *)&outer->saddr;
+  src[0] = ctl->encap_v6_prefix[0];
+  src[1] = ctl->encap_v6_prefix[1];
+  src[2] = ctl->encap_v6_prefix[2];
+  src[3] = ctl->encap_v6_prefix[3] | (hash & ctl->encap_v6_hostmask);
+  __builtin_memcpy(&outer->daddr, be->addr, 16);
+  return LB_CONTINUE;
+}
+
+static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct lb_ctl *ctl) {
+  struct vip_meta *vip = find_vip(p, ctl);
+  if (!vip) {
+    count(STAT_PASS_NOT_VIP, p->ip_len);
+    return XDP_PASS;
+  }
+  __u32 hash = flow_hash(&p->flow);
+  struct backend *be = NULL;
+  __u32 idx = pick_backend(p, vip, hash, &be);
+  if (!idx || !be) {
+    count(STAT_DROP_NO_BACKEND, p->ip_len);
+    return XDP_DROP;
+  }
+  int v6 = be->flags & BACKEND_F_IPV6;
+  if (p->ip_len + (v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN) > ctl->mtu) {
+    count(STAT_DROP_TOO_BIG, p->ip_len);
+    return XDP_DROP;
+  }
+  __u32 vip_num = vip->vip_num;
+  struct backend dst = *be; /* copy: the map value may change under us while we rewrite the packet */
+  int err = v6 ? encap_v6(ctx, p, &dst, ctl, hash) : encap_v4(ctx, p, &dst, ctl, hash);
+  if (err != LB_CONTINUE) {
+    count(err, p->ip_len);
+    return XDP_DROP;
+  }
+  count_in(vip_stats.lookup(&vip_num), p->ip_len);
+  count_in(backend_stats.lookup(&idx), p->ip_len);
+  count(p->icmp ? STAT_TX_ICMP_TOO_BIG : STAT_TX, p->ip_len);
+  return XDP_TX;
+}
+
+int balancer(struct xdp_md *ctx) {
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+  struct packet p = {};
+  __u32 zero = 0;
+  int verdict;
+
+  if ((void *)(eth + 1) > data_end) {
+    count(STAT_PASS_NOT_IP, 0);
+    return XDP_PASS;
+  }
+  struct lb_ctl *cfg = ctl.lookup(&zero);
+  if (!cfg)
+    return XDP_PASS;
+  if (eth->h_proto == bpf_htons(ETH_P_IP))
+    verdict = parse_v4(data, data_end, &p);
+  else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+    verdict = parse_v6(data, data_end, &p);
+  else {
+    count(STAT_PASS_NOT_IP, 0);
+    return XDP_PASS;
+  }
+  if (verdict != LB_CONTINUE)
+    return verdict;
+  return balance(ctx, &p, cfg);
+}

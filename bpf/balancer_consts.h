@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every constant of the edge-lb data plane. Sizes come from the loader as -D integers (validated there). */
+#ifndef EDGE_LB_CONSTS_H
+#define EDGE_LB_CONSTS_H
+
+#ifndef RING_SIZE
+#error "RING_SIZE (a prime: Maglev slots per VIP) must be given with -D"
+#endif
+#ifndef MAX_VIPS
+#error "MAX_VIPS must be given with -D"
+#endif
+#ifndef MAX_BACKENDS
+#error "MAX_BACKENDS must be given with -D (index 0 is reserved: 'no backend')"
+#endif
+#ifndef CONN_TABLE_SIZE
+#error "CONN_TABLE_SIZE must be given with -D"
+#endif
+
+/* One array holds every VIP's ring: VIP n owns slots [n * RING_SIZE, (n + 1) * RING_SIZE). */
+#define RINGS_ENTRIES (RING_SIZE * MAX_VIPS)
+
+/* Seed of the flow hash. Every LB node must use the same value: ECMP may move a flow between nodes. */
+#define FLOW_HASH_SEED 0x5eed1b00u
+
+#define OUTER_TTL 64
+#define IPV4_HDR_LEN 20
+#define IPV6_HDR_LEN 40
+
+/* IPv4 frag_off bits (kernel-internal names, not in uapi). */
+#define LB_IP_MF 0x2000
+#define LB_IP_OFFSET 0x1fff
+
+#define LB_IPPROTO_FRAGMENT 44
+#define LB_ICMP_DEST_UNREACH 3
+#define LB_ICMP_FRAG_NEEDED 4
+#define LB_ICMPV6_PKT_TOOBIG 2
+
+/* Address family tags in keys (not AF_*: these are part of the map ABI). */
+#define LB_FAMILY_V4 4
+#define LB_FAMILY_V6 6
+
+/* backend.flags */
+#define BACKEND_F_IPV6 (1u << 0) /* addr holds an IPv6 address: IP6IP6 / 4in6 */
+#define BACKEND_F_UP (1u << 1)   /* may carry existing flows; cleared when the backend is down or removed */
+
+/* Internal return value of helpers: keep going. Verdicts are >= 0. */
+#define LB_CONTINUE -1
+
+/* Indexes into reason_stats. The Python side reads names from here (edge_lb/stats.py mirrors, tested). */
+enum lb_stat {
+  STAT_TX = 0,               /* encapsulated and sent (XDP_TX) */
+  STAT_TX_ICMP_TOO_BIG,      /* ICMP frag-needed / packet-too-big sent to the flow's backend */
+  STAT_CT_HIT,               /* backend taken from the connection table */
+  STAT_CT_MISS,              /* backend taken from the Maglev ring (new flow, SYN, or stale entry) */
+  STAT_PASS_NOT_IP,          /* ARP, unknown ethertype, truncated Ethernet */
+  STAT_PASS_NOT_VIP,         /* IP, but not to a VIP (address, port, protocol) */
+  STAT_PASS_MALFORMED,       /* IP too short to parse */
+  STAT_PASS_OTHER,           /* to a VIP address but a protocol we do not balance (ICMP echo, IPv6 ext hdr) */
+  STAT_DROP_FRAGMENT,        /* IP fragment to a VIP address */
+  STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address */
+  STAT_DROP_TOO_BIG,         /* would exceed the MTU once encapsulated */
+  STAT_DROP_NO_BACKEND,      /* VIP has an empty ring */
+  STAT_DROP_ENCAP_FAILED,    /* bpf_xdp_adjust_head refused the headroom */
+  STAT_MAX
+};
+
+#endif

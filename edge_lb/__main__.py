@@ -1,0 +1,3 @@
+from edge_lb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The few bpf(2) commands bcc 0.26 does not wrap: test runs, pinned-map info, ranged array reads."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+from pathlib import Path
+
+from edge_lb.errors import DataplaneError
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def sys_bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    """bpf(cmd, attr); raise DataplaneError naming `what` on failure."""
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise DataplaneError(f"{what}: unsupported machine {platform.machine()}")
+    rc = int(_libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise DataplaneError(f"{what}: {os.strerror(err)}") from OSError(err, os.strerror(err))
+    return rc
+
+
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),  # noqa: RUF012
+                ("file_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),  # noqa: RUF012
+                ("info", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):
+    # Leading fields of struct bpf_map_info; the kernel fills only what info_len covers.
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),  # noqa: RUF012
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),  # noqa: RUF012
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("map_fd", ctypes.c_uint32), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def pinned_map_info(path: Path) -> _MapInfo:
+    raw = os.fsencode(path)
+    buf = ctypes.create_string_buffer(raw)
+    fd = sys_bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(buf)), f"open pinned {path}")
+    try:
+        info = _MapInfo()
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"info of pinned {path}")
+        return info
+    finally:
+        os.close(fd)
+
+
+def pinned_map_max_entries(path: Path) -> int:
+    return int(pinned_map_info(path).max_entries)
+
+
+def is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return any(line.split()[1:3] == [str(path), "bpf"] for line in f if len(line.split()) > 2)
+
+
+def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
+    """Read `count` u32 values of a u32 ARRAY map from index `start` with BPF_MAP_LOOKUP_BATCH."""
+    keys = (ctypes.c_uint32 * count)()
+    values = (ctypes.c_uint32 * count)()
+    token_in = ctypes.c_uint32(start)
+    token_out = ctypes.c_uint32(0)
+    got = 0
+    while got < count:
+        attr = _BatchAttr(
+            in_batch=ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
+            keys=ctypes.addressof(keys) + 4 * got, values=ctypes.addressof(values) + 4 * got,
+            count=count - got, map_fd=map_fd)
+        try:
+            sys_bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch read of map fd {map_fd}")
+        except DataplaneError as exc:
+            if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOENT):
+                raise
+            got += attr.count
+            break
+        got += attr.count
+        token_in.value = token_out.value
+        if attr.count == 0:
+            break
+    return list(values[:got])

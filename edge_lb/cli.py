@@ -1,0 +1,125 @@
+"""The `edge-lb` command line. Each subcommand is a small function; errors print clearly and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edge_lb.errors import ConfigError, EdgeLbError
+
+EXIT_CONFIG = 2
+EXIT_ERROR = 1
+
+
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from edge_lb.config import load_config
+
+    cfg = load_config(args.config)
+    backends = sum(len(v.backends) for v in cfg.vips)
+    print(f"{args.config}: valid ({len(cfg.vips)} VIPs, {backends} backends)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edge_lb.config import load_config
+    from edge_lb.simulate import simulate
+
+    cfg = load_config(args.config)
+    simulate(cfg, Path(args.pcap_in), Path(args.pcap_out) if args.pcap_out else None, sys.stdout)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from edge_lb.config import load_config
+    from edge_lb.node import load_node
+
+    cfg = load_config(args.config)
+    dp, report = load_node(cfg, attach=not args.no_attach)
+    dp.close()
+    where = "not attached" if args.no_attach else f"attached to {cfg.node.interface} ({cfg.dataplane.xdp_mode})"
+    print(f"data plane {cfg.dataplane.instance}: {where}; {len(cfg.vips)} VIPs; "
+          f"ring slots written {sum(report.ring_slots.values())}")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from edge_lb.config import load_config
+    from edge_lb.dataplane import Dataplane, remove_pins
+
+    cfg = load_config(args.config)
+    Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
+    removed = remove_pins(cfg.dataplane.instance)
+    print(f"detached from {cfg.node.interface}; unpinned {len(removed)} maps of {cfg.dataplane.instance}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_lb.bench import main as bench_main
+
+    return bench_main(json_out=args.json, packets=args.packets)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_lb.demo import main as demo_main
+
+    return demo_main()
+
+
+def cmd_decap(args: argparse.Namespace) -> int:
+    from edge_lb import decap
+
+    if args.action == "attach":
+        decap.attach(args.interface, args.address or None, args.mode)
+    else:
+        decap.detach(args.interface)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-lb", description="Edge L4 load balancer (XDP + Maglev + BGP).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = True
+            ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            sp.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML config file")
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("check", cmd_check, "validate a config: exit 0 if valid, 2 with every problem on stderr")
+    sp = add("simulate", cmd_simulate, "run a pcap through the real XDP program (not attached)")
+    sp.add_argument("pcap_in", metavar="IN.pcap")
+    sp.add_argument("pcap_out", metavar="OUT.pcap", nargs="?")
+    sp = add("load", cmd_load, "load or adopt the data plane, write the maps, attach it, and exit")
+    sp.add_argument("--no-attach", action="store_true", help="program the pinned maps only")
+    add("unload", cmd_unload, "detach the program and unpin every map of the instance (uninstall)")
+    sp = add("bench", cmd_bench, "measure the data plane per packet beside pass.c and floor.c", config=False)
+    sp.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    sp.add_argument("--packets", type=int, default=20000, help="test runs per case (default 20000)")
+    add("demo", cmd_demo, "build the namespace lab, show balancing and direct return, tear down", config=False)
+    sp = add("decap", cmd_decap, "attach/detach the backend decapsulator (bpf/decap.c)", config=False)
+    sp.add_argument("action", choices=["attach", "detach"])
+    sp.add_argument("-i", "--interface", required=True)
+    sp.add_argument("--address", action="append", help="outer address to accept (default: the interface's)")
+    sp.add_argument("--mode", choices=["native", "generic"], default="native")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}" if exc.source != "config" else problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except EdgeLbError as exc:
+        print(f"edge-lb {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,72 @@
+"""Bring one LB node's data plane to the config: load or adopt, resolve MACs, write the maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_lb import netinfo
+from edge_lb.config import Config
+from edge_lb.dataplane import Dataplane
+from edge_lb.errors import ConfigError
+from edge_lb.mapio import Ctl, MapIO
+from edge_lb.programmer import ApplyReport, Programmer
+from edge_lb.state import Allocator, desired_state
+
+
+@dataclass(frozen=True)
+class Link:
+    """Layer-2 facts the data plane needs: from config, or from the kernel in run mode."""
+
+    own_mac: str
+    gw_mac: str
+    mtu: int
+
+
+def simulate_link(config: Config) -> Link:
+    """simulate never reads the kernel: MACs must be in config; MTU defaults to 1500."""
+    missing = [f"node.{k}: required by simulate" for k in ("mac", "gateway_mac")
+               if getattr(config.node, k) is None]
+    if missing:
+        raise ConfigError(missing)
+    assert config.node.mac and config.node.gateway_mac
+    return Link(config.node.mac, config.node.gateway_mac, config.node.mtu or 1500)
+
+
+def kernel_link(config: Config) -> Link:
+    """Run mode: defaults from the interface and the default gateway's neighbour entry."""
+    n = config.node
+    return Link(n.mac or netinfo.interface_mac(n.interface),
+                n.gateway_mac or netinfo.gateway_mac(n.interface),
+                n.mtu or netinfo.interface_mtu(n.interface))
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def ctl_for(config: Config, link: Link, port0_vips: int) -> Ctl:
+    d = config.dataplane
+    return Ctl(own_mac=_mac(link.own_mac), gw_mac=_mac(link.gw_mac), mtu=link.mtu, port0_vips=port0_vips,
+               encap_v4=d.encap_src_v4, encap_v6=d.encap_src_v6)
+
+
+def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:
+    """Write the whole desired state; with adopt, continue from what pinned maps already hold."""
+    d = config.dataplane
+    alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
+    prog = Programmer(io, d.ring_size)
+    if adopt:
+        prog.adopt(alloc)
+    want = desired_state(config, alloc)
+    io.write_ctl(ctl_for(config, link, want.port0_vips))
+    return prog.apply(want)
+
+
+def load_node(config: Config, attach: bool = True) -> tuple[Dataplane, ApplyReport]:
+    """Load or adopt the pinned data plane, program it, and attach it (atomically replacing an older one)."""
+    link = kernel_link(config)
+    dp = Dataplane.load(config.dataplane, pin=True)
+    report = program_maps(dp.io, config, link, adopt=True)
+    if attach:
+        dp.attach(config.node.interface, config.dataplane.xdp_mode)
+    return dp, report

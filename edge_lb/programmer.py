@@ -1,0 +1,101 @@
+"""Reconcile desired state into the maps through a MapIO. Idempotent: applying the same state twice writes
+nothing the second time. Order keeps every packet valid: backends before the rings that name them, rings before
+the VIPs that use them; removals in reverse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge_lb.config import IPAddress
+from edge_lb.mapio import MapIO
+from edge_lb.state import Allocator, BackendSlot, DesiredState, VipKey
+
+
+@dataclass
+class ApplyReport:
+    ring_slots: dict[int, int] = field(default_factory=dict)  # vip_num -> slots written
+    vips_added: int = 0
+    vips_removed: int = 0
+    backends_written: int = 0
+    backends_cleared: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.ring_slots or self.vips_added or self.vips_removed or self.backends_written
+                    or self.backends_cleared)
+
+
+def ring_changes(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Only the slots whose backend differs."""
+    return [(slot, n) for slot, (o, n) in enumerate(zip(old, new, strict=True)) if o != n]
+
+
+class Programmer:
+    def __init__(self, io: MapIO, ring_size: int) -> None:
+        self.io = io
+        self.ring_size = ring_size
+        self.vips: dict[VipKey, int] = {}
+        self.backends: dict[int, BackendSlot] = {}
+        self.rings: dict[int, tuple[int, ...]] = {}
+        self.vip_addrs: dict[IPAddress, int] = {}
+
+    def adopt(self, alloc: Allocator) -> None:
+        """Read what the (pinned) maps hold, so numbering and ring diffs continue from it."""
+        self.vips = self.io.read_vips()
+        self.backends = self.io.read_backends()
+        self.rings = {num: self.io.read_ring(num) for num in self.vips.values()}
+        alloc.vip_nums.update(self.vips)
+        alloc.backend_idx.update({(s.vip_num, s.address): i for i, s in self.backends.items()})
+
+    def apply(self, want: DesiredState) -> ApplyReport:
+        report = ApplyReport()
+        self._write_backends(want, report)
+        for num, ring in want.rings.items():
+            self._write_ring(num, ring, report)
+        self._write_vips(want, report)
+        self._remove_stale(want, report)
+        return report
+
+    def _write_backends(self, want: DesiredState, report: ApplyReport) -> None:
+        changed = {i: s for i, s in want.backends.items() if self.backends.get(i) != s}
+        if changed:
+            self.io.put_backends(changed)
+            self.backends.update(changed)
+            report.backends_written = len(changed)
+
+    def _write_ring(self, num: int, ring: tuple[int, ...], report: ApplyReport) -> None:
+        changes = ring_changes(self.rings.get(num, (0,) * self.ring_size), ring)
+        if changes:
+            self.io.write_ring_slots(num, changes)
+            report.ring_slots[num] = len(changes)
+        self.rings[num] = ring
+
+    def _write_vips(self, want: DesiredState, report: ApplyReport) -> None:
+        new = {k: n for k, n in want.vips.items() if self.vips.get(k) != n}
+        if new:
+            self.io.put_vips(new)
+            self.vips.update(new)
+            report.vips_added = len(new)
+        addrs = {a: c for (a, _), c in want.vip_addrs.items()}
+        if addrs != self.vip_addrs:
+            self.io.put_vip_addrs(addrs)
+            self.io.delete_vip_addrs(a for a in self.vip_addrs if a not in addrs)
+            self.vip_addrs = addrs
+
+    def _remove_stale(self, want: DesiredState, report: ApplyReport) -> None:
+        gone = [k for k in self.vips if k not in want.vips]
+        if gone:
+            self.io.delete_vips(gone)
+            report.vips_removed = len(gone)
+        for key in gone:
+            num = self.vips.pop(key)
+            if num not in want.rings:  # the number was not reused by a new VIP in this apply
+                self._write_ring(num, (0,) * self.ring_size, report)
+                del self.rings[num]
+        stale = [i for i in self.backends if i not in want.backends]
+        if stale:
+            # Clearing the entry drops BACKEND_F_UP: its connection-table entries are bypassed.
+            self.io.clear_backends(stale)
+            for i in stale:
+                del self.backends[i]
+            report.backends_cleared = len(stale)

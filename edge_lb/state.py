@@ -1,0 +1,124 @@
+"""Desired data-plane state, computed purely from config (+ health later): no kernel, no I/O.
+
+The data plane keys VIPs by (address, port, protocol) and numbers them (ring and counters); each
+(VIP, backend address) pair gets a backend index. Numbers are allocated stably: an existing VIP or backend keeps
+its number across reloads and restarts, because the connection table stores backend indexes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from edge_lb import maglev
+from edge_lb.config import Config, IPAddress, Vip
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+
+
+@dataclass(frozen=True, order=True)
+class VipKey:
+    """What the data plane matches: address, port (0 = every port) and IP protocol number."""
+
+    address: IPAddress
+    port: int
+    proto: int
+
+    @classmethod
+    def of(cls, vip: Vip) -> VipKey:
+        return cls(vip.address, vip.port, PROTOCOLS[vip.protocol])
+
+
+@dataclass(frozen=True)
+class BackendSlot:
+    """One (VIP, backend) pair as the backends map holds it."""
+
+    vip_num: int
+    address: IPAddress
+    up: bool = True  # may carry existing flows (healthy or drained)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    vips: Mapping[VipKey, int]  # VIP -> vip_num
+    backends: Mapping[int, BackendSlot]  # index -> slot (index 0 is never used)
+    rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
+    vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> VIP count
+    port0_vips: int = 0
+
+
+@dataclass
+class Allocator:
+    """Stable numbering of VIPs and (VIP, backend) pairs; seeded from what the maps already hold."""
+
+    max_vips: int
+    max_backends: int
+    vip_nums: dict[VipKey, int] = field(default_factory=dict)
+    backend_idx: dict[tuple[int, IPAddress], int] = field(default_factory=dict)
+
+    def vip_num(self, key: VipKey) -> int:
+        if key not in self.vip_nums:
+            self.vip_nums[key] = _lowest_free(set(self.vip_nums.values()), 0, self.max_vips)
+        return self.vip_nums[key]
+
+    def backend(self, vip_num: int, address: IPAddress) -> int:
+        pair = (vip_num, address)
+        if pair not in self.backend_idx:
+            self.backend_idx[pair] = _lowest_free(set(self.backend_idx.values()), 1, self.max_backends)
+        return self.backend_idx[pair]
+
+    def retain(self, vips: Iterable[VipKey], pairs: Iterable[tuple[int, IPAddress]]) -> None:
+        """Forget numbers of VIPs and backends no longer wanted, so they can be reused."""
+        keep_v, keep_b = set(vips), set(pairs)
+        self.vip_nums = {k: n for k, n in self.vip_nums.items() if k in keep_v}
+        self.backend_idx = {p: i for p, i in self.backend_idx.items() if p in keep_b}
+
+
+def _lowest_free(used: set[int], start: int, limit: int) -> int:
+    for n in range(start, limit):
+        if n not in used:
+            return n
+    raise ValueError(f"no free number below {limit}")
+
+
+def ring_for(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
+             healthy: Mapping[IPAddress, bool] | None = None) -> tuple[int, ...]:
+    """The VIP's Maglev ring as backend indexes. Unhealthy backends get no slots; weight 0 gets none."""
+    members = [maglev.Member(key=b.address.packed, weight=b.weight) for b in vip.backends
+               if healthy is None or healthy.get(b.address, True)]
+    by_key = {b.address.packed: indexes[b.address] for b in vip.backends}
+    table = maglev.build_table(members, ring_size)
+    return tuple(0 if k is None else by_key[k] for k in table)
+
+
+def desired_state(config: Config, alloc: Allocator,
+                  health: Mapping[tuple[VipKey, IPAddress], bool] | None = None) -> DesiredState:
+    """Config (+ health) -> what the maps should hold. Health defaults to every backend up."""
+    health = health or {}
+    vips: dict[VipKey, int] = {}
+    backends: dict[int, BackendSlot] = {}
+    rings: dict[int, tuple[int, ...]] = {}
+    vip_addrs: dict[tuple[IPAddress, int], int] = {}
+    for vip in config.vips:
+        key = VipKey.of(vip)
+        num = vips[key] = alloc.vip_num(key)
+        indexes = {b.address: alloc.backend(num, b.address) for b in vip.backends}
+        healthy = {a: health.get((key, a), True) for a in indexes}
+        for address, idx in indexes.items():
+            backends[idx] = BackendSlot(num, address, up=healthy[address])
+        rings[num] = ring_for(vip, indexes, config.dataplane.ring_size, healthy)
+        vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
+    alloc.retain(vips, ((s.vip_num, s.address) for s in backends.values()))
+    port0 = sum(1 for k in vips if k.port == 0)
+    return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0)
+
+
+def encap_masks_v4(net: ipaddress.IPv4Network) -> tuple[bytes, bytes]:
+    """(prefix, host mask) as 4 network-order bytes each: outer source = prefix | (flow hash & mask)."""
+    return net.network_address.packed, net.hostmask.packed
+
+
+def encap_masks_v6(net: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
+    """(16-byte prefix, 4-byte host mask of the last word): the data plane varies the last 32 bits only."""
+    return net.network_address.packed, net.hostmask.packed[12:]
