@@ -81,12 +81,14 @@ def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
     """Read `count` u32 values of a u32 ARRAY map from index `start` with BPF_MAP_LOOKUP_BATCH."""
     keys = (ctypes.c_uint32 * count)()
     values = (ctypes.c_uint32 * count)()
-    token_in = ctypes.c_uint32(start)
+    # The batch token is the previous key: reading resumes at the key after it; no token = from index 0.
+    token_in = ctypes.c_uint32(start - 1 if start else 0)
     token_out = ctypes.c_uint32(0)
     got = 0
     while got < count:
         attr = _BatchAttr(
-            in_batch=ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
+            in_batch=ctypes.addressof(token_in) if (start or got) else 0,
+            out_batch=ctypes.addressof(token_out),
             keys=ctypes.addressof(keys) + 4 * got, values=ctypes.addressof(values) + 4 * got,
             count=count - got, map_fd=map_fd)
         try:

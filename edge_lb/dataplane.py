@@ -194,7 +194,7 @@ class BccMapIO:
             if v.flags == 0:
                 continue
             fam = 6 if v.flags & BACKEND_F_IPV6 else 4
-            out[int(k.value)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP))
+            out[int(k)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP))
         return out
 
     def read_ring(self, vip_num: int) -> tuple[int, ...]:

@@ -50,16 +50,27 @@ def ctl_for(config: Config, link: Link, port0_vips: int) -> Ctl:
                encap_v4=d.encap_src_v4, encap_v6=d.encap_src_v6)
 
 
+class NodeMaps:
+    """Keeps one node's maps equal to a config: stable numbering across applies, ring diffs only."""
+
+    def __init__(self, io: MapIO, config: Config, link: Link, adopt: bool) -> None:
+        d = config.dataplane
+        self.io = io
+        self.link = link
+        self.alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
+        self.programmer = Programmer(io, d.ring_size)
+        if adopt:
+            self.programmer.adopt(self.alloc)
+
+    def apply(self, config: Config) -> ApplyReport:
+        want = desired_state(config, self.alloc)
+        self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
+        return self.programmer.apply(want)
+
+
 def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:
     """Write the whole desired state; with adopt, continue from what pinned maps already hold."""
-    d = config.dataplane
-    alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
-    prog = Programmer(io, d.ring_size)
-    if adopt:
-        prog.adopt(alloc)
-    want = desired_state(config, alloc)
-    io.write_ctl(ctl_for(config, link, want.port0_vips))
-    return prog.apply(want)
+    return NodeMaps(io, config, link, adopt).apply(config)
 
 
 def load_node(config: Config, attach: bool = True) -> tuple[Dataplane, ApplyReport]:

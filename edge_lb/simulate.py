@@ -9,7 +9,7 @@ from typing import TextIO
 
 from edge_lb.config import Config
 from edge_lb.dataplane import Dataplane
-from edge_lb.node import program_maps, simulate_link
+from edge_lb.node import NodeMaps, simulate_link
 from edge_lb.pcap import read_frames, write_frames
 from edge_lb.testrun import run_xdp
 
@@ -23,8 +23,12 @@ class Simulator:
     def __init__(self, config: Config) -> None:
         link = simulate_link(config)
         self.dp = Dataplane.load(config.dataplane, pin=False)
-        program_maps(self.dp.io, config, link, adopt=False)
-        self.out_size = max(link.mtu, 1500) + 256
+        self.maps = NodeMaps(self.dp.io, config, link, adopt=False)
+        self.maps.apply(config)
+
+    def reprogram(self, config: Config) -> None:
+        """Apply another config to the same maps, as a reload would (the connection table stays)."""
+        self.maps.apply(config)
 
     def run(self, frame: bytes) -> tuple[str, bytes]:
         code, out = run_xdp(self.dp.prog_fd, frame, len(frame) + 256)

@@ -31,12 +31,18 @@ install_packages() {
 # do we point that at Debian's generic headers, and say so: struct layouts are then those of that version.
 link_kernel_headers() {
   local build="/lib/modules/$(uname -r)/build"
-  if [ -e "$build/include" ] || [ -e "$build/Makefile" ]; then say "kernel headers: $build present"; return; fi
+  local source="/lib/modules/$(uname -r)/source"
+  if [ -e "$build/Makefile" ] && { [ -e "$build/include/linux/kconfig.h" ] || [ -e "$source/include/linux/kconfig.h" ]; }; then
+    say "kernel headers: $build present"; return
+  fi
   local hdr
   hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$hdr" ]; then say "no linux-headers-*-amd64 under /usr/src"; exit 1; fi
   mkdir -p "/lib/modules/$(uname -r)"
   ln -sfn "$hdr" "$build"
+  # The -amd64 tree holds only generated headers; kconfig.h and the rest live in the matching -common tree.
+  local common="${hdr%-amd64}-common"
+  [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$(uname -r)/source"
   say "############################################################################"
   say "WARNING: no headers for the running kernel $(uname -r)."
   say "WARNING: linked $build -> $hdr so bcc can compile."

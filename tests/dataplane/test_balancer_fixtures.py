@@ -1,0 +1,181 @@
+"""bpf/balancer.c through BPF_PROG_TEST_RUN: records {description, input frame, verdict, checks}."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet, Raw
+
+from edge_lb.simulate import Simulator
+
+from .conftest import GW_MAC, OWN_MAC, needs_root
+
+pytestmark = [pytest.mark.root, needs_root]
+
+CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8::10"
+V4_TCP = {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+V6_TCP = {"fd00:1::1", "fd00:1::2"}
+ENCAP4 = ipaddress.ip_network("172.16.0.0/16")
+ENCAP6 = ipaddress.ip_network("fd00:e1b::/64")
+
+
+def eth() -> Ether:
+    return Ether(src="02:00:00:00:00:99", dst=OWN_MAC)
+
+
+def tcp4(dst: str = "10.200.1.1", dport: int = 80, sport: int = 40000, flags: str = "S", **ip: object) -> Packet:
+    return eth() / IP(src=CLIENT4, dst=dst, **ip) / TCP(sport=sport, dport=dport, flags=flags)
+
+
+def udp4(dst: str = "10.200.1.1", dport: int = 53, sport: int = 40000) -> Packet:
+    return eth() / IP(src=CLIENT4, dst=dst) / UDP(sport=sport, dport=dport) / b"query"
+
+
+def tcp6(dst: str = "fd00:200::1", dport: int = 443, sport: int = 40000, flags: str = "S", **ip: object
+         ) -> Packet:
+    return eth() / IPv6(src=CLIENT6, dst=dst, **ip) / TCP(sport=sport, dport=dport, flags=flags)
+
+
+def udp6(dst: str = "fd00:200::2", dport: int = 5000) -> Packet:
+    return eth() / IPv6(src=CLIENT6, dst=dst) / UDP(sport=40000, dport=dport) / b"data"
+
+
+def ipv4_checksum(header: bytes) -> int:
+    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+Check = Callable[[Ether, Packet], None]
+
+
+def ipip_to(backends: set[str]) -> Check:
+    """IPIP to one of `backends`, inner packet byte-identical, outer header as the rules say."""
+    def check(out: Ether, inp: Packet) -> None:
+        assert out.dst == GW_MAC and out.src == OWN_MAC and out.type == 0x0800
+        outer = out[IP]
+        assert outer.proto == 4 and outer.ttl == 64 and outer.flags == 0 and outer.frag == 0
+        assert outer.dst in backends
+        assert ipaddress.ip_address(outer.src) in ENCAP4
+        assert ipv4_checksum(bytes(outer)[:20]) == 0  # the header sums to 0xffff with a right checksum
+        assert outer.tos == inp[IP].tos
+        assert bytes(outer.payload) == bytes(inp[IP])
+        assert outer.len == 20 + len(inp[IP])
+    return check
+
+
+def ip6_to(backends: set[str], nh: int) -> Check:
+    """IP6IP6 (nh 41) or 4in6 (nh 4) to one of `backends`, inner byte-identical."""
+    def check(out: Ether, inp: Packet) -> None:
+        assert out.dst == GW_MAC and out.src == OWN_MAC and out.type == 0x86DD
+        outer = out[IPv6]
+        assert outer.nh == nh and outer.hlim == 64 and outer.dst in backends
+        assert ipaddress.ip_address(outer.src) in ENCAP6
+        inner = inp[IPv6] if IPv6 in inp else inp[IP]
+        assert outer.plen == len(inner)
+        assert bytes(outer.payload) == bytes(inner)
+        want_tc = inp[IPv6].tc if IPv6 in inp else inp[IP].tos
+        assert outer.tc == want_tc
+    return check
+
+
+def untouched(out: Ether, inp: Packet) -> None:
+    assert bytes(out) == bytes(inp)
+
+
+@dataclass(frozen=True)
+class Case:
+    description: str
+    frame: Packet
+    verdict: str
+    check: Check | None = None
+    counter: str | None = None  # reason_stats entry that must grow
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+CASES = [
+    Case("IPv4 TCP SYN to a VIP: IPIP to a backend", tcp4(), "XDP_TX", ipip_to(V4_TCP), "STAT_TX"),
+    Case("IPv4 TCP ACK of an unknown flow: ring choice", tcp4(flags="A", sport=40001), "XDP_TX",
+         ipip_to(V4_TCP), "STAT_CT_MISS"),
+    Case("IPv4 UDP to a VIP", udp4(), "XDP_TX", ipip_to({"10.0.0.1", "10.0.0.2"})),
+    Case("IPv4 TCP to a VIP address, other port: pass", tcp4(dport=81), "XDP_PASS", untouched,
+         "STAT_PASS_NOT_VIP"),
+    Case("IPv4 UDP to a TCP-only VIP port: pass", udp4(dport=80), "XDP_PASS", untouched),
+    Case("IPv4 TCP to a non-VIP address: pass", tcp4(dst="10.9.9.9"), "XDP_PASS", untouched),
+    Case("port-0 VIP takes any TCP port", tcp4(dst="10.200.1.2", dport=6000), "XDP_TX", ipip_to({"10.0.0.4"})),
+    Case("port-0 TCP VIP does not take UDP", udp4(dst="10.200.1.2", dport=6000), "XDP_PASS", untouched),
+    Case("IPv6 TCP to a VIP: IP6IP6", tcp6(), "XDP_TX", ip6_to(V6_TCP, 41)),
+    Case("IPv6 UDP to a port-0 VIP: IP6IP6", udp6(), "XDP_TX", ip6_to({"fd00:1::3"}, 41)),
+    Case("IPv6 TCP, wrong port: pass", tcp6(dport=80), "XDP_PASS", untouched),
+    Case("IPv4 VIP with an IPv6 backend: 4in6", tcp4(dst="10.200.1.3"), "XDP_TX", ip6_to({"fd00:1::4"}, 4)),
+    Case("DSCP copied to the outer IPv4 header", tcp4(tos=0xB8, sport=40002), "XDP_TX", ipip_to(V4_TCP)),
+    Case("traffic class copied to the outer IPv6 header", tcp6(tc=0x68, sport=40002), "XDP_TX",
+         ip6_to(V6_TCP, 41)),
+    Case("DSCP copied into 4in6", tcp4(dst="10.200.1.3", tos=0x28), "XDP_TX", ip6_to({"fd00:1::4"}, 4)),
+    Case("ARP: pass", eth() / ARP(pdst="10.200.1.1"), "XDP_PASS", untouched, "STAT_PASS_NOT_IP"),
+    Case("LLDP ethertype: pass", Ether(dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\x02\x07" + b"x" * 40),
+         "XDP_PASS", untouched, "STAT_PASS_NOT_IP"),
+    Case("already IPIP-encapsulated, to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1", proto=4)
+         / IP(src="1.1.1.1", dst="2.2.2.2") / TCP(), "XDP_PASS", untouched, "STAT_PASS_OTHER"),
+    Case("already IP6IP6-encapsulated: pass", eth() / IPv6(src=CLIENT6, dst="fd00:9::1", nh=41)
+         / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(), "XDP_PASS", untouched),
+    Case("truncated IPv4 header: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / TCP(),
+         "XDP_PASS", untouched, "STAT_PASS_MALFORMED", {"truncate": 14 + 12}),
+    Case("truncated TCP header to a VIP: pass", tcp4(), "XDP_PASS", untouched, None, {"truncate": 14 + 20 + 6}),
+    Case("IPv4 first fragment to a VIP: drop", eth() / IP(src=CLIENT4, dst="10.200.1.1", flags="MF") / TCP(dport=80), "XDP_DROP", None,
+         "STAT_DROP_FRAGMENT"),
+    Case("IPv4 later fragment to a VIP: drop", eth() / IP(src=CLIENT4, dst="10.200.1.1", frag=10, proto=6)
+         / Raw(b"x" * 40), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
+    Case("IPv4 fragment to a non-VIP: pass", eth() / IP(src=CLIENT4, dst="10.9.9.9", flags="MF") / TCP(),
+         "XDP_PASS", untouched),
+    Case("IPv4 with options to a VIP: drop", eth() / IP(src=CLIENT4, dst="10.200.1.1",
+         options=[IPOption_Router_Alert()]) / TCP(dport=80), "XDP_DROP", None, "STAT_DROP_IP_OPTIONS"),
+    Case("IPv4 with options to a non-VIP: pass", eth() / IP(src=CLIENT4, dst="10.9.9.9",
+         options=[IPOption_Router_Alert()]) / TCP(dport=80), "XDP_PASS", untouched),
+    Case("IPv6 fragment to a VIP: drop", eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrFragment(m=1)
+         / TCP(dport=443), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
+    Case("IPv6 fragment to a non-VIP: pass", eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / IPv6ExtHdrFragment(m=1)
+         / TCP(dport=443), "XDP_PASS", untouched),
+    Case("ICMP echo to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / ICMP(),
+         "XDP_PASS", untouched, "STAT_PASS_OTHER"),
+    Case("ICMPv6 echo to a VIP address: pass", eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / ICMPv6EchoRequest(),
+         "XDP_PASS", untouched),
+    Case("IPv4 VIP with no healthy backend: drop", tcp4(dst="10.200.1.4"), "XDP_DROP", None,
+         "STAT_DROP_NO_BACKEND"),
+    Case("IPv4 packet too big once encapsulated: drop", tcp4(flags="A", sport=40003) / Raw(b"x" * 1441),
+         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+    Case("IPv4 packet exactly at the MTU once encapsulated: sent", tcp4(flags="A", sport=40004) / Raw(b"x" * 1440),
+         "XDP_TX", ipip_to(V4_TCP)),
+    Case("IPv6 packet too big for IP6IP6: drop", tcp6(flags="A", sport=40005) / Raw(b"x" * 1401),
+         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+    Case("4in6 packet too big (40-byte overhead): drop", tcp4(dst="10.200.1.3", flags="A") / Raw(b"x" * 1421),
+         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+]
+
+
+def reasons(sim: Simulator) -> dict[str, int]:
+    from edge_lb.stats import reason_names
+
+    names = reason_names()
+    return {names[i]: pk for i, (pk, _) in sim.dp.io.read_counters("reason_stats").items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
+def test_fixture(sim: Simulator, case: Case) -> None:
+    frame = bytes(case.frame)
+    if "truncate" in case.extra:
+        frame = frame[: int(str(case.extra["truncate"]))]
+    before = reasons(sim)
+    verdict, out = sim.run(frame)
+    assert verdict == case.verdict
+    if case.check is not None:
+        case.check(Ether(out), Ether(frame))
+    if case.counter is not None:
+        assert reasons(sim).get(case.counter, 0) == before.get(case.counter, 0) + 1

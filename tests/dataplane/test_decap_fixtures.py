@@ -1,0 +1,172 @@
+"""bpf/decap.c through BPF_PROG_TEST_RUN: one record per case (description, input, verdict, expected)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet
+
+from edge_lb import decap
+from edge_lb.testrun import run_xdp
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),
+]
+
+XDP_PASS = 2
+OUR4, OTHER4 = "10.0.0.2", "10.0.0.99"
+OUR6, OTHER6 = "fd00::2", "fd00::99"
+LB4, LB6 = "10.0.0.1", "fd00::1"
+SRC_MAC, DST_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+def eth() -> Ether:
+    return Ether(src=SRC_MAC, dst=DST_MAC)
+
+
+def inner4(tos: int = 0) -> Packet:
+    return IP(src="192.0.2.10", dst="10.200.1.1", tos=tos) / TCP(sport=40000, dport=80, flags="S")
+
+
+def inner6(tc: int = 0) -> Packet:
+    return IPv6(src="2001:db8::10", dst="fd00:200::1", tc=tc) / TCP(sport=40000, dport=80, flags="S")
+
+
+def ipip(dst: str = OUR4, inner: Packet | None = None, **outer: Any) -> bytes:
+    return bytes(eth() / IP(src=LB4, dst=dst, proto=4, **outer) / (inner or inner4()))
+
+
+def ip6(dst: str = OUR6, inner: Packet | None = None, **outer: Any) -> bytes:
+    inner = inner if inner is not None else inner6()
+    nh = 41 if isinstance(inner, IPv6) else 4
+    return bytes(eth() / IPv6(src=LB6, dst=dst, nh=nh, **outer) / inner)
+
+
+def decapped(inner: Packet) -> bytes:
+    """What the program must leave: the same Ethernet addresses, the inner packet, the inner ethertype."""
+    return bytes(eth() / inner)
+
+
+@dataclass(frozen=True)
+class Case:
+    description: str
+    frame: bytes
+    verdict: int = XDP_PASS
+    expected: bytes | None = None  # None: the frame must come out untouched
+
+
+def cases() -> list[Case]:
+    ipip_full = ipip()
+    return [
+        Case("IPIP to our address: inner IPv4 passed up", ipip_full, expected=decapped(inner4())),
+        Case("IPIP to another address: untouched", ipip(OTHER4)),
+        Case("IP6IP6 to our address: inner IPv6 passed up", ip6(), expected=decapped(inner6())),
+        Case("4in6 to our address: inner IPv4 passed up", ip6(inner=inner4()), expected=decapped(inner4())),
+        Case("IP6IP6 to another address: untouched", ip6(OTHER6)),
+        Case("plain TCP to our address: untouched", bytes(eth() / IP(src=LB4, dst=OUR4) / TCP(dport=80))),
+        Case("plain TCP over IPv6: untouched", bytes(eth() / IPv6(src=LB6, dst=OUR6) / TCP(dport=80))),
+        Case("ARP: untouched", bytes(eth() / ARP(psrc=LB4, pdst=OUR4))),
+        Case("Ethernet header only: untouched", bytes(eth())[:14]),
+        Case("IPIP cut inside the outer header: untouched", ipip_full[: 14 + 12]),
+        Case("IPIP cut inside the inner header: untouched", ipip_full[: 14 + 20 + 10]),
+        Case("IPIP shorter than its tot_len: untouched", ipip_full[:-4]),
+        Case("IP6IP6 shorter than its payload_len: untouched", ip6()[:-4]),
+        Case("IP6IP6 cut inside the inner header: untouched", ip6()[: 14 + 40 + 20]),
+        Case(
+            "IPIP whose outer IPv4 header has options: untouched",
+            ipip(options=[IPOption_Router_Alert()]),
+        ),
+        Case("IPIP outer fragment (MF): untouched", ipip(flags="MF")),
+        Case("IPIP outer fragment (offset): untouched", ipip(frag=10)),
+        Case("IPIP whose inner header is not IPv4: untouched", ipip(inner=inner6())),
+        Case(
+            "IPv6 outer with a hop-by-hop header: untouched",
+            bytes(eth() / IPv6(src=LB6, dst=OUR6) / IPv6ExtHdrHopByHop(nh=41) / inner6()),
+        ),
+        # RFC 6040: CE on the outer header survives decapsulation when the inner packet is ECN-capable.
+        Case(
+            "IPIP, outer CE, inner ECT(0): inner becomes CE with a correct checksum",
+            ipip(tos=0x03, inner=inner4(tos=0x02)),
+            expected=decapped(inner4(tos=0x03)),
+        ),
+        Case(
+            "IPIP, outer CE, inner DSCP + ECT(1): inner becomes CE, DSCP kept",
+            ipip(tos=0xB8 | 0x03, inner=inner4(tos=0xB8 | 0x01)),
+            expected=decapped(inner4(tos=0xB8 | 0x03)),
+        ),
+        Case(
+            "IPIP, outer CE, inner not ECN-capable: inner unchanged",
+            ipip(tos=0x03, inner=inner4(tos=0x00)),
+            expected=decapped(inner4(tos=0x00)),
+        ),
+        Case(
+            "IP6IP6, outer CE, inner ECT(0): inner becomes CE",
+            ip6(tc=0x03, inner=inner6(tc=0x28 | 0x02)),
+            expected=decapped(inner6(tc=0x28 | 0x03)),
+        ),
+        Case(
+            "4in6, outer CE, inner ECT(0): inner becomes CE",
+            ip6(tc=0x03, inner=inner4(tos=0x02)),
+            expected=decapped(inner4(tos=0x03)),
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def program() -> Iterator[decap.DecapProgram]:
+    addresses = [ipaddress.ip_address(OUR4), ipaddress.ip_address(OUR6)]
+    loaded = decap.load_for_test(addresses)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.description)
+def test_fixture(program: decap.DecapProgram, case: Case) -> None:
+    verdict, out = run_xdp(program.prog_fd, case.frame)
+    assert verdict == case.verdict
+    expected = case.frame if case.expected is None else case.expected
+    assert out.hex() == expected.hex()
+
+
+def test_counters(program: decap.DecapProgram) -> None:
+    before = decap.read_stats(program.bpf)
+    run_xdp(program.prog_fd, ipip())
+    run_xdp(program.prog_fd, ip6())
+    run_xdp(program.prog_fd, ip6(inner=inner4()))
+    run_xdp(program.prog_fd, ipip(OTHER4))
+    after = decap.read_stats(program.bpf)
+    delta = (after.decap_v4 - before.decap_v4, after.decap_v6 - before.decap_v6, after.passed - before.passed)
+    assert delta == (1, 2, 1)
+
+
+def test_set_addresses_replaces_the_whole_set(program: decap.DecapProgram) -> None:
+    try:
+        decap.set_addresses(program.bpf, [ipaddress.ip_address(OTHER4)])
+        assert run_xdp(program.prog_fd, ipip(OUR4))[1] == ipip(OUR4)
+        assert run_xdp(program.prog_fd, ipip(OTHER4))[1] == decapped(inner4())
+    finally:
+        decap.set_addresses(program.bpf, [ipaddress.ip_address(OUR4), ipaddress.ip_address(OUR6)])
+
+
+def test_same_bytes_different_family_is_not_ours(program: decap.DecapProgram) -> None:
+    # 10.0.0.2 as the first 4 bytes of an IPv6 address must not match the IPv4 entry: the key has the family.
+    v6_lookalike = str(ipaddress.IPv6Address(ipaddress.IPv4Address(OUR4).packed + bytes(12)))
+    assert run_xdp(program.prog_fd, ip6(v6_lookalike))[1] == ip6(v6_lookalike)
+
+
+def test_bad_max_addrs_is_rejected_before_compiling() -> None:
+    from edge_lb.errors import DataplaneError
+
+    with pytest.raises(DataplaneError, match="max_addrs"):
+        decap.load(max_addrs=0)

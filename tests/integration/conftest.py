@@ -1,0 +1,29 @@
+"""Fixtures for tests that build real network namespaces (root only; CI runs as root)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from edge_lb.netns import Lab
+
+_LOG_TAIL = 4000  # characters of each lab log shown with a failure
+
+
+@pytest.fixture
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces, veths and XDP")
+
+
+@pytest.fixture
+def lab(require_root: None) -> Iterator[Lab]:
+    """A Lab closed after the test whatever happened; its logs are printed (shown by pytest on failure)."""
+    with Lab(prefix="elbt") as the_lab:
+        try:
+            yield the_lab
+        finally:
+            for path in sorted(the_lab.tmpdir.glob("*.log")):
+                print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-_LOG_TAIL:]}")
