@@ -103,3 +103,34 @@ def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
         if attr.count == 0:
             break
     return list(values[:got])
+
+
+BPF_MAP_LOOKUP_ELEM = 1
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),  # noqa: RUF012
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def pinned_counters(path: Path, count: int) -> list[tuple[int, int]]:
+    """(packets, bytes) summed over CPUs for indexes 0..count-1 of a pinned per-CPU lb_counter array."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    fd = sys_bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(raw)), f"open pinned {path}")
+    try:
+        ncpu = _possible_cpus()
+        out = []
+        for idx in range(count):
+            key = ctypes.c_uint32(idx)
+            vals = (ctypes.c_uint64 * (2 * ncpu))()
+            sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                                   value=ctypes.addressof(vals)), f"read {path}[{idx}]")
+            out.append((sum(vals[0::2]), sum(vals[1::2])))
+        return out
+    finally:
+        os.close(fd)

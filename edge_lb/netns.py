@@ -99,11 +99,18 @@ class Netns:
             raise LabError(f"sysctl key {key!r}: unexpected characters")
         self.run(["sysctl", "-q", "-w", f"{key}={value}"])
 
+    def prefix(self, host_mounts: bool = False) -> list[str]:
+        """How to run a command in this namespace. `ip netns exec` remounts /sys, hiding the host's bpffs at
+        /sys/fs/bpf; with host_mounts the command enters only the network namespace and keeps the pins."""
+        if host_mounts:
+            return ["nsenter", f"--net=/run/netns/{self.name}"]
+        return ["ip", "netns", "exec", self.name]
+
     def run(
-        self, argv: Sequence[str], check: bool = True, timeout: float = 30.0
+        self, argv: Sequence[str], check: bool = True, timeout: float = 30.0, host_mounts: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace and wait for it (bounded by `timeout`)."""
-        cmd = ["ip", "netns", "exec", self.name, *argv]
+        cmd = [*self.prefix(host_mounts), *argv]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:  # subprocess.run has already killed the child
@@ -116,14 +123,16 @@ class Netns:
             )
         return proc
 
-    def spawn(self, argv: Sequence[str], log_path: Path | str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: Sequence[str], log_path: Path | str, host_mounts: bool = False
+    ) -> subprocess.Popen[bytes]:
         """Start a long-running command in the namespace, output to `log_path`; the Lab stops it on close."""
         # `ip netns exec` execs the command, so the PID we get is the command's own. A new session gives it
         # its own process group, so its children can be stopped with it and Ctrl-C does not reach it twice.
         with open(log_path, "ab") as out:
             try:
                 proc = subprocess.Popen(
-                    ["ip", "netns", "exec", self.name, *argv],
+                    [*self.prefix(host_mounts), *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

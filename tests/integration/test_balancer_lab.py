@@ -1,0 +1,47 @@
+"""Real traffic through namespaces: client -> router -> LB (XDP) -> IPIP -> backends (decap) -> client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from edge_lb.lab import DataplaneLab
+from edge_lb.netns import Lab
+
+pytestmark = pytest.mark.root
+
+REQUESTS = 300
+
+
+@pytest.fixture
+def dlab(lab: Lab) -> Iterator[DataplaneLab]:
+    d = DataplaneLab(lab)
+    try:
+        d.build()
+        d.load_balancer()
+        d.wait_ready()
+        yield d
+    finally:
+        d.close()
+
+
+def test_fresh_requests_spread_and_replies_bypass_the_lb(dlab: DataplaneLab) -> None:
+    before = dlab.lb_reasons()
+    result = dlab.http_get(REQUESTS)
+    after = dlab.lb_reasons()
+    print("served:", result["served"], "lb counters:", after)
+
+    assert result["failures"] == 0, result["errors"]
+    served = result["served"]
+    assert sum(served.values()) == REQUESTS
+    assert set(served) == {"b1", "b2", "b3"}
+    for name, n in served.items():
+        assert 0.20 * REQUESTS <= n <= 0.45 * REQUESTS, f"{name} served {n} of {REQUESTS}"
+
+    sent = after["STAT_TX"] - before["STAT_TX"]
+    # Each request is at least SYN, ACK, request, FIN-ACK from the client: all of them crossed the LB ...
+    assert sent >= 4 * REQUESTS
+    # ... but no reply did: a reply (VIP -> client) at the LB would be counted as "not to a VIP".
+    assert after["STAT_PASS_NOT_VIP"] - before["STAT_PASS_NOT_VIP"] == 0
+    assert after["STAT_CT_HIT"] - before["STAT_CT_HIT"] >= 2 * REQUESTS

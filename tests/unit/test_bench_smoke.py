@@ -1,0 +1,61 @@
+"""Smoke test of `edge-lb bench`: the JSON document is complete and every figure is positive.
+
+No timing asserts: figures on a shared VM are no pass/fail criterion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_lb import bench
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")]
+
+CASES = {"tcp_syn_new_flow", "tcp_established", "udp_vip", "tcp_ipv6_vip", "non_vip", "pass", "floor"}
+
+
+def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    before = bench.STATS_SYSCTL.read_text()
+    affinity = os.sched_getaffinity(0)
+    assert bench.main(json_out=True, packets=300) == 0
+    doc = json.loads(capsys.readouterr().out)
+
+    assert bench.STATS_SYSCTL.read_text() == before, "kernel.bpf_stats_enabled must be restored"
+    assert os.sched_getaffinity(0) == affinity, "the CPU affinity must be restored"
+    assert {"method", "cpu", "kernel", "cases", "ratios", "targets", "maglev_ms"} <= set(doc)
+    assert set(doc["cases"]) == CASES
+    for name, case in doc["cases"].items():
+        assert case["ns_per_packet"] > 0, name
+        assert case["runs"] == bench.ROUNDS * 300, name
+        assert case["action"] == ("XDP_PASS" if name in {"non_vip", "pass"} else "XDP_TX"), name
+        assert doc["ratios"][name]["x_floor"] > 0 and doc["ratios"][name]["x_pass"] > 0, name
+    assert doc["ratios"]["floor"]["x_floor"] == 1.0 and doc["ratios"]["pass"]["x_pass"] == 1.0
+    for name in ("tcp_established", "tcp_syn_new_flow", "non_vip", "maglev_1000"):
+        assert isinstance(doc["targets"][name]["met"], bool), name
+    assert set(doc["maglev_ms"]) == {"10", "100", "1000"}
+    assert all(ms > 0 for ms in doc["maglev_ms"].values())
+
+
+def test_table_has_every_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(json_out=False, packets=50) == 0
+    table = capsys.readouterr().out
+    for name in CASES:
+        assert f"\n{name} " in table
+    assert "x floor" in table and "maglev 1000" in table
+
+
+def test_packets_out_of_range() -> None:
+    with pytest.raises(bench.BenchError):
+        bench.main(json_out=True, packets=0)
+
+
+def test_references_are_the_shared_ones() -> None:
+    shared = Path(__file__).resolve().parents[3] / "shared" / "bench"
+    if not shared.is_dir():
+        pytest.skip("../shared/bench is not next to this checkout (CI clones the repository alone)")
+    for name in ("pass.c", "floor.c"):
+        assert (bench.REFERENCE_DIR / name).read_bytes() == (shared / name).read_bytes(), name
