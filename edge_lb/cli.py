@@ -40,7 +40,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     dp, report = load_node(cfg, attach=not args.no_attach)
     dp.close()
-    where = "not attached" if args.no_attach else f"attached to {cfg.node.interface} ({cfg.dataplane.xdp_mode})"
+    where = ("not attached" if args.no_attach
+             else f"attached to {cfg.node.interface} ({cfg.dataplane.xdp_mode})")
     print(f"data plane {cfg.dataplane.instance}: {where}; {len(cfg.vips)} VIPs; "
           f"ring slots written {sum(report.ring_slots.values())}")
     return 0
@@ -72,11 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_decap(args: argparse.Namespace) -> int:
     from edge_lb import decap
 
-    if args.action == "attach":
-        decap.attach(args.interface, args.address or None, args.mode)
-    else:
-        decap.detach(args.interface)
-    return 0
+    return decap.main(args.decap_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("bench", cmd_bench, "measure the data plane per packet beside pass.c and floor.c", config=False)
     sp.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     sp.add_argument("--packets", type=int, default=20000, help="test runs per case (default 20000)")
-    add("demo", cmd_demo, "build the namespace lab, show balancing and direct return, tear down", config=False)
-    sp = add("decap", cmd_decap, "attach/detach the backend decapsulator (bpf/decap.c)", config=False)
-    sp.add_argument("action", choices=["attach", "detach"])
-    sp.add_argument("-i", "--interface", required=True)
-    sp.add_argument("--address", action="append", help="outer address to accept (default: the interface's)")
-    sp.add_argument("--mode", choices=["native", "generic"], default="native")
+    add("demo", cmd_demo, "build the namespace lab, show balancing and direct return, tear down",
+        config=False)
+    sp = add("decap", cmd_decap, "backend side: attach|detach --interface IF [--address A] [--mode M]",
+             config=False)
+    sp.add_argument("decap_args", nargs=argparse.REMAINDER, help="see `python -m edge_lb.decap --help`")
     return p
 
 

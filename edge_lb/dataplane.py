@@ -75,8 +75,8 @@ def check_pinned(pins: Path, sizes: MapSizes) -> None:
         if have != want:
             raise DataplaneError(
                 f"pinned map {path} has {have} entries but this config needs {want}; the maps were made with "
-                f"other [dataplane] sizes. Restore those sizes, or run `edge-lb cleanup` (drops the connection "
-                f"table) and start again")
+                f"other [dataplane] sizes. Restore those sizes, or run `edge-lb cleanup` "
+                f"(drops the connection table) and start again")
 
 
 class Dataplane:
@@ -140,6 +140,8 @@ def remove_pins(instance: str) -> list[Path]:
         p.unlink()
     if pins.exists():
         pins.rmdir()
+    if PIN_ROOT.exists() and not any(PIN_ROOT.iterdir()):
+        PIN_ROOT.rmdir()  # the last instance leaves no trace in bpffs
     return removed
 
 
@@ -239,7 +241,8 @@ class BccMapIO:
         for idx, slot in backends.items():
             leaf = t.Leaf()
             ctypes.memmove(leaf.addr, _addr_words(slot.address), 16)
-            leaf.flags = (BACKEND_F_IPV6 if slot.address.version == 6 else 0) | (BACKEND_F_UP if slot.up else 0)
+            leaf.flags = ((BACKEND_F_IPV6 if slot.address.version == 6 else 0)
+                          | (BACKEND_F_UP if slot.up else 0))
             leaf.vip_num = slot.vip_num
             self._set(t, t.Key(idx), leaf, f"backend {idx} ({slot.address})")
 

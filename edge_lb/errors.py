@@ -7,8 +7,8 @@
     +-- PcapError               a pcap file could not be read or written
     +-- LabError                the namespace lab could not be built or torn down
 
-Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at the
-module that talks to them, with `raise XError(...) from exc`.
+Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at
+the module that talks to them, with `raise XError(...) from exc`.
 """
 
 from __future__ import annotations

@@ -73,26 +73,30 @@ class DataplaneLab:
         return Node(ns, f"10.77.{net}.2", f"r-{role}")
 
     def _start_backend(self, server: Node) -> None:
-        name = server.ns.name.rsplit("-", 1)[1]
+        name = _role(server)
         server.ns.addr("lo", f"{VIP}/32")
         server.ns.run([PY, "-m", "edge_lb.decap", "attach", "--interface", "eth0"], timeout=120)
         server.ns.spawn([PY, "-m", "edge_lb.labhttp", "--bind", VIP, "--port", str(VIP_PORT), "--name", name],
                         self.lab.tmpdir / f"http-{name}.log")
 
-    def config_text(self) -> str:
+    def config_text(self, weights: dict[str, int] | None = None) -> str:
         assert self.lb is not None
-        backends = "".join(f'  [[vip.backend]]\n  address = "{s.address}"\n' for s in self.servers)
+        weights = weights or {}
+        backends = "".join(f'  [[vip.backend]]\n  address = "{s.address}"\n'
+                           f'  weight = {weights.get(_role(s), 1)}\n'
+                           for s in self.servers)
         return (f'[node]\ninterface = "eth0"\n\n[dataplane]\ninstance = "{self.instance}"\n'
-                f'conn_table_size = 65536\nmax_vips = 4\nmax_backends = 64\nencap_src_v4 = "{ENCAP_PREFIX}"\n\n'
+                f'conn_table_size = 65536\nmax_vips = 4\nmax_backends = 64\n'
+                f'encap_src_v4 = "{ENCAP_PREFIX}"\n\n'
                 f'[[vip]]\naddress = "{VIP}"\nport = {VIP_PORT}\nprotocol = "tcp"\n{backends}')
 
-    def load_balancer(self) -> str:
+    def load_balancer(self, weights: dict[str, int] | None = None) -> str:
         """Attach the balancer in the LB namespace with `edge-lb load` (gateway MAC from the kernel)."""
         assert self.lb is not None and self.router is not None
         self.router.run([PY, "-m", "edge_lb.labtools", "attach-pass", self.lb.router_if], timeout=120)
         self.lb.ns.run(["ping", "-c", "1", "-W", "2", "10.77.2.1"])  # fills the neighbour entry
         cfg = self.lab.tmpdir / "lb.toml"
-        cfg.write_text(self.config_text())
+        cfg.write_text(self.config_text(weights))
         return self.lb.ns.run([PY, "-m", "edge_lb", "load", "-c", str(cfg)], timeout=180,
                               host_mounts=True).stdout.strip()
 
@@ -122,6 +126,10 @@ class DataplaneLab:
 
     def close(self) -> None:
         remove_pins(self.instance)
+
+
+def _role(node: Node) -> str:
+    return node.ns.name.rsplit("-", 1)[1]
 
 
 _PROBE = (f"import socket; s=socket.create_connection(('{VIP}', {VIP_PORT}), 1); "

@@ -50,4 +50,5 @@ def _neighbour_mac(ipr: Any, oif: int, gw: str, ifname: str) -> str:
     for n in ipr.get_neighbours(family=family, ifindex=oif):
         if n.get_attr("NDA_DST") == gw and n.get_attr("NDA_LLADDR"):
             return str(n.get_attr("NDA_LLADDR"))
-    raise NetlinkError(f"gateway {gw} on {ifname} has no neighbour entry yet (ping it) or set node.gateway_mac")
+    raise NetlinkError(f"gateway {gw} on {ifname} has no neighbour entry yet (ping it) "
+                       "or set node.gateway_mac")

@@ -1,6 +1,6 @@
-"""Reconcile desired state into the maps through a MapIO. Idempotent: applying the same state twice writes
-nothing the second time. Order keeps every packet valid: backends before the rings that name them, rings before
-the VIPs that use them; removals in reverse."""
+"""Reconcile desired state into the maps through a MapIO. Idempotent: applying the same state twice
+writes nothing the second time. Order keeps every packet valid: backends before the rings that name them,
+rings before the VIPs that use them; removals in reverse."""
 
 from __future__ import annotations
 

@@ -47,7 +47,9 @@ class Simulator:
 
 
 def simulate(config: Config, pcap_in: Path, pcap_out: Path | None, out: TextIO) -> int:
-    """Print one JSON object a line per frame; write XDP_TX / XDP_PASS frames to pcap_out. Returns frames seen."""
+    """Print one JSON object a line per frame; write XDP_TX / XDP_PASS frames to pcap_out.
+
+    Returns frames seen."""
     frames = list(read_frames(pcap_in))  # read fully first: a bad file changes nothing and prints nothing
     sim = Simulator(config)
     written: list[bytes] = []

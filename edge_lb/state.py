@@ -1,8 +1,8 @@
 """Desired data-plane state, computed purely from config (+ health later): no kernel, no I/O.
 
 The data plane keys VIPs by (address, port, protocol) and numbers them (ring and counters); each
-(VIP, backend address) pair gets a backend index. Numbers are allocated stably: an existing VIP or backend keeps
-its number across reloads and restarts, because the connection table stores backend indexes.
+(VIP, backend address) pair gets a backend index. Numbers are allocated stably: an existing VIP or backend
+keeps its number across reloads and restarts, because the connection table stores backend indexes.
 """
 
 from __future__ import annotations

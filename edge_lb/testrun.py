@@ -1,5 +1,5 @@
-"""BPF_PROG_TEST_RUN of an XDP program, always with repeat=1: a program that encapsulates would re-read its own
-output on repetitions 2..N, so per-packet cost is measured by looping over single runs."""
+"""BPF_PROG_TEST_RUN of an XDP program, always with repeat=1: a program that encapsulates would re-read its
+own output on repetitions 2..N, so per-packet cost is measured by looping over single runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from edge_lb.bpfsys import BPF_PROG_TEST_RUN, sys_bpf
 
 class _TestAttr(ctypes.Structure):
     # The `test` member of union bpf_attr (include/uapi/linux/bpf.h).
-    _fields_ = [  # noqa: RUF012 - ctypes requires a class attribute
+    _fields_ = [
         ("prog_fd", ctypes.c_uint32),
         ("retval", ctypes.c_uint32),
         ("data_size_in", ctypes.c_uint32),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
-from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
 
@@ -29,7 +29,8 @@ def eth() -> Ether:
     return Ether(src="02:00:00:00:00:99", dst=OWN_MAC)
 
 
-def tcp4(dst: str = "10.200.1.1", dport: int = 80, sport: int = 40000, flags: str = "S", **ip: object) -> Packet:
+def tcp4(dst: str = "10.200.1.1", dport: int = 80, sport: int = 40000, flags: str = "S",
+         **ip: object) -> Packet:
     return eth() / IP(src=CLIENT4, dst=dst, **ip) / TCP(sport=sport, dport=dport, flags=flags)
 
 
@@ -109,7 +110,8 @@ CASES = [
          "STAT_PASS_NOT_VIP"),
     Case("IPv4 UDP to a TCP-only VIP port: pass", udp4(dport=80), "XDP_PASS", untouched),
     Case("IPv4 TCP to a non-VIP address: pass", tcp4(dst="10.9.9.9"), "XDP_PASS", untouched),
-    Case("port-0 VIP takes any TCP port", tcp4(dst="10.200.1.2", dport=6000), "XDP_TX", ipip_to({"10.0.0.4"})),
+    Case("port-0 VIP takes any TCP port", tcp4(dst="10.200.1.2", dport=6000), "XDP_TX",
+         ipip_to({"10.0.0.4"})),
     Case("port-0 TCP VIP does not take UDP", udp4(dst="10.200.1.2", dport=6000), "XDP_PASS", untouched),
     Case("IPv6 TCP to a VIP: IP6IP6", tcp6(), "XDP_TX", ip6_to(V6_TCP, 41)),
     Case("IPv6 UDP to a port-0 VIP: IP6IP6", udp6(), "XDP_TX", ip6_to({"fd00:1::3"}, 41)),
@@ -122,14 +124,17 @@ CASES = [
     Case("ARP: pass", eth() / ARP(pdst="10.200.1.1"), "XDP_PASS", untouched, "STAT_PASS_NOT_IP"),
     Case("LLDP ethertype: pass", Ether(dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\x02\x07" + b"x" * 40),
          "XDP_PASS", untouched, "STAT_PASS_NOT_IP"),
-    Case("already IPIP-encapsulated, to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1", proto=4)
+    Case("already IPIP-encapsulated, to a VIP address: pass",
+         eth() / IP(src=CLIENT4, dst="10.200.1.1", proto=4)
          / IP(src="1.1.1.1", dst="2.2.2.2") / TCP(), "XDP_PASS", untouched, "STAT_PASS_OTHER"),
     Case("already IP6IP6-encapsulated: pass", eth() / IPv6(src=CLIENT6, dst="fd00:9::1", nh=41)
          / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(), "XDP_PASS", untouched),
     Case("truncated IPv4 header: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / TCP(),
          "XDP_PASS", untouched, "STAT_PASS_MALFORMED", {"truncate": 14 + 12}),
-    Case("truncated TCP header to a VIP: pass", tcp4(), "XDP_PASS", untouched, None, {"truncate": 14 + 20 + 6}),
-    Case("IPv4 first fragment to a VIP: drop", eth() / IP(src=CLIENT4, dst="10.200.1.1", flags="MF") / TCP(dport=80), "XDP_DROP", None,
+    Case("truncated TCP header to a VIP: pass", tcp4(), "XDP_PASS", untouched, None,
+         {"truncate": 14 + 20 + 6}),
+    Case("IPv4 first fragment to a VIP: drop",
+         eth() / IP(src=CLIENT4, dst="10.200.1.1", flags="MF") / TCP(dport=80), "XDP_DROP", None,
          "STAT_DROP_FRAGMENT"),
     Case("IPv4 later fragment to a VIP: drop", eth() / IP(src=CLIENT4, dst="10.200.1.1", frag=10, proto=6)
          / Raw(b"x" * 40), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
@@ -139,19 +144,23 @@ CASES = [
          options=[IPOption_Router_Alert()]) / TCP(dport=80), "XDP_DROP", None, "STAT_DROP_IP_OPTIONS"),
     Case("IPv4 with options to a non-VIP: pass", eth() / IP(src=CLIENT4, dst="10.9.9.9",
          options=[IPOption_Router_Alert()]) / TCP(dport=80), "XDP_PASS", untouched),
-    Case("IPv6 fragment to a VIP: drop", eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrFragment(m=1)
+    Case("IPv6 fragment to a VIP: drop",
+         eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrFragment(m=1)
          / TCP(dport=443), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
-    Case("IPv6 fragment to a non-VIP: pass", eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / IPv6ExtHdrFragment(m=1)
+    Case("IPv6 fragment to a non-VIP: pass",
+         eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / IPv6ExtHdrFragment(m=1)
          / TCP(dport=443), "XDP_PASS", untouched),
     Case("ICMP echo to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / ICMP(),
          "XDP_PASS", untouched, "STAT_PASS_OTHER"),
-    Case("ICMPv6 echo to a VIP address: pass", eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / ICMPv6EchoRequest(),
+    Case("ICMPv6 echo to a VIP address: pass",
+         eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / ICMPv6EchoRequest(),
          "XDP_PASS", untouched),
     Case("IPv4 VIP with no healthy backend: drop", tcp4(dst="10.200.1.4"), "XDP_DROP", None,
          "STAT_DROP_NO_BACKEND"),
     Case("IPv4 packet too big once encapsulated: drop", tcp4(flags="A", sport=40003) / Raw(b"x" * 1441),
          "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
-    Case("IPv4 packet exactly at the MTU once encapsulated: sent", tcp4(flags="A", sport=40004) / Raw(b"x" * 1440),
+    Case("IPv4 packet exactly at the MTU once encapsulated: sent",
+         tcp4(flags="A", sport=40004) / Raw(b"x" * 1440),
          "XDP_TX", ipip_to(V4_TCP)),
     Case("IPv6 packet too big for IP6IP6: drop", tcp6(flags="A", sport=40005) / Raw(b"x" * 1401),
          "XDP_DROP", None, "STAT_DROP_TOO_BIG"),

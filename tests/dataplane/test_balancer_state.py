@@ -94,7 +94,8 @@ def test_icmp_frag_needed_goes_to_the_flows_backend(fresh_sim: Simulator) -> Non
         chosen = backend_of(sim, bytes(tcp4(sport=port)))
         # A router on the return path quotes the backend's reply (VIP -> client) in ICMP frag-needed.
         quoted = IP(src="10.200.1.1", dst=CLIENT4) / TCP(sport=80, dport=port, flags="SA")
-        icmp = eth() / IP(src="198.51.100.1", dst="10.200.1.1") / ICMP(type=3, code=4, nexthopmtu=1400) / quoted
+        icmp = (eth() / IP(src="198.51.100.1", dst="10.200.1.1")
+                / ICMP(type=3, code=4, nexthopmtu=1400) / quoted)
         assert backend_of(sim, bytes(icmp)) == chosen
 
 
@@ -152,7 +153,7 @@ def test_reload_adopts_pinned_maps() -> None:
         ports = flows(100)
         chosen = {}
         for p in ports:
-            verdict, out = run_xdp(first.prog_fd, bytes(tcp4(sport=p)))
+            _verdict, out = run_xdp(first.prog_fd, bytes(tcp4(sport=p)))
             chosen[p] = Ether(out)[IP].dst
         first.close()
         # The "restarted" node comes up with a changed config (one backend more): ring slots move,
@@ -163,7 +164,7 @@ def test_reload_adopts_pinned_maps() -> None:
             report = NodeMaps(second.io, cfg2, link, adopt=True).apply(cfg2)
             assert 0 < sum(report.ring_slots.values()) < cfg2.dataplane.ring_size  # a diff, not a rewrite
             for p in ports:
-                verdict, out = run_xdp(second.prog_fd, bytes(tcp4(sport=p, flags="A")))
+                _verdict, out = run_xdp(second.prog_fd, bytes(tcp4(sport=p, flags="A")))
                 assert Ether(out)[IP].dst == chosen[p]
         finally:
             second.close()

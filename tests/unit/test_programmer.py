@@ -1,0 +1,102 @@
+"""The reconciler against the in-memory map twin: each change yields exactly the expected writes."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from typing import Any
+
+import pytest
+
+from edge_lb import maglev
+from edge_lb.config import Config, parse_config
+from edge_lb.mapio import FakeMapIO
+from edge_lb.node import Link, NodeMaps
+from edge_lb.programmer import ring_changes
+
+RING = 1009
+LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
+BASE: dict[str, Any] = {
+    "node": {"interface": "eth0"},
+    "dataplane": {"ring_size": RING, "max_vips": 4, "max_backends": 32},
+    "vip": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp",
+             "backend": [{"address": f"10.0.0.{i}"} for i in (1, 2, 3)]}],
+}
+
+
+def cfg(mutate: Any = None) -> Config:
+    data = copy.deepcopy(BASE)
+    if mutate:
+        mutate(data)
+    return parse_config(data)
+
+
+def with_backends(*last_octets: int, weights: dict[int, int] | None = None) -> Config:
+    weights = weights or {}
+    return cfg(lambda d: d["vip"][0].update(
+        backend=[{"address": f"10.0.0.{i}", "weight": weights.get(i, 1)} for i in last_octets]))
+
+
+def expected_ring(octets: dict[int, int]) -> list[bytes | None]:
+    members = [maglev.Member(ipaddress.ip_address(f"10.0.0.{i}").packed, w) for i, w in octets.items()]
+    return maglev.build_table(members, RING)
+
+
+@pytest.fixture
+def node() -> tuple[FakeMapIO, NodeMaps]:
+    io = FakeMapIO(ring_size=RING)
+    maps = NodeMaps(io, cfg(), LINK, adopt=False)
+    maps.apply(cfg())
+    return io, maps
+
+
+def test_first_apply_writes_whole_ring_in_one_batch(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    io, _ = node
+    assert io.ring_batches == [(0, RING)]
+    assert set(io.backends) == {1, 2, 3} and len(io.vips) == 1
+    assert io.ctl is not None and io.ctl.mtu == 1500
+
+
+def test_same_config_twice_writes_nothing(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    io, maps = node
+    report = maps.apply(cfg())
+    assert not report.changed and io.ring_batches == [(0, RING)]
+
+
+@pytest.mark.parametrize(("change", "octets"), [
+    ("remove one", {1: 1, 2: 1}),
+    ("add one", {1: 1, 2: 1, 3: 1, 4: 1}),
+    ("drain one", {1: 1, 2: 1, 3: 0}),
+    ("reweight one", {1: 1, 2: 2, 3: 1}),
+])
+def test_change_writes_exactly_the_slot_diff(node: tuple[FakeMapIO, NodeMaps], change: str,
+                                             octets: dict[int, int]) -> None:
+    io, maps = node
+    old = expected_ring({1: 1, 2: 1, 3: 1})
+    new = expected_ring(octets)
+    report = maps.apply(with_backends(*octets, weights=octets))
+    assert report.ring_slots == {0: len(maglev.diff(old, new))}, change
+    assert io.ring_batches[-1] == (0, len(maglev.diff(old, new)))
+    index_of = {s.address.packed: i for i, s in io.backends.items()}
+    assert [index_of.get(k, 0) if k else 0 for k in new] == io.rings[0]
+
+
+def test_removed_backend_entry_is_cleared_and_numbers_are_stable(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    io, maps = node
+    before = dict(io.backends)
+    maps.apply(with_backends(1, 2))
+    assert set(io.backends) == {1, 2} and io.backends[1] == before[1] and io.backends[2] == before[2]
+    maps.apply(with_backends(1, 2, 5))
+    assert io.backends[3].address == ipaddress.ip_address("10.0.0.5")  # lowest free index reused
+
+
+def test_removed_vip_is_deleted_and_its_ring_zeroed(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    io, maps = node
+    maps.apply(cfg(lambda d: d.update(vip=[])))
+    assert io.vips == {} and io.vip_addrs == {} and io.backends == {}
+    assert set(io.rings[0]) == {0}
+
+
+def test_ring_changes_lists_only_differences() -> None:
+    assert ring_changes((1, 2, 3), (1, 4, 3)) == [(1, 4)]
+    assert ring_changes((1,), (1,)) == []
