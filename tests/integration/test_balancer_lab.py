@@ -45,3 +45,22 @@ def test_fresh_requests_spread_and_replies_bypass_the_lb(dlab: DataplaneLab) -> 
     # ... but no reply did: a reply (VIP -> client) at the LB would be counted as "not to a VIP".
     assert after["STAT_PASS_NOT_VIP"] - before["STAT_PASS_NOT_VIP"] == 0
     assert after["STAT_CT_HIT"] - before["STAT_CT_HIT"] >= 2 * REQUESTS
+
+
+def _xdp_prog_id(dlab: DataplaneLab) -> int:
+    assert dlab.lb is not None
+    out = dlab.lb.ns.run(["ip", "-d", "link", "show", "eth0"]).stdout
+    return int(out.split("prog/xdp id ")[1].split()[0])
+
+
+def test_reload_adopts_maps_and_replaces_program(dlab: DataplaneLab) -> None:
+    first_id = _xdp_prog_id(dlab)
+    assert dlab.http_get(30)["failures"] == 0
+    # Reload with b2 drained: the pinned maps are adopted (only changed slots written), the program replaced.
+    message = dlab.load_balancer(weights={"b2": 0})
+    written = int(message.rsplit(" ", 1)[1])
+    assert 0 < written < 65537, message
+    assert _xdp_prog_id(dlab) != first_id
+    result = dlab.http_get(150)
+    assert result["failures"] == 0, result["errors"]
+    assert "b2" not in result["served"] and sum(result["served"].values()) == 150
