@@ -207,7 +207,8 @@ static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip
     if (c) {
       __u32 idx = c->backend_idx;
       *be = backends.lookup(&idx);
-      if (*be && ((*be)->flags & BACKEND_F_UP)) {
+      /* vip_num check: a freed index may since belong to another VIP's backend. */
+      if (*be && ((*be)->flags & BACKEND_F_UP) && (*be)->vip_num == vip->vip_num) {
         count(STAT_CT_HIT, 0);
         return idx;
       }

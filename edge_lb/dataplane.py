@@ -193,11 +193,14 @@ class BccMapIO:
     def read_backends(self) -> dict[int, BackendSlot]:
         out: dict[int, BackendSlot] = {}
         for k, v in self.t["backends"].items_lookup_batch():
-            if v.flags == 0:
+            if v.flags == 0 and not any(v.addr):  # cleared slot (a down IPv4 backend also has flags 0)
                 continue
             fam = 6 if v.flags & BACKEND_F_IPV6 else 4
             out[int(k)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP))
         return out
+
+    def read_vip_addrs(self) -> dict[IPAddress, int]:
+        return {self._address(k.addr, k.family): int(v.value) for k, v in self.t["vip_addrs"].items()}
 
     def read_ring(self, vip_num: int) -> tuple[int, ...]:
         return tuple(bpfsys.array_lookup_range(self.t["rings"].map_fd, vip_num * self.ring_size,

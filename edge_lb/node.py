@@ -63,9 +63,15 @@ class NodeMaps:
             self.programmer.adopt(self.alloc)
 
     def apply(self, config: Config) -> ApplyReport:
-        want = desired_state(config, self.alloc)
-        self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
-        return self.programmer.apply(want)
+        """Numbering changes are kept only if the maps took them: a failed apply leaves it as it was."""
+        saved = (dict(self.alloc.vip_nums), dict(self.alloc.backend_idx))
+        try:
+            want = desired_state(config, self.alloc)
+            self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
+            return self.programmer.apply(want)
+        except Exception:
+            self.alloc.vip_nums, self.alloc.backend_idx = saved
+            raise
 
 
 def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:

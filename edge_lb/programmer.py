@@ -44,6 +44,7 @@ class Programmer:
         self.vips = self.io.read_vips()
         self.backends = self.io.read_backends()
         self.rings = {num: self.io.read_ring(num) for num in self.vips.values()}
+        self.vip_addrs = self.io.read_vip_addrs()
         alloc.vip_nums.update(self.vips)
         alloc.backend_idx.update({(s.vip_num, s.address): i for i, s in self.backends.items()})
 

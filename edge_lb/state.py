@@ -100,6 +100,10 @@ def desired_state(config: Config, alloc: Allocator,
     backends: dict[int, BackendSlot] = {}
     rings: dict[int, tuple[int, ...]] = {}
     vip_addrs: dict[tuple[IPAddress, int], int] = {}
+    wanted = [VipKey.of(v) for v in config.vips]
+    # Free what the config no longer wants first, so a swap at capacity fits.
+    alloc.retain(wanted, [(alloc.vip_nums[k], b.address) for k, v in zip(wanted, config.vips, strict=True)
+                          if k in alloc.vip_nums for b in v.backends])
     for vip in config.vips:
         key = VipKey.of(vip)
         num = vips[key] = alloc.vip_num(key)
@@ -109,7 +113,6 @@ def desired_state(config: Config, alloc: Allocator,
             backends[idx] = BackendSlot(num, address, up=healthy[address])
         rings[num] = ring_for(vip, indexes, config.dataplane.ring_size, healthy)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
-    alloc.retain(vips, ((s.vip_num, s.address) for s in backends.values()))
     port0 = sum(1 for k in vips if k.port == 0)
     return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0)
 

@@ -171,3 +171,20 @@ def test_reload_adopts_pinned_maps() -> None:
     finally:
         remove_pins(instance)
     assert not pin_dir(instance).exists()
+
+
+def test_conn_entry_never_reaches_another_vips_backend(fresh_sim: Simulator) -> None:
+    """A removed backend's index, reused by another VIP's backend, must not catch the old flows."""
+    sim = fresh_sim
+    ports = flows(300)
+    first = {p: backend_of(sim, bytes(tcp4(sport=p))) for p in ports}
+    on_3 = [p for p in ports if first[p] == "10.0.0.3"]
+    assert on_3
+    sim.reprogram(make_config(vip80([{"address": "10.0.0.1"}, {"address": "10.0.0.2"}])))
+
+    def db_gets_new_backend(d: dict[str, Any]) -> None:
+        vip80([{"address": "10.0.0.1"}, {"address": "10.0.0.2"}])(d)
+        d["vip"][2]["backend"].append({"address": "10.0.0.99"})  # takes the freed index
+    sim.reprogram(make_config(db_gets_new_backend))
+    for p in on_3:
+        assert backend_of(sim, bytes(tcp4(sport=p, flags="A"))) in {"10.0.0.1", "10.0.0.2"}

@@ -100,3 +100,48 @@ def test_removed_vip_is_deleted_and_its_ring_zeroed(node: tuple[FakeMapIO, NodeM
 def test_ring_changes_lists_only_differences() -> None:
     assert ring_changes((1, 2, 3), (1, 4, 3)) == [(1, 4)]
     assert ring_changes((1,), (1,)) == []
+
+
+def test_swap_at_capacity_fits() -> None:
+    """max_backends=4 leaves 3 usable indexes: replacing one backend must reuse the freed index."""
+    def small(d: dict[str, Any]) -> None:
+        d["dataplane"]["max_backends"] = 4
+    io = FakeMapIO(ring_size=RING)
+    maps = NodeMaps(io, cfg(small), LINK, adopt=False)
+    maps.apply(cfg(small))
+    maps.apply(cfg(lambda d: (small(d), d["vip"][0].update(
+        backend=[{"address": a} for a in ("10.0.0.1", "10.0.0.2", "10.0.0.9")]))))
+    assert {str(s.address) for s in io.backends.values()} == {"10.0.0.1", "10.0.0.2", "10.0.0.9"}
+
+
+class FailingIO(FakeMapIO):
+    fail = False
+
+    def delete_vips(self, keys: Any) -> None:
+        if self.fail:
+            raise RuntimeError("map write failed")
+        super().delete_vips(keys)
+
+
+def test_failed_apply_keeps_numbering() -> None:
+    two = cfg(lambda d: d["vip"].append({"address": "10.200.1.9", "port": 80, "protocol": "tcp",
+                                         "backend": [{"address": "10.0.0.7"}]}))
+    io = FailingIO(ring_size=RING)
+    maps = NodeMaps(io, two, LINK, adopt=False)
+    maps.apply(two)
+    before = (dict(maps.alloc.vip_nums), dict(maps.alloc.backend_idx))
+    io.fail = True
+    with pytest.raises(RuntimeError):
+        maps.apply(cfg())  # removes the second VIP; the delete fails
+    assert (maps.alloc.vip_nums, maps.alloc.backend_idx) == before
+    io.fail = False
+    assert not maps.apply(two).vips_added  # re-applying the running config renumbers nothing
+
+
+def test_adopt_reads_vip_addresses() -> None:
+    io = FakeMapIO(ring_size=RING)
+    two = cfg(lambda d: d["vip"].append({"address": "10.200.1.9", "port": 80, "protocol": "tcp",
+                                         "backend": []}))
+    NodeMaps(io, two, LINK, adopt=False).apply(two)
+    NodeMaps(io, cfg(), LINK, adopt=True).apply(cfg())  # a restart with one VIP address fewer
+    assert set(map(str, io.vip_addrs)) == {"10.200.1.1"}
