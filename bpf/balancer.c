@@ -21,6 +21,7 @@ struct packet {
   __u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
   __u8 syn;             /* TCP SYN without ACK: always consult the ring */
   __u8 icmp;            /* ICMP too-big about the flow: no conn-table insert */
+  __u16 df;             /* inner IPv4 DF bit (network order), copied outward so PMTUD keeps working */
 };
 
 static __always_inline void count(__u32 idx, __u64 bytes) {
@@ -146,6 +147,7 @@ static __always_inline int parse_v4(void *data, void *data_end, struct packet *p
   p->flow.proto = ip->protocol;
   p->ip_len = bpf_ntohs(ip->tot_len);
   p->tos = ip->tos;
+  p->df = ip->frag_off & bpf_htons(LB_IP_DF);
   if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
     return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_DROP_FRAGMENT, p->ip_len);
   if (ip->ihl != 5)
@@ -263,7 +265,7 @@ static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct
   outer->tos = p->tos;
   outer->tot_len = bpf_htons(p->ip_len + IPV4_HDR_LEN);
   outer->id = 0;
-  outer->frag_off = 0;
+  outer->frag_off = p->df;
   outer->ttl = OUTER_TTL;
   outer->protocol = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
   outer->check = 0;

@@ -27,6 +27,7 @@
 #define IPV6_HDR_LEN 40
 
 /* IPv4 frag_off bits (kernel-internal names, not in uapi). */
+#define LB_IP_DF 0x4000
 #define LB_IP_MF 0x2000
 #define LB_IP_OFFSET 0x1fff
 

@@ -62,7 +62,8 @@ def ipip_to(backends: set[str]) -> Check:
     def check(out: Ether, inp: Packet) -> None:
         assert out.dst == GW_MAC and out.src == OWN_MAC and out.type == 0x0800
         outer = out[IP]
-        assert outer.proto == 4 and outer.ttl == 64 and outer.flags == 0 and outer.frag == 0
+        assert outer.proto == 4 and outer.ttl == 64 and outer.frag == 0
+        assert outer.flags == (inp[IP].flags & 0x2)  # DF copied, never MF
         assert outer.dst in backends
         assert ipaddress.ip_address(outer.src) in ENCAP4
         assert ipv4_checksum(bytes(outer)[:20]) == 0  # the header sums to 0xffff with a right checksum
@@ -117,6 +118,8 @@ CASES = [
     Case("IPv6 UDP to a port-0 VIP: IP6IP6", udp6(), "XDP_TX", ip6_to({"fd00:1::3"}, 41)),
     Case("IPv6 TCP, wrong port: pass", tcp6(dport=80), "XDP_PASS", untouched),
     Case("IPv4 VIP with an IPv6 backend: 4in6", tcp4(dst="10.200.1.3"), "XDP_TX", ip6_to({"fd00:1::4"}, 4)),
+    Case("DF copied to the outer IPv4 header", tcp4(sport=40006, flags="A") / Raw(b"x"), "XDP_TX",
+         ipip_to(V4_TCP), extra={"df": True}),
     Case("DSCP copied to the outer IPv4 header", tcp4(tos=0xB8, sport=40002), "XDP_TX", ipip_to(V4_TCP)),
     Case("traffic class copied to the outer IPv6 header", tcp6(tc=0x68, sport=40002), "XDP_TX",
          ip6_to(V6_TCP, 41)),
@@ -178,7 +181,10 @@ def reasons(sim: Simulator) -> dict[str, int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
 def test_fixture(sim: Simulator, case: Case) -> None:
-    frame = bytes(case.frame)
+    pkt = case.frame.copy()
+    if case.extra.get("df"):
+        pkt[IP].flags = "DF"
+    frame = bytes(pkt)
     if "truncate" in case.extra:
         frame = frame[: int(str(case.extra["truncate"]))]
     before = reasons(sim)
