@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -181,8 +182,6 @@ class BccMapIO:
     @staticmethod
     def _address(words: Any, family: int) -> IPAddress:
         raw = bytes(words)
-        import ipaddress
-
         return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
 
     # -- reads ---------------------------------------------------------------------------------------------
