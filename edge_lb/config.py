@@ -12,11 +12,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_lb.errors import ConfigError
 from edge_lb.maglev import is_prime
+from healthchecks.spec import KINDS, CheckSpec
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Kwargs = dict[str, Any]
@@ -35,6 +36,7 @@ _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 class Backend:
     address: IPAddress
     weight: int = 1  # 0..1000; 0 = drained: keeps its existing flows, gets no new ones
+    healthcheck: CheckSpec = field(default_factory=CheckSpec)  # effective: the VIP's + this backend's keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,7 @@ class Vip:
     port: int  # 0..65535; 0 = every port of this address
     protocol: str  # "tcp" or "udp"
     backends: tuple[Backend, ...]
+    healthcheck: CheckSpec = field(default_factory=CheckSpec)  # default of its backends
 
     @property
     def name(self) -> str:
@@ -96,10 +99,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     """Validate parsed TOML (or an equivalent dict) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []
-    root = _Table(data, "", problems, ("node", "dataplane", "vip"))
+    root = _Table(data, "", problems, ("node", "dataplane", "healthcheck", "vip"))
     node = _node(root.table("node", tuple(_NODE)))
     dataplane = _dataplane(root.table("dataplane", tuple(_DATAPLANE)))
-    vips = _vips(root, dataplane)
+    check_table = root.table("healthcheck", tuple(_CHECK))
+    check = _check(check_table, CheckSpec())
+    vips = _vips(root, dataplane, check, "type" in check_table.data)
     if problems or node is None:
         raise ConfigError(problems, source)
     return Config(node=node, dataplane=dataplane, vips=vips)
@@ -267,6 +272,69 @@ _DATAPLANE = {
 }
 
 
+def _seconds(low: float, high: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise _Invalid(f"must be a number of seconds {low}..{high}")
+        return float(value)
+
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    """A string that cannot smuggle a line break or control character into a request or a log line."""
+    if not isinstance(value, str) or not value.isprintable():
+        raise _Invalid("must be a string of printable characters")
+    return value
+
+
+def _url_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or not value.isprintable() or " " in value:
+        raise _Invalid("must be a URL path starting with '/', without spaces or control characters")
+    return value
+
+
+def _statuses(value: Any) -> tuple[int, ...]:
+    codes = value if isinstance(value, list) else [value]
+    if not codes or any(isinstance(c, bool) or not isinstance(c, int) or not 100 <= c <= 599 for c in codes):
+        raise _Invalid("must be an HTTP status code 100..599 or a non-empty list of them")
+    return tuple(codes)
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+        raise _Invalid('must be a non-empty list of non-empty strings, like ["/usr/bin/check", "{address}"]')
+    if not value[0].startswith("/"):
+        raise _Invalid(f"{value[0]!r}: the program must be an absolute path (no shell, no PATH search)")
+    return tuple(value)
+
+
+_CHECK: dict[str, Callable[[Any], Any]] = {
+    "type": _choice(*KINDS),
+    "port": _integer(1, 65535),
+    "interval": _seconds(0.05, 3600),
+    "fast_interval": _seconds(0.05, 3600),
+    "timeout": _seconds(0.01, 600),
+    "rise": _integer(1, 100),
+    "fall": _integer(1, 100),
+    "jitter": _seconds(0, 0.5),
+    "method": _choice("GET", "HEAD", "POST", "OPTIONS"),
+    "path": _url_path,
+    "status": _statuses,
+    "body": _text,
+    "host": _text,
+    "tls_verify": _boolean,
+    "query_name": _text,
+    "query_type": _choice("A", "AAAA", "NS", "SOA", "TXT", "MX", "CNAME", "SRV", "PTR"),
+    "rcode": _choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
+    "command": _argv,
+}
 _VIP = {"address": _address, "port": _integer(0, 65535), "protocol": _choice("tcp", "udp")}
 _BACKEND = {"address": _address, "weight": _integer(0, 1000)}
 
@@ -283,9 +351,33 @@ def _dataplane(table: _Table) -> Dataplane:
     return dataplane
 
 
-def _vips(root: _Table, dataplane: Dataplane) -> tuple[Vip, ...]:
-    tables = root.array("vip", (*_VIP, "backend"))
-    vips = [(table, _vip(table)) for table in tables]
+def _check(table: _Table, base: CheckSpec) -> CheckSpec:
+    """`base` with the keys this table sets; the result must make sense as a whole at this level."""
+    values = table.values(_CHECK)
+    if "type" in values:
+        values["kind"] = values.pop("type")
+    spec = replace(base, **values)
+    if spec.fast_interval > spec.interval:
+        table.problem("fast_interval", f"{spec.fast_interval} must not exceed interval ({spec.interval})")
+    if spec.kind == "exec" and not spec.command:
+        table.problem("command", 'required when type = "exec"')
+    return spec
+
+
+def _port0_check(table: _Table, spec: CheckSpec, explicit: bool) -> CheckSpec:
+    """A port-0 VIP has no port to check. Written as a bare VIP (the minimal config) it is served unchecked;
+    a check type chosen by the operator needs its port."""
+    if spec.port is not None or spec.kind in ("exec", "none"):
+        return spec
+    if explicit:
+        table.problem("port", f'required for a port-0 VIP (type = "{spec.kind}")')
+        return spec
+    return replace(spec, kind="none")
+
+
+def _vips(root: _Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
+    tables = root.array("vip", (*_VIP, "healthcheck", "backend"))
+    vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
     if len(tables) > dataplane.max_vips:
@@ -300,13 +392,19 @@ def _vips(root: _Table, dataplane: Dataplane) -> tuple[Vip, ...]:
     return tuple(vip for _, vip in valid)
 
 
-def _vip(table: _Table) -> Vip | None:
+def _vip(table: _Table, check: CheckSpec, explicit: bool) -> Vip | None:
     values = table.values(_VIP, required=tuple(_VIP))
-    backends = _backends(table.array("backend", tuple(_BACKEND)), values.get("address"))
-    return Vip(**values, backends=backends) if len(values) == len(_VIP) else None
+    # Problems of an inherited key are reported once, where it is set.
+    check_table = table.table("healthcheck", tuple(_CHECK))
+    spec = _check(check_table, check)
+    if values.get("port") == 0:
+        spec = _port0_check(check_table, spec, explicit or "type" in check_table.data)
+    backend_tables = table.array("backend", (*_BACKEND, "healthcheck"))
+    backends = _backends(backend_tables, values.get("address"), spec)
+    return Vip(**values, backends=backends, healthcheck=spec) if len(values) == len(_VIP) else None
 
 
-def _backends(tables: list[_Table], vip_address: IPAddress | None) -> tuple[Backend, ...]:
+def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckSpec) -> tuple[Backend, ...]:
     """The valid backends of one VIP; a repeated address or an IPv4 backend of an IPv6 VIP is a problem."""
     seen: dict[IPAddress, str] = {}
     backends = []
@@ -320,7 +418,9 @@ def _backends(tables: list[_Table], vip_address: IPAddress | None) -> tuple[Back
         elif vip_address is not None and vip_address.version == 6 and address.version == 4:
             table.problem("address", "IPv6 VIP needs IPv6 backends")
         else:
-            backends.append(Backend(**values))
+            own = table.table("healthcheck", tuple(_CHECK))
+            spec = _check(own, check) if own.data else check
+            backends.append(Backend(**values, healthcheck=spec))
         seen.setdefault(address, table.path)
     return tuple(backends)
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from edge_lb import netinfo
-from edge_lb.config import Config
+from edge_lb.config import Config, IPAddress
 from edge_lb.dataplane import Dataplane
 from edge_lb.errors import ConfigError
 from edge_lb.mapio import Ctl, MapIO
 from edge_lb.programmer import ApplyReport, Programmer
-from edge_lb.state import Allocator, desired_state
+from edge_lb.state import Allocator, RingCache, VipKey, desired_state
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,22 @@ class NodeMaps:
         self.link = link
         self.alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
         self.programmer = Programmer(io, d.ring_size)
+        self.ring_cache: RingCache = {}
         if adopt:
             self.programmer.adopt(self.alloc)
 
-    def apply(self, config: Config) -> ApplyReport:
+    def adopted_up(self) -> dict[tuple[VipKey, IPAddress], bool]:
+        """What the maps say of each (VIP, backend): may it carry flows? Read once after adopting."""
+        nums = {num: key for key, num in self.programmer.vips.items()}
+        return {(nums[s.vip_num], s.address): s.up for s in self.programmer.backends.values()
+                if s.vip_num in nums}
+
+    def apply(self, config: Config,
+              health: Mapping[tuple[VipKey, IPAddress], bool] | None = None) -> ApplyReport:
         """Numbering changes are kept only if the maps took them: a failed apply leaves it as it was."""
         saved = (dict(self.alloc.vip_nums), dict(self.alloc.backend_idx))
         try:
-            want = desired_state(config, self.alloc)
+            want = desired_state(config, self.alloc, health, self.ring_cache)
             self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
             return self.programmer.apply(want)
         except Exception:

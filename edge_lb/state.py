@@ -92,10 +92,26 @@ def ring_for(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
     return tuple(0 if k is None else by_key[k] for k in table)
 
 
+RingCache = dict[tuple[object, ...], tuple[int, ...]]
+
+
+def _cached_ring(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
+                 healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache) -> tuple[int, ...]:
+    """A Maglev build costs tens of ms: reuse the ring when nothing that shapes it has changed."""
+    key = (ring_size, *((b.address, b.weight, healthy[b.address], indexes[b.address]) for b in vip.backends))
+    ring = cache.get(key) or used.get(key) or ring_for(vip, indexes, ring_size, healthy)
+    used[key] = ring
+    return ring
+
+
 def desired_state(config: Config, alloc: Allocator,
-                  health: Mapping[tuple[VipKey, IPAddress], bool] | None = None) -> DesiredState:
-    """Config (+ health) -> what the maps should hold. Health defaults to every backend up."""
+                  health: Mapping[tuple[VipKey, IPAddress], bool] | None = None,
+                  ring_cache: RingCache | None = None) -> DesiredState:
+    """Config (+ health) -> what the maps should hold. Health defaults to every backend up. A ring_cache
+    keeps the rings built here for the next call (and only those)."""
     health = health or {}
+    cache = ring_cache if ring_cache is not None else {}
+    used: RingCache = {}
     vips: dict[VipKey, int] = {}
     backends: dict[int, BackendSlot] = {}
     rings: dict[int, tuple[int, ...]] = {}
@@ -111,9 +127,11 @@ def desired_state(config: Config, alloc: Allocator,
         healthy = {a: health.get((key, a), True) for a in indexes}
         for address, idx in indexes.items():
             backends[idx] = BackendSlot(num, address, up=healthy[address])
-        rings[num] = ring_for(vip, indexes, config.dataplane.ring_size, healthy)
+        rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
     port0 = sum(1 for k in vips if k.port == 0)
+    cache.clear()
+    cache.update(used)
     return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0)
 
 

@@ -1,0 +1,60 @@
+"""The one small interface every checker implements, and what it is given and returns.
+
+A Target says where a check's packets go. Today that is the backend's own address. A later check can reach the
+backend through the tunnel, addressed to the VIP as clients do: give it address=VIP and a `mark`, and a policy
+route for that fwmark sends the marked sockets into the backend's tunnel. Checkers must open every socket with
+Target.socket() so the mark is honoured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Target:
+    address: IPAddress  # where the check's packets go
+    port: int
+    mark: int = 0  # SO_MARK on every socket (0 = none): lets policy routing steer checks, e.g. into a tunnel
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if self.address.version == 6 else socket.AF_INET
+
+    @property
+    def host(self) -> str:
+        """The address as a URL host part: 10.0.0.1 or [fd00::1]."""
+        return f"[{self.address}]" if self.address.version == 6 else str(self.address)
+
+    def socket(self, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
+        """A non-blocking socket of the target's family, marked when mark is set."""
+        sock = socket.socket(self.family, kind)
+        try:
+            if self.mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+@dataclass(frozen=True)
+class Result:
+    ok: bool
+    reason: str  # short, for logs and status: "connected", "connect: refused", "HTTP 503 (want 200)"
+
+
+class Checker(Protocol):
+    async def check(self, target: Target) -> Result:
+        """One check, bounded by its spec's timeout. Never raises: every failure is Result(ok=False, why)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release shared resources (HTTP sessions). The checker is not used afterwards."""
+        ...

@@ -1,0 +1,116 @@
+"""Runs the checks: one prober task per (target, spec), bounded concurrency, jittered delays.
+
+The monitor owns only health. It calls on_change(key, old, new) when a backend's up/down state flips; what
+that means for the data plane is the supervisor's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from healthchecks.base import Checker, Result, Target
+from healthchecks.machine import Health, step
+from healthchecks.spec import CheckSpec
+
+log = logging.getLogger("edge_lb.health")
+
+OnChange = Callable[["CheckKey", Health, Health], None]
+_STOP_GRACE = 2.0  # seconds the probers get to finish a check in flight on stop()
+_BACKSTOP = 1.0  # seconds past spec.timeout after which a checker that overran is cancelled
+
+
+@dataclass(frozen=True)
+class CheckKey:
+    """One prober: identical checks of one address (a backend in several VIPs) are run once."""
+
+    target: Target
+    spec: CheckSpec
+
+
+@dataclass(frozen=True)
+class Observation:
+    health: Health
+    checked_at: float | None = None  # time.time() of the last result; None: not checked yet
+    checks: int = 0
+
+
+def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
+    """delay scaled by a factor in [1 - jitter, 1 + jitter], so checks of many backends do not line up."""
+    return delay * (1 + jitter * (2 * rand() - 1))
+
+
+class HealthMonitor:
+    def __init__(self, make_checker: Callable[[CheckSpec], Checker], on_change: OnChange, *,
+                 concurrency: int = 256, rand: Callable[[], float] = random.random,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._make_checker = make_checker
+        self._on_change = on_change
+        self._sem = asyncio.Semaphore(concurrency)
+        self._rand = rand
+        self._sleep = sleep
+        self._checkers: dict[CheckSpec, Checker] = {}
+        self._tasks: dict[CheckKey, asyncio.Task[None]] = {}
+        self._seen: dict[CheckKey, Observation] = {}
+
+    def observation(self, key: CheckKey) -> Observation | None:
+        return self._seen.get(key)
+
+    def keys(self) -> set[CheckKey]:
+        return set(self._tasks)
+
+    async def sync(self, wanted: Mapping[CheckKey, Health]) -> None:
+        """Run exactly the wanted probers: new ones start from the given health, existing ones keep theirs."""
+        for key in [k for k in self._tasks if k not in wanted]:
+            await self._stop_prober(key)
+        for key, initial in wanted.items():
+            if key not in self._tasks:
+                self._seen[key] = Observation(initial)
+                self._tasks[key] = asyncio.create_task(self._probe(key), name=f"check {key.target}")
+        for spec in [s for s in self._checkers if all(k.spec != s for k in self._tasks)]:
+            await self._checkers.pop(spec).aclose()
+
+    async def stop(self) -> None:
+        """Stop every prober (bounded) and close the checkers."""
+        await self.sync({})
+
+    async def _stop_prober(self, key: CheckKey) -> None:
+        task = self._tasks.pop(key)
+        self._seen.pop(key, None)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, _STOP_GRACE)
+
+    def _checker(self, spec: CheckSpec) -> Checker:
+        if spec not in self._checkers:
+            self._checkers[spec] = self._make_checker(spec)
+        return self._checkers[spec]
+
+    async def _probe(self, key: CheckKey) -> None:
+        spec = key.spec
+        delay = self._rand() * spec.fast_interval  # the first check soon, but not all at once
+        while True:
+            await self._sleep(delay)
+            result = await self._check_once(key)
+            seen = self._seen[key]
+            new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall)
+            self._seen[key] = Observation(new, time.time(), seen.checks + 1)
+            if new.up != seen.health.up:
+                self._on_change(key, seen.health, new)
+            delay = jittered(spec.fast_interval if new.changing else spec.interval, spec.jitter, self._rand)
+
+    async def _check_once(self, key: CheckKey) -> Result:
+        async with self._sem:
+            try:
+                return await asyncio.wait_for(self._checker(key.spec).check(key.target),
+                                              key.spec.timeout + _BACKSTOP)
+            except TimeoutError:
+                return Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)")
+            except Exception as exc:  # a checker bug must not kill the prober: count it as a failure
+                log.exception("checker %s failed on %s", key.spec.kind, key.target)
+                return Result(False, f"checker error: {exc.__class__.__name__}")

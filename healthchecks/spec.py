@@ -1,0 +1,40 @@
+"""What one health check is: a frozen spec parsed from config (edge_lb.config) and the kinds it may have.
+
+A spec is inherited top-level [healthcheck] -> [vip.healthcheck] -> [vip.backend.healthcheck]; each level
+replaces only the keys it sets. Fields that do not apply to the kind are ignored by its checker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("tcp", "http", "https", "udp-dns", "exec", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckSpec:
+    kind: str = "tcp"  # one of KINDS; "none" = never checked, always healthy
+    port: int | None = None  # None: the VIP's port
+    interval: float = 2.0  # seconds between checks while the state is steady
+    fast_interval: float = 0.5  # seconds between checks while the state is changing (a rise/fall streak)
+    timeout: float = 1.0  # seconds one check may take before it counts as failed
+    rise: int = 2  # consecutive good checks that bring a down backend up
+    fall: int = 2  # consecutive bad checks that take an up backend down
+    jitter: float = 0.1  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+    # http / https
+    method: str = "GET"
+    path: str = "/"
+    status: tuple[int, ...] = (200,)  # accepted status codes
+    body: str | None = None  # when set, the response body must contain it
+    host: str | None = None  # Host header (and TLS server name); None: the target address
+    tls_verify: bool = True  # https: verify the certificate chain and name
+    # udp-dns
+    query_name: str = "."
+    query_type: str = "NS"
+    rcode: str = "NOERROR"  # the answer's rcode must be this
+    # exec: argv, no shell; "{address}" and "{port}" in any argument are replaced by the target's
+    command: tuple[str, ...] = ()
+
+    @property
+    def checked(self) -> bool:
+        return self.kind != "none"
