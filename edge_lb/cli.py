@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_lb.errors import ConfigError, EdgeLbError
 
@@ -58,6 +60,43 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_lb.supervisor import run
+
+    return run(args.config)
+
+
+def _control(args: argparse.Namespace, method: str, url: str) -> dict[str, Any]:
+    import asyncio
+
+    from edge_lb import control
+    from edge_lb.config import load_config
+
+    instance = load_config(args.config).dataplane.instance
+    path = Path(args.socket) if args.socket else control.socket_path(instance)
+    return asyncio.run(control.request(path, method, url))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = _control(args, "POST", "/v1/reload")
+    if not result.get("ok"):
+        for problem in result.get("problems", []):
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        print("edge-lb reload: rejected; the running configuration is unchanged", file=sys.stderr)
+        return EXIT_CONFIG
+    changes = ", ".join(f"{k} {v}" for k, v in result.get("changes", {}).items())
+    print(f"reloaded {args.config}: {changes}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge_lb import status
+
+    doc = _control(args, "GET", "/v1/status")
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="" if not args.json else "\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge_lb.bench import main as bench_main
 
@@ -89,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("check", cmd_check, "validate a config: exit 0 if valid, 2 with every problem on stderr")
+    add("run", cmd_run, "run the supervisor in the foreground: health checks, live reload, map updates")
+    reload_help = "make the running supervisor re-read its config (a diff; an invalid one is rejected whole)"
+    status_help = "VIPs and backends: health, last reason, weight, ring share, packets and bytes"
+    for name, fn, text in (("reload", cmd_reload, reload_help), ("status", cmd_status, status_help)):
+        sp = add(name, fn, text)
+        sp.add_argument("--socket", metavar="PATH", help="control socket (default /run/edge-lb/NAME.sock)")
+    sp.add_argument("--json", action="store_true", help="the status document as JSON")
     sp = add("simulate", cmd_simulate, "run a pcap through the real XDP program (not attached)")
     sp.add_argument("pcap_in", metavar="IN.pcap")
     sp.add_argument("pcap_out", metavar="OUT.pcap", nargs="?")

@@ -6,6 +6,7 @@
     +-- NetlinkError            an interface, route or neighbour could not be read from the kernel
     +-- PcapError               a pcap file could not be read or written
     +-- LabError                the namespace lab could not be built or torn down
+    +-- SupervisorError         the supervisor cannot start (another one runs) or cannot be reached
 
 Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at
 the module that talks to them, with `raise XError(...) from exc`.
@@ -41,3 +42,7 @@ class PcapError(EdgeLbError):
 
 class LabError(EdgeLbError):
     """The namespace lab could not be built, driven or torn down."""
+
+
+class SupervisorError(EdgeLbError):
+    """The supervisor cannot start (another one holds the instance) or its control socket is unreachable."""

@@ -10,15 +10,19 @@ All addresses live inside the lab's namespaces (10.77.0.0/16).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from edge_lb import bpfsys
+from edge_lb import bpfsys, control
 from edge_lb.dataplane import pin_dir, remove_pins
-from edge_lb.errors import LabError
+from edge_lb.errors import EdgeLbError, LabError
 from edge_lb.netns import Lab, Netns
 from edge_lb.stats import reason_names
 
@@ -43,6 +47,8 @@ class DataplaneLab:
     router: Netns | None = None
     lb: Node | None = None
     servers: list[Node] = field(default_factory=list)
+    http: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # role -> its HTTP server
+    supervisor: subprocess.Popen[bytes] | None = None
 
     @property
     def instance(self) -> str:
@@ -73,29 +79,87 @@ class DataplaneLab:
         return Node(ns, f"10.77.{net}.2", f"r-{role}")
 
     def _start_backend(self, server: Node) -> None:
-        name = _role(server)
         server.ns.addr("lo", f"{VIP}/32")
         server.ns.run([PY, "-m", "edge_lb.decap", "attach", "--interface", "eth0"], timeout=120)
-        server.ns.spawn([PY, "-m", "edge_lb.labhttp", "--bind", VIP, "--port", str(VIP_PORT), "--name", name],
-                        self.lab.tmpdir / f"http-{name}.log")
+        self.start_http(_role(server))
 
-    def config_text(self, weights: dict[str, int] | None = None) -> str:
+    def start_http(self, role: str) -> None:
+        """The backend's HTTP server on every address: the VIP (clients) and its own (health checks)."""
+        server = self.server(role)
+        self.http[role] = server.ns.spawn(
+            [PY, "-m", "edge_lb.labhttp", "--bind", "0.0.0.0", "--port", str(VIP_PORT), "--name", role],
+            self.lab.tmpdir / f"http-{role}.log")
+
+    def stop_http(self, role: str) -> None:
+        """Kill the backend's HTTP server: connections to it are refused from now on."""
+        proc = self.http.pop(role)
+        proc.kill()
+        proc.wait(timeout=5)
+
+    def server(self, role: str) -> Node:
+        return next(s for s in self.servers if _role(s) == role)
+
+    def config_text(self, weights: dict[str, int] | None = None, roles: list[str] | None = None,
+                    check: str = "") -> str:
+        """The LB config: the VIP with the given backends (default all), weights, and check settings
+        (TOML lines for [vip.healthcheck])."""
         assert self.lb is not None
         weights = weights or {}
+        chosen = [s for s in self.servers if roles is None or _role(s) in roles]
         backends = "".join(f'  [[vip.backend]]\n  address = "{s.address}"\n'
                            f'  weight = {weights.get(_role(s), 1)}\n'
-                           for s in self.servers)
+                           for s in chosen)
         return (f'[node]\ninterface = "eth0"\n\n[dataplane]\ninstance = "{self.instance}"\n'
                 f'conn_table_size = 65536\nmax_vips = 4\nmax_backends = 64\n'
                 f'encap_src_v4 = "{ENCAP_PREFIX}"\n\n'
-                f'[[vip]]\naddress = "{VIP}"\nport = {VIP_PORT}\nprotocol = "tcp"\n{backends}')
+                f'[[vip]]\naddress = "{VIP}"\nport = {VIP_PORT}\nprotocol = "tcp"\n'
+                f'  [vip.healthcheck]\n{check}\n{backends}')
+
+    @property
+    def config_path(self) -> Path:
+        return self.lab.tmpdir / "lb.toml"
+
+    def prepare_lb(self) -> None:
+        """The router's peer of the LB link runs an XDP program (veth XDP_TX needs one); the LB's neighbour
+        entry for the router is filled."""
+        assert self.lb is not None and self.router is not None
+        self.router.run([PY, "-m", "edge_lb.labtools", "attach-pass", self.lb.router_if], timeout=120)
+        self.lb.ns.run(["ping", "-c", "1", "-W", "2", "10.77.2.1"])
+
+    def start_supervisor(self, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+        """`edge-lb run` in the LB namespace (host mounts: bpffs and /run); returns once it answers status."""
+        assert self.lb is not None
+        self.supervisor = self.lb.ns.spawn([PY, "-m", "edge_lb", "run", "-c", str(self.config_path)],
+                                           self.lab.tmpdir / "supervisor.log", host_mounts=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.supervisor.poll() is not None:
+                raise LabError(f"edge-lb run exited with {self.supervisor.returncode}: "
+                               f"{self.supervisor_log()[-2000:]}")
+            if control.socket_path(self.instance).exists():
+                with contextlib.suppress(EdgeLbError):
+                    if self.status().get("phase") == "running":
+                        return self.supervisor
+            time.sleep(0.2)
+        raise LabError(f"edge-lb run did not answer within {timeout} s: {self.supervisor_log()[-2000:]}")
+
+    def supervisor_log(self) -> str:
+        return (self.lab.tmpdir / "supervisor.log").read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        return asyncio.run(control.request(control.socket_path(self.instance), "GET", "/v1/status", 10))
+
+    def backend_states(self) -> dict[str, tuple[str, int]]:
+        """role -> (state, ring slots) of the lab VIP's backends, from the supervisor."""
+        roles = {s.address: _role(s) for s in self.servers}
+        vip = self.status()["vips"][0]
+        return {roles[b["address"]]: (b["state"], b["ring_slots"]) for b in vip["backends"]}
 
     def load_balancer(self, weights: dict[str, int] | None = None) -> str:
         """Attach the balancer in the LB namespace with `edge-lb load` (gateway MAC from the kernel)."""
-        assert self.lb is not None and self.router is not None
-        self.router.run([PY, "-m", "edge_lb.labtools", "attach-pass", self.lb.router_if], timeout=120)
-        self.lb.ns.run(["ping", "-c", "1", "-W", "2", "10.77.2.1"])  # fills the neighbour entry
-        cfg = self.lab.tmpdir / "lb.toml"
+        assert self.lb is not None
+        self.prepare_lb()
+        cfg = self.config_path
         cfg.write_text(self.config_text(weights))
         return self.lb.ns.run([PY, "-m", "edge_lb", "load", "-c", str(cfg)], timeout=180,
                               host_mounts=True).stdout.strip()
@@ -125,6 +189,12 @@ class DataplaneLab:
         return {names[i]: pk for i, (pk, _) in enumerate(counts)}
 
     def close(self) -> None:
+        if self.supervisor is not None and self.supervisor.poll() is None:
+            self.supervisor.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.supervisor.wait(timeout=15)
+        with contextlib.suppress(FileNotFoundError):
+            control.socket_path(self.instance).unlink()
         remove_pins(self.instance)
 
 

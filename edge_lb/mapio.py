@@ -40,6 +40,8 @@ class MapIO(Protocol):
     def clear_backends(self, indexes: Iterable[int]) -> None: ...
     def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
         """Write (slot, backend index) pairs of one VIP's ring in a single batch."""
+    def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
+        """A per-CPU counter map ("vip_stats", "backend_stats") summed: index -> (packets, bytes)."""
 
 
 @dataclass
@@ -53,6 +55,7 @@ class FakeMapIO:
     backends: dict[int, BackendSlot] = field(default_factory=dict)
     rings: dict[int, list[int]] = field(default_factory=dict)
     ring_batches: list[tuple[int, int]] = field(default_factory=list)  # (vip_num, slots in batch)
+    counters: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
 
     def read_vips(self) -> dict[VipKey, int]:
         return dict(self.vips)
@@ -95,3 +98,6 @@ class FakeMapIO:
         for slot, idx in changes:
             ring[slot] = idx
         self.ring_batches.append((vip_num, len(changes)))
+
+    def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
+        return dict(self.counters.get(name, {}))

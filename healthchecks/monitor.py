@@ -61,9 +61,6 @@ class HealthMonitor:
     def observation(self, key: CheckKey) -> Observation | None:
         return self._seen.get(key)
 
-    def keys(self) -> set[CheckKey]:
-        return set(self._tasks)
-
     async def sync(self, wanted: Mapping[CheckKey, Health]) -> None:
         """Run exactly the wanted probers: new ones start from the given health, existing ones keep theirs."""
         for key in [k for k in self._tasks if k not in wanted]:

@@ -1,0 +1,171 @@
+"""Keeps the maps equal to config + health: health events and reloads in, one batched map write out.
+
+    checks (HealthMonitor) --flip--> dirty --> NodeMaps.apply(config, health) --> changed slots only
+
+Pure decisions live elsewhere (rise/fall in healthchecks.machine, rings in state/maglev); this class wires
+them to the map writer and says in the log what it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from edge_lb import events
+from edge_lb.config import Config, IPAddress
+from edge_lb.node import NodeMaps
+from edge_lb.programmer import ApplyReport
+from edge_lb.state import VipKey
+from healthchecks.base import Checker, Target
+from healthchecks.machine import ADOPTED, NEW, Health
+from healthchecks.monitor import CheckKey, HealthMonitor
+from healthchecks.spec import CheckSpec
+
+Pair = tuple[VipKey, IPAddress]
+_RETRY = 1.0  # seconds before a failed map write is tried again
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """One (VIP, backend) as status shows it."""
+
+    address: IPAddress
+    weight: int
+    state: str  # "up", "down", "drained" (weight 0, keeps its flows), "unchecked" (type none)
+    reason: str
+    checked_at: float | None
+    index: int | None  # backend slot in the data plane
+
+
+def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
+    """Which prober decides each (VIP, backend); None: not checked (type "none"), always healthy."""
+    keys: dict[Pair, CheckKey | None] = {}
+    for vip in config.vips:
+        for b in vip.backends:
+            spec = b.healthcheck
+            target = Target(b.address, spec.port or vip.port)
+            keys[(VipKey.of(vip), b.address)] = CheckKey(target, spec) if spec.checked else None
+    return keys
+
+
+def initial_health(keys: Mapping[Pair, CheckKey | None], known: Mapping[Pair, Health],
+                   adopted_up: Mapping[Pair, bool]) -> dict[CheckKey, Health]:
+    """Where each new prober starts: the pair's health under its previous check (a changed check does not
+    take a backend down), else up if the running data plane has it up (a restart keeps flows), else down."""
+    start: dict[CheckKey, Health] = {}
+    for pair, key in keys.items():
+        if key is None or key in start:
+            continue
+        if pair in known:
+            start[key] = Health(up=known[pair].up, reason=known[pair].reason)
+        else:
+            start[key] = ADOPTED if adopted_up.get(pair) else NEW
+    return start
+
+
+class Reconciler:
+    def __init__(self, maps: NodeMaps, config: Config, make_checker: Callable[[CheckSpec], Checker], *,
+                 concurrency: int = 256) -> None:
+        self.maps = maps
+        self.config = config
+        self.keys: dict[Pair, CheckKey | None] = {}
+        self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
+        self.dirty = asyncio.Event()
+        self.applies = 0
+
+    # -- health
+    def health_of(self, pair: Pair) -> Health:
+        key = self.keys.get(pair)
+        if key is None:
+            return Health(up=True, reason="not checked (type none)")
+        seen = self.monitor.observation(key)
+        return seen.health if seen else NEW
+
+    def health(self) -> dict[Pair, bool]:
+        return {pair: self.health_of(pair).up for pair in self.keys}
+
+    def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
+        for (vip, address), k in self.keys.items():
+            if k == key:
+                events.emit("health", vip=_vip_name(vip), backend=address, check=key.spec.kind,
+                            to="up" if new.up else "down", reason=new.reason)
+        self.dirty.set()
+
+    # -- lifecycle
+    async def start(self, adopted_up: Mapping[Pair, bool]) -> ApplyReport:
+        """First apply: adopted backends keep serving, new ones wait for their checks."""
+        await self._sync(self.config, {}, adopted_up)
+        return self.apply("startup")
+
+    async def reload(self, config: Config) -> ApplyReport:
+        """Apply a validated config as a diff: unchanged backends keep their probers and health."""
+        known = {pair: self.health_of(pair) for pair in self.keys}
+        previous = self.config
+        self.config = config
+        await self._sync(config, known, {})
+        try:
+            return self.apply("reload")
+        except Exception:
+            # The maps refused it (NodeMaps kept its numbering): go back to checking what is running.
+            self.config = previous
+            await self._sync(previous, known, {})
+            raise
+
+    async def _sync(self, config: Config, known: Mapping[Pair, Health], adopted: Mapping[Pair, bool]) -> None:
+        keys = check_keys(config)
+        self.keys = keys
+        await self.monitor.sync(initial_health(keys, known, adopted))  # running probers keep their own
+
+    async def run(self) -> None:
+        """Until cancelled: each burst of health flips becomes one apply."""
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            try:
+                self.apply("health")
+            except Exception as exc:
+                events.emit("apply_failed", logging.ERROR, error=exc, retry_in=f"{_RETRY:g}s")
+                await asyncio.sleep(_RETRY)
+                self.dirty.set()
+
+    async def stop(self) -> None:
+        await self.monitor.stop()
+
+    # -- maps
+    def apply(self, trigger: str) -> ApplyReport:
+        report = self.maps.apply(self.config, self.health())
+        self.applies += 1
+        names = {num: key for key, num in self.maps.programmer.vips.items()}
+        for num, slots in report.ring_slots.items():
+            vip = names.get(num)
+            up = sum(1 for (v, _), ok in self.health().items() if v == vip and ok)
+            total = sum(1 for v, _ in self.keys if v == vip)
+            events.emit("ring", vip=_vip_name(vip) if vip else f"#{num} (removed)", slots_changed=slots,
+                        ring_size=self.maps.programmer.ring_size, healthy=f"{up}/{total}", trigger=trigger)
+        return report
+
+    def ring_share(self, pair: Pair) -> tuple[int | None, int]:
+        """(backend index, ring slots it holds) from what was last written."""
+        vip_num = self.maps.programmer.vips.get(pair[0])
+        if vip_num is None:
+            return None, 0
+        index = self.maps.alloc.backend_idx.get((vip_num, pair[1]))
+        ring = self.maps.programmer.rings.get(vip_num, ())
+        return index, (ring.count(index) if index is not None else 0)
+
+    def view(self, vip: VipKey, address: IPAddress, weight: int) -> BackendView:
+        health = self.health_of((vip, address))
+        key = self.keys.get((vip, address))
+        seen = self.monitor.observation(key) if key else None
+        state = ("unchecked" if key is None else "down" if not health.up
+                 else "drained" if weight == 0 else "up")
+        index, _ = self.ring_share((vip, address))
+        return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None, index)
+
+
+def _vip_name(key: VipKey) -> str:
+    host = f"[{key.address}]" if key.address.version == 6 else str(key.address)
+    proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
+    return f"{host}:{key.port}/{proto}"

@@ -1,0 +1,61 @@
+"""`edge-lb status`: the supervisor's view as a JSON document, and that document as a table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edge_lb.mapio import MapIO
+from edge_lb.reconciler import Reconciler
+from edge_lb.state import VipKey
+
+Doc = dict[str, Any]
+
+
+def document(rec: Reconciler, io: MapIO) -> Doc:
+    """VIPs and backends with health, last reason, weight, ring share and traffic counters."""
+    vip_counts = io.read_counters("vip_stats")
+    backend_counts = io.read_counters("backend_stats")
+    ring_size = rec.maps.programmer.ring_size
+    vips = []
+    for vip in rec.config.vips:
+        key = VipKey.of(vip)
+        num = rec.maps.programmer.vips.get(key)
+        rows = []
+        for b in vip.backends:
+            view = rec.view(key, b.address, b.weight)
+            _, slots = rec.ring_share((key, b.address))
+            packets, nbytes = backend_counts.get(view.index, (0, 0)) if view.index is not None else (0, 0)
+            rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,
+                         "reason": view.reason, "last_check": view.checked_at, "check": b.healthcheck.kind,
+                         "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
+                         "bytes": nbytes})
+        packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
+        vips.append({"vip": vip.name, "healthy": sum(1 for r in rows if r["state"] != "down"),
+                     "backends": rows, "packets": packets, "bytes": nbytes})
+    return {"vips": vips, "ring_size": ring_size}
+
+
+def _age(stamp: float | None, now: float) -> str:
+    return "never" if stamp is None else f"{max(now - stamp, 0):.1f}s ago"
+
+
+def render(doc: Doc, now: float | None = None) -> str:
+    """A fixed-width table: one block per VIP, one row per backend."""
+    now = time.time() if now is None else now
+    if doc.get("phase") == "starting":
+        return f"edge-lb (pid {doc.get('pid', '?')}) is starting: loading the data plane\n"
+    head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
+    lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
+             f"config {doc.get('config', '?')}", ""]
+    for vip in doc["vips"]:
+        lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} serving  "
+                     f"{vip['packets']} packets  {vip['bytes']} bytes")
+        lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
+                     f"{'BYTES':>12}  {'CHECKED':<11} REASON")
+        for b in vip["backends"]:
+            checked = _age(b["last_check"], now)
+            lines.append(f"  {b['address']:<26} {b['state']:<9} {b['weight']:>6} {b['ring_share']:>7.1%} "
+                         f"{b['packets']:>10} {b['bytes']:>12}  {checked:<11} {b['reason']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

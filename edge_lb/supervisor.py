@@ -1,0 +1,196 @@
+"""`edge-lb run`: the long-running supervisor, in named phases.
+
+    startup    config -> control socket -> load/adopt the pinned data plane -> MACs -> first apply -> attach
+    main_loop  health flips, gateway MAC changes and reloads -> Reconciler.apply (changed slots only)
+    shutdown   SIGTERM/SIGINT: stop checks, close the socket, close our fds. The program stays attached
+               and the maps pinned, so a restarted supervisor adopts them and no established flow is
+               dropped. `edge-lb unload` detaches and unpins for uninstall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edge_lb import control, events, netinfo, status
+from edge_lb.config import Config, load_config
+from edge_lb.dataplane import Dataplane
+from edge_lb.errors import ConfigError, EdgeLbError
+from edge_lb.gwwatch import GatewayWatcher
+from edge_lb.node import Link, NodeMaps
+from edge_lb.reconciler import Reconciler
+from healthchecks.factory import make_checker
+
+_SHUTDOWN_BOUND = 10.0  # seconds; then whatever is left is abandoned (the data plane keeps running)
+
+
+def restart_only(old: Config, new: Config) -> list[str]:
+    """Changes a reload cannot apply live: map sizes and the interface are fixed while the program runs."""
+    problems = []
+    if new.dataplane != old.dataplane:
+        problems.append("dataplane: changed; map sizes, instance and XDP mode need a restart "
+                        "(`edge-lb run` adopts the pinned maps, established flows survive)")
+    if new.node != old.node:
+        problems.append("node: changed; interface, MACs and MTU need a restart")
+    return problems
+
+
+class Supervisor:
+    def __init__(self, config_path: str | os.PathLike[str], socket_path: Path | None = None) -> None:
+        self.config_path = os.fspath(config_path)
+        self.socket_path = socket_path
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self.dp: Dataplane | None = None
+        self.maps: NodeMaps | None = None
+        self.rec: Reconciler | None = None
+        self.watcher: GatewayWatcher | None = None
+        self.control = control.ControlServer(self.status, self.reload)
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def serve(self) -> None:
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    # -- startup
+    async def startup(self) -> None:
+        config = load_config(self.config_path)
+        events.emit("startup", phase="config", config=self.config_path, vips=len(config.vips),
+                    instance=config.dataplane.instance)
+        path = self.socket_path or control.socket_path(config.dataplane.instance)
+        await self.control.start(path)  # first: a second supervisor on the instance stops here
+        self.dp = Dataplane.load(config.dataplane, pin=True)
+        link = await self._link(config)
+        self.maps = NodeMaps(self.dp.io, config, link, adopt=True)
+        adopted = self.maps.adopted_up()
+        events.emit("startup", phase="dataplane", adopted_backends=len(adopted),
+                    adopted_up=sum(adopted.values()), own_mac=link.own_mac, gateway_mac=link.gw_mac,
+                    mtu=link.mtu)
+        self.rec = Reconciler(self.maps, config, make_checker)
+        report = await self.rec.start(adopted)
+        self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
+        self._install_signals()
+        events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
+                    ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
+
+    async def _link(self, config: Config) -> Link:
+        node = config.node
+        # pyroute2's sync IPRoute runs its own event loop: it must not run in this loop's thread.
+        own = node.mac if node.mac else await asyncio.to_thread(netinfo.interface_mac, node.interface)
+        mtu = node.mtu if node.mtu else await asyncio.to_thread(netinfo.interface_mtu, node.interface)
+        if node.gateway_mac:
+            return Link(own, node.gateway_mac, mtu)
+        self.watcher = GatewayWatcher(node.interface, self._gateway_changed)
+        return Link(own, await self.watcher.start(), mtu)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _stop(self, why: str) -> None:
+        events.emit("shutdown", phase="requested", signal=why)
+        self.stopping.set()
+
+    def _on_sighup(self) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self.reload(), name="reload"))
+
+    # -- main loop
+    async def main_loop(self) -> None:
+        assert self.rec is not None
+        applier = asyncio.create_task(self.rec.run(), name="reconciler")
+        stopper = asyncio.create_task(self.stopping.wait(), name="stop")
+        done, _ = await asyncio.wait({applier, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (applier, stopper):
+            task.cancel()
+        if applier in done and not applier.cancelled() and applier.exception():
+            raise EdgeLbError(f"reconciler stopped: {applier.exception()}")
+
+    def _gateway_changed(self, mac: str) -> None:
+        assert self.maps is not None and self.rec is not None
+        old = self.maps.link.gw_mac
+        self.maps.link = replace(self.maps.link, gw_mac=mac)
+        try:
+            self.rec.apply("gateway")
+        except EdgeLbError as exc:
+            events.emit("gateway", logging.ERROR, old=old, new=mac, result="write failed", error=exc)
+            return
+        events.emit("gateway", old=old, new=mac, result="ctl map updated")
+
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP or POST /v1/reload: a valid config is applied as a diff; anything else changes nothing."""
+        assert self.rec is not None
+        async with self._reload_lock:
+            try:
+                config = load_config(self.config_path)
+            except ConfigError as exc:
+                return self._rejected(exc.problems)
+            problems = restart_only(self.rec.config, config)
+            if problems:
+                return self._rejected(problems)
+            try:
+                report = await self.rec.reload(config)
+            except EdgeLbError as exc:
+                return self._rejected([f"the data plane refused the change: {exc}"])
+        changes = {"vips_added": report.vips_added, "vips_removed": report.vips_removed,
+                   "backends_written": report.backends_written, "backends_cleared": report.backends_cleared,
+                   "ring_slots": sum(report.ring_slots.values())}
+        events.emit("reload", result="applied", config=self.config_path, **changes)
+        return {"ok": True, "changes": changes}
+
+    def _rejected(self, problems: list[str]) -> dict[str, Any]:
+        events.emit("reload", logging.ERROR, result="rejected", config=self.config_path,
+                    problems=len(problems), detail="; ".join(problems))
+        return {"ok": False, "problems": problems}
+
+    def status(self) -> dict[str, Any]:
+        if self.rec is None or self.dp is None or self.maps is None:
+            return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}
+        doc = status.document(self.rec, self.dp.io)
+        doc["phase"] = "stopping" if self.stopping.is_set() else "running"
+        node = self.rec.config.node
+        doc.update(instance=self.rec.config.dataplane.instance, interface=node.interface, pid=os.getpid(),
+                   uptime=time.time() - self.started, config=self.config_path,
+                   gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies)
+        return doc
+
+    # -- shutdown
+    async def shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self._close(), _SHUTDOWN_BOUND)
+        except TimeoutError:
+            events.emit("shutdown", logging.WARNING, phase="timeout", bound=f"{_SHUTDOWN_BOUND:g}s")
+        events.emit("shutdown", phase="done", attached="kept", maps="pinned")
+
+    async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in self._tasks:
+            task.cancel()
+        await self.control.stop()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.rec is not None:
+            await self.rec.stop()
+        if self.dp is not None:
+            self.dp.close()
+
+
+def run(config_path: str) -> int:
+    """Foreground until SIGTERM/SIGINT (what a systemd unit starts). Startup errors propagate to the CLI."""
+    events.setup()
+    asyncio.run(Supervisor(config_path).serve())
+    return 0

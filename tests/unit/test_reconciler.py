@@ -1,0 +1,202 @@
+"""The reconciler with an in-memory map writer and scripted checkers: each health change or reload must
+write exactly the ring slots that differ, and flip exactly the backend flags it should."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import tomllib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from edge_lb.config import Config, parse_config
+from edge_lb.mapio import FakeMapIO
+from edge_lb.node import Link, NodeMaps
+from edge_lb.programmer import ring_changes
+from edge_lb.reconciler import Reconciler
+from edge_lb.state import VipKey, ring_for
+from healthchecks.fake import FakeChecker
+from healthchecks.spec import CheckSpec
+
+RING = 1009
+B1, B2, B3, B4 = (ipaddress.ip_address(f"10.1.0.{i}") for i in range(1, 5))
+LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
+
+
+def config(*backends: tuple[str, int], check: str = "") -> Config:
+    rows = "".join(f'[[vip.backend]]\naddress = "{a}"\nweight = {w}\n' for a, w in backends)
+    text = (f'[node]\ninterface = "eth0"\n[dataplane]\nring_size = {RING}\nmax_backends = 16\n'
+            f'[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\njitter = 0\nrise = 2\nfall = 2\n{check}\n'
+            f'[[vip]]\naddress = "10.0.0.1"\nport = 80\nprotocol = "tcp"\n{rows}')
+    return parse_config(tomllib.loads(text))
+
+
+BASE = config((str(B1), 1), (str(B2), 1), (str(B3), 1))
+VIP = VipKey.of(BASE.vips[0])
+
+
+class Harness:
+    def __init__(self, cfg: Config, io: FakeMapIO | None = None) -> None:
+        self.io = io or FakeMapIO(RING)
+        self.results: dict[Any, bool] = {}
+        self.checkers: list[FakeChecker] = []
+        self.maps = NodeMaps(self.io, cfg, LINK, adopt=True)
+        self.rec = Reconciler(self.maps, cfg, self._checker)
+        self.task: asyncio.Task[None] | None = None
+
+    def _checker(self, spec: CheckSpec) -> FakeChecker:
+        checker = FakeChecker()
+        checker.results = self.results  # one script for every spec's checker
+        self.checkers.append(checker)
+        return checker
+
+    def set(self, address: Any, ok: bool) -> None:
+        self.results[address] = ok
+
+    def ring(self) -> tuple[int, ...]:
+        return tuple(self.io.rings.get(self.maps.programmer.vips[VIP], [0] * RING))
+
+    def expected_ring(self, cfg: Config, healthy: set[Any]) -> tuple[int, ...]:
+        vip = cfg.vips[0]
+        num = self.maps.programmer.vips[VIP]
+        indexes = {b.address: self.maps.alloc.backend_idx[(num, b.address)] for b in vip.backends}
+        return ring_for(vip, indexes, RING, {a: a in healthy for a in indexes})
+
+    def index(self, address: Any) -> int:
+        return self.maps.alloc.backend_idx[(self.maps.programmer.vips[VIP], address)]
+
+    async def until(self, cond: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
+        for _ in range(int(timeout / 0.01)):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within {timeout}s: {what}")
+
+    async def start(self, adopted: dict[Any, bool] | None = None) -> None:
+        await self.rec.start(adopted or {})
+        self.task = asyncio.create_task(self.rec.run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        await self.rec.stop()
+
+
+def run(body: Callable[[Harness], Coroutine[Any, Any, None]], cfg: Config = BASE,
+        io: FakeMapIO | None = None) -> None:
+    async def main() -> None:
+        h = Harness(cfg, io)
+        try:
+            await body(h)
+        finally:
+            await h.stop()
+    asyncio.run(main())
+
+
+def test_new_backends_wait_for_rise_then_fill_the_ring() -> None:
+    async def body(h: Harness) -> None:
+        await h.start()
+        assert h.ring() == (0,) * RING, "nothing serves before its checks pass"
+        assert not any(s.up for s in h.io.backends.values())
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all three in the ring")
+        assert all(s.up for s in h.io.backends.values())
+    run(body)
+
+
+def test_a_failing_backend_leaves_with_exactly_its_slots_rewritten() -> None:
+    async def body(h: Harness) -> None:
+        await h.start()
+        full = h.expected_ring(BASE, {B1, B2, B3})
+        await h.until(lambda: h.ring() == full, "all up")
+        batches = len(h.io.ring_batches)
+        h.set(B2, False)
+        without = h.expected_ring(BASE, {B1, B3})
+        await h.until(lambda: h.ring() == without, "b2 out of the ring")
+        assert h.io.ring_batches[batches:] == [(0, len(ring_changes(full, without)))], "one batch, diff only"
+        moved = {s for s, (o, n) in enumerate(zip(full, without, strict=True)) if o != n}
+        assert {s for s, i in enumerate(full) if i == h.index(B2)} <= moved, "every slot of b2 moved"
+        assert not h.io.backends[h.index(B2)].up, "its connection-table entries are bypassed"
+        assert h.io.backends[h.index(B1)].up
+        h.set(B2, True)
+        await h.until(lambda: h.ring() == full, "b2 back after rise")
+    run(body)
+
+
+def test_flapping_backend_does_not_flap_the_ring() -> None:
+    async def body(h: Harness) -> None:
+        await h.start()
+        full = h.expected_ring(BASE, {B1, B2, B3})
+        await h.until(lambda: h.ring() == full, "all up")
+        batches = len(h.io.ring_batches)
+        checker = h.checkers[0]
+        for i in range(20):  # alternate good/bad on every check of b2: never two bad in a row
+            seen = checker.calls_for(B2)
+            h.set(B2, i % 2 == 1)
+            await h.until(lambda seen=seen: checker.calls_for(B2) > seen, "b2 checked again")
+        assert h.io.ring_batches[batches:] == []
+        assert h.rec.health_of((VIP, B2)).up
+    run(body)
+
+
+def test_adopted_backends_keep_serving_and_nothing_is_rewritten() -> None:
+    io = FakeMapIO(RING)
+    first = NodeMaps(io, BASE, LINK, adopt=False)
+    first.apply(BASE)  # what a previous supervisor left in the pinned maps (all up)
+    before = len(io.ring_batches)
+
+    async def body(h: Harness) -> None:
+        await h.start(h.maps.adopted_up())
+        assert io.ring_batches[before:] == [], "a restart with the same config writes no ring slot"
+        assert all(s.up for s in io.backends.values())
+    run(body, io=io)
+
+
+def test_reload_adds_a_backend_only_after_its_checks_pass() -> None:
+    bigger = config((str(B1), 1), (str(B2), 1), (str(B3), 1), (str(B4), 1))
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        full = h.expected_ring(BASE, {B1, B2, B3})
+        await h.until(lambda: h.ring() == full, "all up")
+        h.set(B4, False)
+        await h.rec.reload(bigger)
+        assert h.ring() == full, "b4 is not checked yet: the ring is unchanged"
+        assert not h.io.backends[h.index(B4)].up
+        batches = len(h.io.ring_batches)
+        h.set(B4, True)
+        four = h.expected_ring(bigger, {B1, B2, B3, B4})
+        await h.until(lambda: h.ring() == four, "b4 in")
+        assert h.io.ring_batches[batches:] == [(0, len(ring_changes(full, four)))]
+    run(body)
+
+
+def test_reload_drain_keeps_flows_and_check_change_keeps_health() -> None:
+    drained = config((str(B1), 1), (str(B2), 0), (str(B3), 1))
+    new_check = config((str(B1), 1), (str(B2), 1), (str(B3), 1), check="timeout = 0.04")
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
+        await h.rec.reload(drained)
+        assert h.index(B2) not in h.ring(), "drained: no new flows"
+        assert h.io.backends[h.index(B2)].up, "drained: existing flows stay"
+        batches = len(h.io.ring_batches)
+        await h.rec.reload(new_check)
+        assert h.ring() == h.expected_ring(new_check, {B1, B2, B3}), "b2 is back at weight 1 at once"
+        assert len(h.io.ring_batches) == batches + 1
+        assert all(h.rec.health_of((VIP, b)).up for b in (B1, B2, B3)), "a new check keeps the state"
+    run(body)
+
+
+def test_reload_removing_a_backend_clears_its_slot() -> None:
+    smaller = config((str(B1), 1), (str(B3), 1))
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
+        idx = h.index(B2)
+        report = await h.rec.reload(smaller)
+        assert report.backends_cleared == 1 and idx not in h.io.backends
+        assert h.ring() == h.expected_ring(smaller, {B1, B3})
+        assert all(c.calls_for(B2) == 0 for c in h.checkers[1:]), "no prober left for b2"
+    run(body)
