@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import subprocess
 import sys
 import time
@@ -183,6 +184,9 @@ class DataplaneLab:
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
+    def hold(self, count: int) -> Holder:
+        return Holder(self, count)
+
     def lb_reasons(self) -> dict[str, int]:
         names = reason_names()
         counts = bpfsys.pinned_counters(pin_dir(self.instance) / "reason_stats", len(names))
@@ -196,6 +200,30 @@ class DataplaneLab:
         with contextlib.suppress(FileNotFoundError):
             control.socket_path(self.instance).unlink()
         remove_pins(self.instance)
+
+
+class Holder:
+    """The client holding long-lived connections through the LB (`labtools hold`): each round sends one
+    request on every connection, never reconnecting, and returns who served each (or "error: ...")."""
+
+    def __init__(self, lab: DataplaneLab, count: int) -> None:
+        assert lab.client is not None
+        self.proc = lab.client.ns.interactive(
+            [PY, "-m", "edge_lb.labtools", "hold", VIP, str(VIP_PORT), "--count", str(count)],
+            lab.lab.tmpdir / "hold.log")
+
+    def round(self, timeout: float = 30.0) -> list[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise LabError(f"the holding client gave no answer within {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise LabError(f"the holding client exited ({self.proc.poll()})")
+        served: list[str] = json.loads(line)
+        return served
 
 
 def _role(node: Node) -> str:

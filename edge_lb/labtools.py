@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import urllib.request
 from collections import Counter
@@ -35,6 +36,44 @@ def http_get(url: str, count: int, timeout: float) -> dict[str, Any]:
     return {"served": dict(served), "failures": len(failures), "errors": failures[:5]}
 
 
+def _get(sock: socket.socket) -> str:
+    """One GET on an open keep-alive connection; the body names the backend."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed mid-response")
+        body += chunk
+    return body.decode().strip()
+
+
+def hold(host: str, port: int, count: int, timeout: float) -> None:
+    """Open `count` long-lived connections and, for each line on stdin, send one request on every one of
+    them (never reconnecting) and print a JSON list: the serving backend, or "error: ..." per connection."""
+    socks = [socket.create_connection((host, port), timeout=timeout) for _ in range(count)]
+    try:
+        for _ in sys.stdin:
+            served = []
+            for sock in socks:
+                try:
+                    served.append(_get(sock))
+                except OSError as exc:
+                    served.append(f"error: {exc}")
+            print(json.dumps(served), flush=True)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_lb.labtools")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -43,9 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("url")
     g.add_argument("--count", type=int, default=1)
     g.add_argument("--timeout", type=float, default=3.0)
+    h = sub.add_parser("hold")
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--count", type=int, default=50)
+    h.add_argument("--timeout", type=float, default=3.0)
     args = p.parse_args(argv)
     if args.cmd == "attach-pass":
         attach_pass(args.interface)
+    elif args.cmd == "hold":
+        hold(args.host, args.port, args.count, args.timeout)
     else:
         json.dump(http_get(args.url, args.count, args.timeout), sys.stdout)
     return 0

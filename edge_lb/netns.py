@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from edge_lb.errors import LabError
 
@@ -144,6 +145,18 @@ class Netns:
         return proc
 
 
+    def interactive(self, argv: Sequence[str], log_path: Path | str) -> subprocess.Popen[str]:
+        """Start a command with stdin/stdout pipes (stderr to `log_path`); the Lab stops it on close."""
+        with open(log_path, "ab") as err:
+            try:
+                proc = subprocess.Popen([*self.prefix(), *argv], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+            except OSError as exc:
+                raise LabError(f"starting {argv[0]!r} in {self.name}: {exc}") from exc
+        self.lab._processes.append(proc)
+        return proc
+
+
 class Lab:
     """A set of namespaces, veths and processes with one unique run id; torn down whole by close()."""
 
@@ -152,7 +165,7 @@ class Lab:
         self.id = f"{prefix}{secrets.token_hex(3)}"
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         self._namespaces: list[Netns] = []
-        self._processes: list[subprocess.Popen[bytes]] = []
+        self._processes: list[subprocess.Popen[Any]] = []
         self._closed = False
         # Belt and braces: an interpreter exit without close() (a forgotten `with`) still tears down.
         atexit.register(self.close)
@@ -204,7 +217,7 @@ class Lab:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+def _stop_process(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM, bounded wait, then SIGKILL to the whole process group; always reaped."""
     if proc.returncode is not None:
         return
