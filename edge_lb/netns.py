@@ -220,6 +220,7 @@ class Lab:
 def _stop_process(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM, bounded wait, then SIGKILL to the whole process group; always reaped."""
     if proc.returncode is not None:
+        _close_pipes(proc)
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
@@ -242,6 +243,14 @@ def _stop_process(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=_REAP_TIMEOUT)
     except subprocess.TimeoutExpired:
         log.error("pid %d did not exit after SIGKILL within %.0f s", proc.pid, _REAP_TIMEOUT)
+    _close_pipes(proc)
+
+
+def _close_pipes(proc: subprocess.Popen[Any]) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def _delete_netns(name: str) -> None:

@@ -1,0 +1,134 @@
+"""The supervisor in the namespace lab: real XDP, real HTTP servers, real TCP clients.
+
+    client --- router --- lb (edge-lb run)        b1 b2 b3: decap + HTTP on the VIP and their own address
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from edge_lb.lab import PY, DataplaneLab
+from edge_lb.netns import Lab
+
+pytestmark = pytest.mark.root
+
+INTERVAL, FAST, FALL, RISE = 1.0, 0.25, 2, 2
+CHECK = (f'  type = "http"\n  interval = {INTERVAL}\n  fast_interval = {FAST}\n  timeout = 0.5\n'
+         f'  fall = {FALL}\n  rise = {RISE}\n')
+
+
+@pytest.fixture
+def dlab(lab: Lab) -> Iterator[DataplaneLab]:
+    d = DataplaneLab(lab)
+    try:
+        d.build()
+        d.prepare_lb()
+        d.wait_ready()
+        yield d
+    finally:
+        if d.supervisor is not None:
+            print(f"--- supervisor.log ---\n{d.supervisor_log()[-6000:]}")
+        d.close()
+
+
+def start(d: DataplaneLab, roles: list[str] | None = None) -> None:
+    d.config_path.write_text(d.config_text(roles=roles, check=CHECK))
+    d.start_supervisor()
+    want = roles or ["b1", "b2", "b3"]
+    wait_for(lambda: all(d.backend_states()[r][0] == "up" for r in want), 15, "every backend up")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until cond() holds (polled every 20 ms), or fail."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_dead_backend_leaves_the_ring_and_comes_back(dlab: DataplaneLab) -> None:
+    start(dlab)
+    dlab.stop_http("b2")
+    took = wait_for(lambda: dlab.backend_states()["b2"] == ("down", 0), INTERVAL * FALL + 1, "b2 out")
+    print(f"b2 out of the ring {took:.2f} s after its server died")
+    after = dlab.http_get(100)
+    assert after["failures"] == 0, after["errors"]
+    assert set(after["served"]) == {"b1", "b3"}
+    status = dlab.status()["vips"][0]["backends"]
+    b2 = next(b for b in status if b["address"] == dlab.server("b2").address)
+    assert "refused" in b2["reason"], b2
+    dlab.start_http("b2")
+    wait_for(lambda: dlab.backend_states()["b2"][0] == "up", INTERVAL * RISE + 2, "b2 back after rise")
+    assert "b2" in dlab.http_get(60)["served"]
+    assert "event=health" in dlab.supervisor_log() and "to=down" in dlab.supervisor_log()
+
+
+def test_gateway_mac_change_is_followed(dlab: DataplaneLab) -> None:
+    assert dlab.router is not None and dlab.lb is not None
+    start(dlab)
+    new_mac = "02:77:00:00:0a:01"
+    dlab.router.ip("link", "set", dlab.lb.router_if, "address", new_mac)
+    # The LB learns the new MAC the way it would from a real router: from the router's next ARP request.
+    dlab.router.ip("neigh", "flush", "dev", dlab.lb.router_if)
+    dlab.router.run(["ping", "-c", "1", "-W", "2", dlab.lb.address])
+    learned = time.monotonic()
+    wait_for(lambda: dlab.status()["gateway_mac"] == new_mac, 5, "supervisor follows the new MAC")
+    print(f"gateway MAC followed {time.monotonic() - learned:.2f} s after the neighbour entry changed")
+    assert time.monotonic() - learned < 1.5  # < 1 s, plus the status round trip
+    result = dlab.http_get(30)
+    assert result["failures"] == 0, result["errors"]  # frames reach the router only with its new MAC
+
+
+def _sighup(d: DataplaneLab) -> None:
+    assert d.supervisor is not None
+    os.kill(d.supervisor.pid, signal.SIGHUP)
+
+
+def test_reload_broken_config_changes_nothing_and_added_backend_gets_new_flows(dlab: DataplaneLab) -> None:
+    start(dlab, roles=["b1", "b2"])
+    held = dlab.hold(30)
+    first = held.round()
+    assert set(first) == {"b1", "b2"}, first
+    good = dlab.config_path.read_text()
+    dlab.config_path.write_text(good.replace('address = "10.77.11.2"', 'address = "10.77.11.300"'))
+    _sighup(dlab)
+    wait_for(lambda: "result=rejected" in dlab.supervisor_log(), 5, "the reload is rejected")
+    cli = subprocess.run([PY, "-m", "edge_lb", "reload", "-c", str(dlab.config_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert cli.returncode == 2
+    assert "vip[0].backend[1].address: not an IP address" in cli.stderr
+    assert dlab.backend_states() == {"b1": ("up", 32769), "b2": ("up", 32768)}
+    assert dlab.http_get(30)["failures"] == 0
+
+    dlab.config_path.write_text(dlab.config_text(roles=["b1", "b2", "b3"], check=CHECK))
+    _sighup(dlab)
+    wait_for(lambda: dlab.backend_states().get("b3", ("", 0))[0] == "up", 10, "b3 checked and up")
+    fresh = dlab.http_get(90)
+    assert fresh["failures"] == 0 and fresh["served"].get("b3", 0) > 0, fresh
+    assert held.round() == first, "held connections stay on their backends"
+    assert "result=applied" in dlab.supervisor_log()
+
+
+def test_kill9_and_restart_keeps_50_connections(dlab: DataplaneLab) -> None:
+    start(dlab)
+    held = dlab.hold(50)
+    before = held.round()
+    assert not [s for s in before if s.startswith("error")], before
+    assert dlab.supervisor is not None
+    dlab.supervisor.send_signal(signal.SIGKILL)
+    dlab.supervisor.wait(timeout=10)
+    assert held.round() == before, "the attached program keeps serving without its supervisor"
+    dlab.start_supervisor()
+    assert "adopted_up=3" in dlab.supervisor_log()
+    assert held.round() == before, "every connection survives the restart on its backend"
+    assert Counter(before) and all(n > 0 for n in Counter(before).values())
+    assert dlab.http_get(30)["failures"] == 0
