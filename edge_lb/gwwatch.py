@@ -24,7 +24,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
-from edge_lb import netinfo
+from edge_lb import events, netinfo
 from edge_lb.errors import NetlinkError
 
 log = logging.getLogger("edge_lb.gwwatch")
@@ -80,7 +80,7 @@ def prompt_resolution(ifname: str) -> None:
     except Exception as exc:  # NetlinkError, OSError, pyroute2's own: start() reports the real failure
         log.debug("gateway MAC on %s: could not prompt resolution: %s", ifname, exc)
         return
-    log.info("gateway MAC on %s unknown yet: prompted the kernel to resolve %s", ifname, gw)
+    events.emit("gateway", interface=ifname, result="unknown yet", prompted=gw)
 
 
 class GatewayWatcher:
@@ -128,7 +128,7 @@ class GatewayWatcher:
             await self.stop()
             raise
         self._current = mac
-        log.info("gateway MAC on %s: %s", self.ifname, mac)
+        events.emit("gateway", interface=self.ifname, mac=mac, result="resolved")
         self._spawn(self._follow(), "follow")
         return mac
 
@@ -209,11 +209,12 @@ class GatewayWatcher:
             if self._failing:  # warned once per failure streak: a flapping entry must not flood the log
                 log.debug("gateway MAC on %s still unresolvable: %s", self.ifname, exc)
             else:
-                log.warning("gateway MAC on %s unresolvable, keeping %s: %s", self.ifname, self._current, exc)
+                events.emit("gateway", logging.WARNING, interface=self.ifname, result="unresolvable",
+                            keeping=self._current, error=exc)
             self._failing = True
             return
         if self._failing:
-            log.info("gateway MAC on %s resolvable again", self.ifname)
+            events.emit("gateway", interface=self.ifname, result="resolvable again")
             self._failing = False
         if mac != self._current:
             self._report(mac)
@@ -225,7 +226,7 @@ class GatewayWatcher:
             # `current` stays old, so the next event or poll calls on_change again.
             log.exception("gateway MAC on %s: on_change(%s) failed", self.ifname, mac)
             return
-        log.info("gateway MAC on %s changed: %s -> %s", self.ifname, self._current, mac)
+        events.emit("gateway", interface=self.ifname, old=self._current, new=mac, result="changed")
         self._current = mac
 
     async def _listen(self) -> None:

@@ -144,6 +144,14 @@ class DataplaneLab:
             time.sleep(0.2)
         raise LabError(f"edge-lb run did not answer within {timeout} s: {self.supervisor_log()[-2000:]}")
 
+    def reload(self) -> str:
+        """`edge-lb reload -c CONFIG`: the CLI's one-line answer."""
+        out = subprocess.run([PY, "-m", "edge_lb", "reload", "-c", str(self.config_path)],
+                             capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode != 0:
+            raise LabError(f"edge-lb reload: exit {out.returncode}: {out.stderr.strip()}")
+        return out.stdout.strip()
+
     def supervisor_log(self) -> str:
         return (self.lab.tmpdir / "supervisor.log").read_text(errors="replace")
 

@@ -188,12 +188,12 @@ def test_resolves_follows_and_keeps_the_gateway_mac(gw: GwLab) -> None:
 
     # (3) The entry goes away, then more events come: the last MAC is kept, one warning for the streak.
     gw.lb.ip("neigh", "del", RT4, "dev", LB_IF)
-    gw.wait_log("unresolvable, keeping")
+    gw.wait_log("result=unresolvable keeping=")
     gw.lb.ip("neigh", "add", "10.79.1.50", "lladdr", "02:79:00:00:00:50", "dev", LB_IF)
     gw.wait_log("still unresolvable")
     time.sleep(0.3)
     assert [e.text for e in gw.events("change")] == [NEW_MAC]
-    assert gw.log_path.read_text().count("unresolvable, keeping") == 1
+    assert gw.log_path.read_text().count("result=unresolvable keeping=") == 1
 
     gw.stop_path.touch()
     assert proc.wait(timeout=15) == 0
@@ -310,11 +310,11 @@ def test_watcher_reports_only_changes_and_keeps_the_last_mac(caplog: pytest.LogC
         await watcher.stop()
         await watcher.stop()
 
-    with caplog.at_level(logging.DEBUG, logger="edge_lb.gwwatch"):
+    with caplog.at_level(logging.DEBUG, logger="edge_lb"):
         asyncio.run(run())
     assert changes == ["02:00:00:00:00:02"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "keeping 02:00:00:00:00:01" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "keeping=02:00:00:00:00:01" in warnings[0].getMessage()
 
 
 def test_start_fails_with_a_hint_when_nothing_resolves(monkeypatch: pytest.MonkeyPatch) -> None:

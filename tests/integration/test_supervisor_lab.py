@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from edge_lb import control
+from edge_lb.dataplane import pin_dir
 from edge_lb.lab import PY, DataplaneLab
 from edge_lb.netns import Lab
 
@@ -132,3 +134,20 @@ def test_kill9_and_restart_keeps_50_connections(dlab: DataplaneLab) -> None:
     assert held.round() == before, "every connection survives the restart on its backend"
     assert Counter(before) and all(n > 0 for n in Counter(before).values())
     assert dlab.http_get(30)["failures"] == 0
+
+
+def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab) -> None:
+    assert dlab.lb is not None and dlab.supervisor is None
+    start(dlab)
+    held = dlab.hold(10)
+    before = held.round()
+    assert dlab.supervisor is not None
+    dlab.supervisor.send_signal(signal.SIGTERM)
+    assert dlab.supervisor.wait(timeout=15) == 0
+    assert "event=shutdown phase=done attached=kept" in dlab.supervisor_log()
+    assert not control.socket_path(dlab.instance).exists()
+    assert held.round() == before, "a stopped supervisor leaves the data plane serving"
+    assert "xdp" in dlab.lb.ns.ip("link", "show", "eth0").stdout
+    dlab.lb.ns.run([PY, "-m", "edge_lb", "unload", "-c", str(dlab.config_path)], host_mounts=True)
+    assert "xdp" not in dlab.lb.ns.ip("link", "show", "eth0").stdout
+    assert not pin_dir(dlab.instance).exists()
