@@ -272,10 +272,10 @@ _DATAPLANE = {
 }
 
 
-def _seconds(low: float, high: float) -> Callable[[Any], float]:
+def _number(low: float, high: float, what: str = "a number of seconds") -> Callable[[Any], float]:
     def convert(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise _Invalid(f"must be a number of seconds {low}..{high}")
+            raise _Invalid(f"must be {what} {low:g}..{high:g}")
         return float(value)
 
     return convert
@@ -318,12 +318,12 @@ def _argv(value: Any) -> tuple[str, ...]:
 _CHECK: dict[str, Callable[[Any], Any]] = {
     "type": _choice(*KINDS),
     "port": _integer(1, 65535),
-    "interval": _seconds(0.05, 3600),
-    "fast_interval": _seconds(0.05, 3600),
-    "timeout": _seconds(0.01, 600),
+    "interval": _number(0.05, 3600),
+    "fast_interval": _number(0.05, 3600),
+    "timeout": _number(0.01, 600),
     "rise": _integer(1, 100),
     "fall": _integer(1, 100),
-    "jitter": _seconds(0, 0.5),
+    "jitter": _number(0, 0.5, "a fraction of the delay,"),
     "method": _choice("GET", "HEAD", "POST", "OPTIONS"),
     "path": _url_path,
     "status": _statuses,
@@ -359,7 +359,7 @@ def _check(table: _Table, base: CheckSpec) -> CheckSpec:
     spec = replace(base, **values)
     if spec.fast_interval > spec.interval:
         table.problem("fast_interval", f"{spec.fast_interval} must not exceed interval ({spec.interval})")
-    if spec.kind == "exec" and not spec.command:
+    if spec.kind == "exec" and not spec.command and "command" not in table.data:
         table.problem("command", 'required when type = "exec"')
     return spec
 

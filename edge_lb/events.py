@@ -15,7 +15,7 @@ log = logging.getLogger("edge_lb")
 
 def _value(value: object) -> str:
     text = str(value)
-    if text and all(c.isalnum() or c in "-_.:/[]%@+,=" for c in text) and "=" not in text:
+    if text and all(c.isalnum() or c in "-_.:/[]%@+," for c in text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 

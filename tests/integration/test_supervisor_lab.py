@@ -151,3 +151,39 @@ def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab)
     dlab.lb.ns.run([PY, "-m", "edge_lb", "unload", "-c", str(dlab.config_path)], host_mounts=True)
     assert "xdp" not in dlab.lb.ns.ip("link", "show", "eth0").stdout
     assert not pin_dir(dlab.instance).exists()
+
+
+def test_failed_backend_loses_its_flows_and_drained_backend_keeps_them(dlab: DataplaneLab) -> None:
+    """An exec check on a flag file fails b2 while its server still runs: its held connections must be
+    re-hashed away (and so reset by the backend that receives them), the others untouched. A drain keeps
+    held connections where they are."""
+    flags = dlab.lab.tmpdir
+    check = (f'  type = "exec"\n  command = ["/usr/bin/test", "-e", "{flags}/up-{{address}}"]\n'
+             f'  interval = {INTERVAL}\n  fast_interval = {FAST}\n  fall = {FALL}\n  rise = {RISE}\n')
+    for role in ("b1", "b2", "b3"):
+        (flags / f"up-{dlab.server(role).address}").touch()
+    dlab.config_path.write_text(dlab.config_text(check=check))
+    dlab.start_supervisor()
+    wait_for(lambda: all(s == "up" for s, _ in dlab.backend_states().values()), 15, "every backend up")
+    held = dlab.hold(30)
+    before = held.round()
+    assert set(before) == {"b1", "b2", "b3"}, before
+
+    (flags / f"up-{dlab.server('b2').address}").unlink()
+    wait_for(lambda: dlab.backend_states()["b2"] == ("down", 0), INTERVAL * FALL + 1, "b2 out")
+    after = held.round()
+    for was, now in zip(before, after, strict=True):
+        if was == "b2":
+            assert now.startswith("error"), "a flow of a failed backend is not carried to it any more"
+        else:
+            assert now == was
+    assert "exit 1" in next(b["reason"] for b in dlab.status()["vips"][0]["backends"]
+                            if b["address"] == dlab.server("b2").address)
+
+    held = dlab.hold(30)
+    before = held.round()
+    dlab.config_path.write_text(dlab.config_text(weights={"b1": 0}, check=check))
+    dlab.reload()
+    assert dlab.backend_states()["b1"] == ("drained", 0)
+    assert held.round() == before, "drained b1 keeps its existing flows"
+    assert "b1" not in dlab.http_get(60)["served"]

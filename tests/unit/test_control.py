@@ -1,0 +1,90 @@
+"""The control socket in-process, the status table, and the structured log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_lb import cli, control, events, status
+from edge_lb.errors import SupervisorError
+
+
+def serve(path: Path, body: Any) -> None:
+    """Run body(server) against a ControlServer on path whose reload fails on the first call."""
+    calls: list[str] = []
+
+    async def reload() -> dict[str, Any]:
+        calls.append("reload")
+        return {"ok": len(calls) > 1, "problems": ["vip[0].port: must be an integer 0..65535"]}
+
+    async def main() -> None:
+        server = control.ControlServer(lambda: {"phase": "running", "vips": []}, reload)
+        await server.start(path)
+        try:
+            await body(server)
+        finally:
+            await server.stop()
+        assert not path.exists(), "the socket is removed on stop"
+
+    asyncio.run(main())
+
+
+def test_status_and_reload_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "lb.sock"
+
+    async def body(server: control.ControlServer) -> None:
+        assert await control.request(path, "GET", "/v1/status") == {"phase": "running", "vips": []}
+        rejected = await control.request(path, "POST", "/v1/reload")
+        assert rejected == {"ok": False, "problems": ["vip[0].port: must be an integer 0..65535"]}
+        assert (await control.request(path, "POST", "/v1/reload"))["ok"] is True
+        assert oct(path.stat().st_mode & 0o777) == "0o660"
+
+    serve(path, body)
+
+
+def test_a_second_supervisor_is_refused_and_a_stale_socket_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "lb.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # left behind by a killed supervisor: nobody listens
+    stale.close()
+
+    async def body(server: control.ControlServer) -> None:
+        second = control.ControlServer(dict, server._reload)
+        with pytest.raises(SupervisorError, match="another supervisor is running"):
+            await second.start(path)
+
+    serve(path, body)
+
+
+def test_cli_without_a_supervisor_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lb.toml"
+    config.write_text('[node]\ninterface = "eth0"\n')
+    code = cli.main(["status", "-c", str(config), "--socket", str(tmp_path / "none.sock")])
+    assert code == 1
+    assert "no supervisor is running for this instance" in capsys.readouterr().err
+
+
+def test_status_table_shows_every_column() -> None:
+    doc = {"instance": "default", "interface": "eth0", "pid": 7, "gateway_mac": "02:00:00:00:00:02",
+           "uptime": 12.0, "config": "/etc/edge-lb.toml", "phase": "running",
+           "vips": [{"vip": "10.0.0.1:80/tcp", "healthy": 1, "packets": 10, "bytes": 900, "backends": [
+               {"address": "10.1.0.1", "state": "up", "weight": 1, "ring_share": 1.0, "packets": 10,
+                "bytes": 900, "last_check": 99.5, "reason": "HTTP 200"},
+               {"address": "10.1.0.2", "state": "down", "weight": 1, "ring_share": 0.0, "packets": 0,
+                "bytes": 0, "last_check": None, "reason": "connect: refused"}]}]}
+    text = status.render(doc, now=100.0)
+    assert "VIP 10.0.0.1:80/tcp  1/2 serving  10 packets  900 bytes" in text
+    row = next(line for line in text.splitlines() if "10.1.0.1" in line).split()
+    assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "HTTP", "200"]
+    assert "never" in text and "connect: refused" in text
+
+
+def test_log_lines_quote_what_needs_it() -> None:
+    line = events.render("health", vip="[fd00::1]:80/tcp", reason='HTTP 200 but body lacks "ok"', n=3,
+                         skipped=None)
+    assert line == 'event=health vip=[fd00::1]:80/tcp reason="HTTP 200 but body lacks \\"ok\\"" n=3'
+    assert events.render("x", detail="a\nb") == 'event=x detail="a\\nb"', "one event, one line"
