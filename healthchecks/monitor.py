@@ -78,10 +78,10 @@ class HealthMonitor:
 
     async def _stop_prober(self, key: CheckKey) -> None:
         task = self._tasks.pop(key)
-        self._seen.pop(key, None)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(task, _STOP_GRACE)
+        self._seen.pop(key, None)
 
     def _checker(self, spec: CheckSpec) -> Checker:
         if spec not in self._checkers:
@@ -94,11 +94,16 @@ class HealthMonitor:
         while True:
             await self._sleep(delay)
             result = await self._check_once(key)
+            if self._tasks.get(key) is not asyncio.current_task():
+                return  # stopped while checking (3.11's wait_for can swallow that cancellation)
             seen = self._seen[key]
             new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall)
             self._seen[key] = Observation(new, time.time(), seen.checks + 1)
             if new.up != seen.health.up:
-                self._on_change(key, seen.health, new)
+                try:
+                    self._on_change(key, seen.health, new)
+                except Exception:  # the prober must outlive a faulty listener
+                    log.exception("health change listener failed for %s", key.target)
             delay = jittered(spec.fast_interval if new.changing else spec.interval, spec.jitter, self._rand)
 
     async def _check_once(self, key: CheckKey) -> Result:
