@@ -70,22 +70,22 @@ def _control(args: argparse.Namespace, method: str, url: str) -> dict[str, Any]:
     import asyncio
 
     from edge_lb import control
-    from edge_lb.config import load_config
+    from edge_lb.config import instance_of
 
-    instance = load_config(args.config).dataplane.instance
-    path = Path(args.socket) if args.socket else control.socket_path(instance)
+    path = Path(args.socket) if args.socket else control.socket_path(instance_of(args.config))
     return asyncio.run(control.request(path, method, url))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _control(args, "POST", "/v1/reload")
+    source = result.get("config", args.config)  # the file the supervisor runs from, which it re-read
     if not result.get("ok"):
         for problem in result.get("problems", []):
-            print(f"{args.config}: {problem}", file=sys.stderr)
+            print(f"{source}: {problem}", file=sys.stderr)
         print("edge-lb reload: rejected; the running configuration is unchanged", file=sys.stderr)
         return EXIT_CONFIG
     changes = ", ".join(f"{k} {v}" for k, v in result.get("changes", {}).items())
-    print(f"reloaded {args.config}: {changes}")
+    print(f"reloaded {source}: {changes}")
     return 0
 
 

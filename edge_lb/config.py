@@ -15,6 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import dns.exception
+import dns.name
+
 from edge_lb.errors import ConfigError
 from edge_lb.maglev import is_prime
 from healthchecks.spec import KINDS, CheckSpec
@@ -94,6 +97,23 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not UTF-8 text: {exc}"], source) from exc
     return parse_config(data, source)
+
+
+def instance_of(path: str | os.PathLike[str]) -> str:
+    """Only [dataplane].instance: enough to find a running supervisor even while the file has other errors."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read the instance name: {exc}"], source) from exc
+    problems: list[str] = []
+    table = _Table(data.get("dataplane", {}), "dataplane", problems, tuple(_DATAPLANE))
+    instance = table.get("instance", _DATAPLANE["instance"])
+    problems = [p for p in problems if p.startswith(("dataplane.instance", "dataplane: must"))]
+    if problems:
+        raise ConfigError(problems, source)
+    return str(instance or Dataplane().instance)
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
@@ -294,6 +314,14 @@ def _text(value: Any) -> str:
     return value
 
 
+def _dns_name(value: Any) -> str:
+    try:
+        dns.name.from_text(_text(value))
+    except (_Invalid, dns.exception.DNSException) as exc:
+        raise _Invalid(f"not a DNS name: {exc}") from None
+    return str(value)
+
+
 def _url_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or not value.isprintable() or " " in value:
         raise _Invalid("must be a URL path starting with '/', without spaces or control characters")
@@ -330,7 +358,7 @@ _CHECK: dict[str, Callable[[Any], Any]] = {
     "body": _text,
     "host": _text,
     "tls_verify": _boolean,
-    "query_name": _text,
+    "query_name": _dns_name,
     "query_type": _choice("A", "AAAA", "NS", "SOA", "TXT", "MX", "CNAME", "SRV", "PTR"),
     "rcode": _choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
     "command": _argv,
@@ -351,28 +379,27 @@ def _dataplane(table: _Table) -> Dataplane:
     return dataplane
 
 
-def _check(table: _Table, base: CheckSpec) -> CheckSpec:
-    """`base` with the keys this table sets; the result must make sense as a whole at this level."""
+def _check(table: _Table, base: CheckSpec, port0: bool = False, explicit: bool = False) -> CheckSpec:
+    """`base` with the keys this table sets. A problem of the whole is reported only at a table that sets
+    one of the keys involved, so an inherited mistake is reported once, where it was written."""
     values = table.values(_CHECK)
     if "type" in values:
         values["kind"] = values.pop("type")
     spec = replace(base, **values)
-    if spec.fast_interval > spec.interval:
+    sets = set(table.data)
+    if spec.fast_interval > spec.interval and sets & {"interval", "fast_interval"}:
         table.problem("fast_interval", f"{spec.fast_interval} must not exceed interval ({spec.interval})")
-    if spec.kind == "exec" and not spec.command and "command" not in table.data:
+    if spec.kind == "exec" and not spec.command and "type" in sets and "command" not in sets:
         table.problem("command", 'required when type = "exec"')
+    if port0 and spec.port is None and spec.kind not in ("exec", "none") and (explicit or "type" in sets):
+        table.problem("port", f'required for a port-0 VIP (type = "{spec.kind}")')
     return spec
 
 
-def _port0_check(table: _Table, spec: CheckSpec, explicit: bool) -> CheckSpec:
-    """A port-0 VIP has no port to check. Written as a bare VIP (the minimal config) it is served unchecked;
-    a check type chosen by the operator needs its port."""
-    if spec.port is not None or spec.kind in ("exec", "none"):
-        return spec
-    if explicit:
-        table.problem("port", f'required for a port-0 VIP (type = "{spec.kind}")')
-        return spec
-    return replace(spec, kind="none")
+def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckSpec:
+    """No check type written at any level: a port-0 VIP has no port to connect to, and a UDP service does
+    not answer a TCP connect; both are served unchecked rather than black-holed."""
+    return replace(spec, kind="none") if port == 0 or protocol == "udp" else spec
 
 
 def _vips(root: _Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
@@ -394,17 +421,18 @@ def _vips(root: _Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) 
 
 def _vip(table: _Table, check: CheckSpec, explicit: bool) -> Vip | None:
     values = table.values(_VIP, required=tuple(_VIP))
-    # Problems of an inherited key are reported once, where it is set.
     check_table = table.table("healthcheck", tuple(_CHECK))
-    spec = _check(check_table, check)
-    if values.get("port") == 0:
-        spec = _port0_check(check_table, spec, explicit or "type" in check_table.data)
+    port0 = values.get("port") == 0
+    spec = _check(check_table, check, port0, explicit)
+    if not explicit and "type" not in check_table.data:
+        spec = _implicit(spec, values.get("port"), values.get("protocol"))
     backend_tables = table.array("backend", (*_BACKEND, "healthcheck"))
-    backends = _backends(backend_tables, values.get("address"), spec)
+    backends = _backends(backend_tables, values.get("address"), spec, port0)
     return Vip(**values, backends=backends, healthcheck=spec) if len(values) == len(_VIP) else None
 
 
-def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckSpec) -> tuple[Backend, ...]:
+def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckSpec,
+              port0: bool) -> tuple[Backend, ...]:
     """The valid backends of one VIP; a repeated address or an IPv4 backend of an IPv6 VIP is a problem."""
     seen: dict[IPAddress, str] = {}
     backends = []
@@ -419,7 +447,7 @@ def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckS
             table.problem("address", "IPv6 VIP needs IPv6 backends")
         else:
             own = table.table("healthcheck", tuple(_CHECK))
-            spec = _check(own, check) if own.data else check
+            spec = _check(own, check, port0) if own.data else check
             backends.append(Backend(**values, healthcheck=spec))
         seen.setdefault(address, table.path)
     return tuple(backends)

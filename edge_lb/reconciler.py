@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ def initial_health(keys: Mapping[Pair, CheckKey | None], known: Mapping[Pair, He
 
 class Reconciler:
     def __init__(self, maps: NodeMaps, config: Config, make_checker: Callable[[CheckSpec], Checker], *,
-                 concurrency: int = 256) -> None:
+                 concurrency: int = 1000) -> None:
         self.maps = maps
         self.config = config
         self.keys: dict[Pair, CheckKey | None] = {}
@@ -96,27 +97,35 @@ class Reconciler:
     # -- lifecycle
     async def start(self, adopted_up: Mapping[Pair, bool]) -> ApplyReport:
         """First apply: adopted backends keep serving, new ones wait for their checks."""
-        await self._sync(self.config, {}, adopted_up)
+        self.keys = check_keys(self.config)
+        self.monitor.start(initial_health(self.keys, {}, adopted_up))
         return self.apply("startup")
 
     async def reload(self, config: Config) -> ApplyReport:
-        """Apply a validated config as a diff: unchanged backends keep their probers and health."""
-        known = {pair: self.health_of(pair) for pair in self.keys}
-        previous = self.config
-        self.config = config
-        await self._sync(config, known, {})
-        try:
-            return self.apply("reload")
-        except Exception:
-            # The maps refused it (NodeMaps kept its numbering): go back to checking what is running.
-            self.config = previous
-            await self._sync(previous, known, {})
-            raise
-
-    async def _sync(self, config: Config, known: Mapping[Pair, Health], adopted: Mapping[Pair, bool]) -> None:
+        """Apply a validated config as a diff: unchanged backends keep their probers and health; a changed
+        check starts from the backend's current health. New probers start before the swap and old ones stop
+        after the apply, so no apply ever sees a backend without a prober (it would count as down)."""
         keys = check_keys(config)
-        self.keys = keys
-        await self.monitor.sync(initial_health(keys, known, adopted))  # running probers keep their own
+        self.monitor.start(initial_health(keys, {p: self.health_of(p) for p in self.keys}, {}))
+        previous = (self.config, self.keys)
+        self.config, self.keys = config, keys
+        try:
+            report = self.apply("reload")
+        except Exception:
+            self.config, self.keys = previous
+            self._rollback()
+            await self.monitor.prune({k for k in self.keys.values() if k is not None})
+            raise
+        await self.monitor.prune({k for k in keys.values() if k is not None})
+        return report
+
+    def _rollback(self) -> None:
+        """The maps refused part of a reload: write the running config again over whatever was written."""
+        try:
+            self.apply("rollback")
+        except Exception as exc:
+            events.emit("apply_failed", logging.ERROR, trigger="rollback", error=exc, retry_in=f"{_RETRY:g}s")
+            self.dirty.set()
 
     async def run(self) -> None:
         """Until cancelled: each burst of health flips becomes one apply."""
@@ -138,31 +147,32 @@ class Reconciler:
         report = self.maps.apply(self.config, self.health())
         self.applies += 1
         names = {num: key for key, num in self.maps.programmer.vips.items()}
+        health = self.health() if report.ring_slots else {}
         for num, slots in report.ring_slots.items():
             vip = names.get(num)
-            up = sum(1 for (v, _), ok in self.health().items() if v == vip and ok)
+            up = sum(1 for (v, _), ok in health.items() if v == vip and ok)
             total = sum(1 for v, _ in self.keys if v == vip)
             events.emit("ring", vip=_vip_name(vip) if vip else f"#{num} (removed)", slots_changed=slots,
                         ring_size=self.maps.programmer.ring_size, healthy=f"{up}/{total}", trigger=trigger)
         return report
 
-    def ring_share(self, pair: Pair) -> tuple[int | None, int]:
-        """(backend index, ring slots it holds) from what was last written."""
+    def ring_counts(self, vip: VipKey) -> Counter[int]:
+        """Backend index -> ring slots it holds, from what was last written (one pass over the ring)."""
+        vip_num = self.maps.programmer.vips.get(vip)
+        return Counter(self.maps.programmer.rings.get(vip_num, ())) if vip_num is not None else Counter()
+
+    def backend_index(self, pair: Pair) -> int | None:
         vip_num = self.maps.programmer.vips.get(pair[0])
-        if vip_num is None:
-            return None, 0
-        index = self.maps.alloc.backend_idx.get((vip_num, pair[1]))
-        ring = self.maps.programmer.rings.get(vip_num, ())
-        return index, (ring.count(index) if index is not None else 0)
+        return None if vip_num is None else self.maps.alloc.backend_idx.get((vip_num, pair[1]))
 
     def view(self, vip: VipKey, address: IPAddress, weight: int) -> BackendView:
         health = self.health_of((vip, address))
         key = self.keys.get((vip, address))
         seen = self.monitor.observation(key) if key else None
-        state = ("unchecked" if key is None else "down" if not health.up
-                 else "drained" if weight == 0 else "up")
-        index, _ = self.ring_share((vip, address))
-        return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None, index)
+        state = ("down" if not health.up else "drained" if weight == 0 else "unchecked" if key is None
+                 else "up")
+        return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None,
+                           self.backend_index((vip, address)))
 
 
 def _vip_name(key: VipKey) -> str:

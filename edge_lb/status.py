@@ -21,10 +21,11 @@ def document(rec: Reconciler, io: MapIO) -> Doc:
     for vip in rec.config.vips:
         key = VipKey.of(vip)
         num = rec.maps.programmer.vips.get(key)
+        counts = rec.ring_counts(key)
         rows = []
         for b in vip.backends:
             view = rec.view(key, b.address, b.weight)
-            _, slots = rec.ring_share((key, b.address))
+            slots = counts.get(view.index, 0) if view.index is not None else 0
             packets, nbytes = backend_counts.get(view.index, (0, 0)) if view.index is not None else (0, 0)
             rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,
                          "reason": view.reason, "last_check": view.checked_at, "check": b.healthcheck.kind,
@@ -32,6 +33,7 @@ def document(rec: Reconciler, io: MapIO) -> Doc:
                          "bytes": nbytes})
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
         vips.append({"vip": vip.name, "healthy": sum(1 for r in rows if r["state"] != "down"),
+                     "in_ring": sum(1 for r in rows if r["ring_slots"]),
                      "backends": rows, "packets": packets, "bytes": nbytes})
     return {"vips": vips, "ring_size": ring_size}
 
@@ -49,7 +51,8 @@ def render(doc: Doc, now: float | None = None) -> str:
     lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
              f"config {doc.get('config', '?')}", ""]
     for vip in doc["vips"]:
-        lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} serving  "
+        lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} healthy, "
+                     f"{vip.get('in_ring', 0)} in the ring  "
                      f"{vip['packets']} packets  {vip['bytes']} bytes")
         lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
                      f"{'BYTES':>12}  {'CHECKED':<11} REASON")

@@ -27,7 +27,7 @@ from edge_lb.node import Link, NodeMaps
 from edge_lb.reconciler import Reconciler
 from healthchecks.factory import make_checker
 
-_SHUTDOWN_BOUND = 10.0  # seconds; then whatever is left is abandoned (the data plane keeps running)
+_STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -53,6 +53,7 @@ class Supervisor:
         self.watcher: GatewayWatcher | None = None
         self.control = control.ControlServer(self.status, self.reload)
         self._reload_lock = asyncio.Lock()
+        self.attached = False
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def serve(self) -> None:
@@ -64,6 +65,7 @@ class Supervisor:
 
     # -- startup
     async def startup(self) -> None:
+        self._install_signals()
         config = load_config(self.config_path)
         events.emit("startup", phase="config", config=self.config_path, vips=len(config.vips),
                     instance=config.dataplane.instance)
@@ -79,7 +81,7 @@ class Supervisor:
         self.rec = Reconciler(self.maps, config, make_checker)
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
-        self._install_signals()
+        self.attached = True
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
 
@@ -104,6 +106,9 @@ class Supervisor:
         self.stopping.set()
 
     def _on_sighup(self) -> None:
+        if self.rec is None:
+            events.emit("reload", logging.WARNING, result="ignored", why="still starting")
+            return
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self.reload(), name="reload"))
 
@@ -125,7 +130,10 @@ class Supervisor:
         try:
             self.rec.apply("gateway")
         except EdgeLbError as exc:
-            events.emit("gateway", logging.ERROR, old=old, new=mac, result="write failed", error=exc)
+            # The reconciler's loop retries until the map takes it.
+            events.emit("gateway", logging.ERROR, old=old, new=mac, result="write failed, retrying",
+                        error=exc)
+            self.rec.dirty.set()
             return
         events.emit("gateway", old=old, new=mac, result="ctl map updated")
 
@@ -148,12 +156,12 @@ class Supervisor:
                    "backends_written": report.backends_written, "backends_cleared": report.backends_cleared,
                    "ring_slots": sum(report.ring_slots.values())}
         events.emit("reload", result="applied", config=self.config_path, **changes)
-        return {"ok": True, "changes": changes}
+        return {"ok": True, "config": self.config_path, "changes": changes}
 
     def _rejected(self, problems: list[str]) -> dict[str, Any]:
         events.emit("reload", logging.ERROR, result="rejected", config=self.config_path,
                     problems=len(problems), detail="; ".join(problems))
-        return {"ok": False, "problems": problems}
+        return {"ok": False, "config": self.config_path, "problems": problems}
 
     def status(self) -> dict[str, Any]:
         if self.rec is None or self.dp is None or self.maps is None:
@@ -168,25 +176,28 @@ class Supervisor:
 
     # -- shutdown
     async def shutdown(self) -> None:
-        try:
-            await asyncio.wait_for(self._close(), _SHUTDOWN_BOUND)
-        except TimeoutError:
-            events.emit("shutdown", logging.WARNING, phase="timeout", bound=f"{_SHUTDOWN_BOUND:g}s")
-        events.emit("shutdown", phase="done", attached="kept", maps="pinned")
-
-    async def _close(self) -> None:
+        """Each step bounded on its own, so one stuck step does not skip the others."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         for task in self._tasks:
             task.cancel()
-        await self.control.stop()
+        steps = [("control socket", self.control.stop())]
         if self.watcher is not None:
-            await self.watcher.stop()
+            steps.append(("gateway watcher", self.watcher.stop()))
         if self.rec is not None:
-            await self.rec.stop()
+            steps.append(("health checks", self.rec.stop()))
+        for what, step in steps:
+            try:
+                await asyncio.wait_for(step, _STEP_BOUND)
+            except Exception as exc:
+                events.emit("shutdown", logging.WARNING, phase="step failed", step=what, error=repr(exc))
         if self.dp is not None:
             self.dp.close()
+        if self.attached:
+            events.emit("shutdown", phase="done", attached="kept", maps="pinned")
+        else:
+            events.emit("shutdown", phase="done", attached="no (startup did not finish)")
 
 
 def run(config_path: str) -> int:

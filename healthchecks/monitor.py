@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from healthchecks.base import Checker, Result, Target
@@ -47,7 +47,7 @@ def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
 
 class HealthMonitor:
     def __init__(self, make_checker: Callable[[CheckSpec], Checker], on_change: OnChange, *,
-                 concurrency: int = 256, rand: Callable[[], float] = random.random,
+                 concurrency: int = 1000, rand: Callable[[], float] = random.random,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._make_checker = make_checker
         self._on_change = on_change
@@ -61,20 +61,34 @@ class HealthMonitor:
     def observation(self, key: CheckKey) -> Observation | None:
         return self._seen.get(key)
 
-    async def sync(self, wanted: Mapping[CheckKey, Health]) -> None:
-        """Run exactly the wanted probers: new ones start from the given health, existing ones keep theirs."""
-        for key in [k for k in self._tasks if k not in wanted]:
-            await self._stop_prober(key)
+    def running(self) -> set[CheckKey]:
+        return set(self._tasks)
+
+    def start(self, wanted: Mapping[CheckKey, Health]) -> None:
+        """Start the wanted probers not running yet, from the given health; running ones keep theirs.
+        Checkers are built first, so a spec no checker can run raises here, before anything started."""
+        built = {spec: self._make_checker(spec) for spec in {k.spec for k in wanted} - set(self._checkers)}
+        self._checkers.update(built)
         for key, initial in wanted.items():
             if key not in self._tasks:
                 self._seen[key] = Observation(initial)
                 self._tasks[key] = asyncio.create_task(self._probe(key), name=f"check {key.target}")
+
+    async def prune(self, keep: Collection[CheckKey]) -> None:
+        """Stop every prober not in keep (bounded) and close the checkers no prober uses."""
+        for key in [k for k in self._tasks if k not in keep]:
+            await self._stop_prober(key)
         for spec in [s for s in self._checkers if all(k.spec != s for k in self._tasks)]:
             await self._checkers.pop(spec).aclose()
 
+    async def sync(self, wanted: Mapping[CheckKey, Health]) -> None:
+        """Run exactly the wanted probers."""
+        self.start(wanted)
+        await self.prune(set(wanted))
+
     async def stop(self) -> None:
         """Stop every prober (bounded) and close the checkers."""
-        await self.sync({})
+        await self.prune(())
 
     async def _stop_prober(self, key: CheckKey) -> None:
         task = self._tasks.pop(key)
@@ -109,8 +123,8 @@ class HealthMonitor:
     async def _check_once(self, key: CheckKey) -> Result:
         async with self._sem:
             try:
-                return await asyncio.wait_for(self._checker(key.spec).check(key.target),
-                                              key.spec.timeout + _BACKSTOP)
+                async with asyncio.timeout(key.spec.timeout + _BACKSTOP):  # no extra task, unlike wait_for
+                    return await self._checker(key.spec).check(key.target)
             except TimeoutError:
                 return Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)")
             except Exception as exc:  # a checker bug must not kill the prober: count it as a failure

@@ -95,3 +95,33 @@ def test_bare_port0_vip_is_served_unchecked_but_a_chosen_type_needs_a_port() -> 
 def test_one_problem(where: str, check: dict[str, Any], problem: str) -> None:
     data = {"top": cfg(check=check), "vip": cfg(vip_check=check), "backend": cfg(backend_check=check)}[where]
     assert problems(data) == [problem]
+
+
+def test_bare_udp_vip_is_served_unchecked_but_may_choose_a_check() -> None:
+    data = cfg()
+    data["vip"][0]["protocol"] = "udp"
+    assert specs(data)[0].kind == "none"
+    data["vip"][0]["healthcheck"] = {"type": "udp-dns"}
+    assert specs(data)[0].kind == "udp-dns"
+    data["vip"][0]["healthcheck"] = {"type": "tcp", "port": 8080}
+    assert specs(data)[0] == CheckSpec(kind="tcp", port=8080)
+
+
+def test_port0_vip_with_a_backend_level_type_needs_its_port() -> None:
+    assert problems(cfg(port=0, backend_check={"type": "http"})) == [
+        'vip[0].backend[0].healthcheck.port: required for a port-0 VIP (type = "http")']
+    first, second = specs(cfg(port=0, backend_check={"type": "http", "port": 8080}))
+    assert (first.kind, first.port, second.kind) == ("http", 8080, "none")
+
+
+def test_an_inherited_mistake_is_reported_once_where_it_was_written() -> None:
+    assert problems(cfg(check={"fast_interval": 3}, backend_check={"rise": 3})) == [
+        "healthcheck.fast_interval: 3.0 must not exceed interval (2.0)"]
+    assert problems(cfg(check={"type": "exec"}, vip_check={"interval": 5})) == [
+        'healthcheck.command: required when type = "exec"']
+
+
+@pytest.mark.parametrize("name", ["a" * 64 + ".com", "x..y"])
+def test_dns_query_name_must_be_a_dns_name(name: str) -> None:
+    found = problems(cfg(vip_check={"type": "udp-dns", "query_name": name}))
+    assert len(found) == 1 and found[0].startswith("vip[0].healthcheck.query_name: not a DNS name")

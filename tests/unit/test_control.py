@@ -71,13 +71,14 @@ def test_cli_without_a_supervisor_says_so(tmp_path: Path, capsys: pytest.Capture
 def test_status_table_shows_every_column() -> None:
     doc = {"instance": "default", "interface": "eth0", "pid": 7, "gateway_mac": "02:00:00:00:00:02",
            "uptime": 12.0, "config": "/etc/edge-lb.toml", "phase": "running",
-           "vips": [{"vip": "10.0.0.1:80/tcp", "healthy": 1, "packets": 10, "bytes": 900, "backends": [
+           "vips": [{"vip": "10.0.0.1:80/tcp", "healthy": 1, "in_ring": 1, "packets": 10, "bytes": 900,
+                     "backends": [
                {"address": "10.1.0.1", "state": "up", "weight": 1, "ring_share": 1.0, "packets": 10,
                 "bytes": 900, "last_check": 99.5, "reason": "HTTP 200"},
                {"address": "10.1.0.2", "state": "down", "weight": 1, "ring_share": 0.0, "packets": 0,
                 "bytes": 0, "last_check": None, "reason": "connect: refused"}]}]}
     text = status.render(doc, now=100.0)
-    assert "VIP 10.0.0.1:80/tcp  1/2 serving  10 packets  900 bytes" in text
+    assert "VIP 10.0.0.1:80/tcp  1/2 healthy, 1 in the ring  10 packets  900 bytes" in text
     row = next(line for line in text.splitlines() if "10.1.0.1" in line).split()
     assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "HTTP", "200"]
     assert "never" in text and "connect: refused" in text

@@ -9,7 +9,11 @@ import tomllib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
+
+from edge_lb import status
 from edge_lb.config import Config, parse_config
+from edge_lb.errors import DataplaneError
 from edge_lb.mapio import FakeMapIO
 from edge_lb.node import Link, NodeMaps
 from edge_lb.programmer import ring_changes
@@ -198,5 +202,80 @@ def test_reload_removing_a_backend_clears_its_slot() -> None:
         report = await h.rec.reload(smaller)
         assert report.backends_cleared == 1 and idx not in h.io.backends
         assert h.ring() == h.expected_ring(smaller, {B1, B3})
-        assert all(c.calls_for(B2) == 0 for c in h.checkers[1:]), "no prober left for b2"
+        assert not [k for k in h.rec.monitor.running() if k.target.address == B2], "no prober left for b2"
+        calls = h.checkers[0].calls_for(B2)
+        await asyncio.sleep(0.2)
+        assert h.checkers[0].calls_for(B2) == calls, "b2 is not checked any more"
+    run(body)
+
+
+def test_a_reload_during_health_activity_never_writes_a_backend_down() -> None:
+    new_check = config((str(B1), 1), (str(B2), 1), (str(B3), 1), check="timeout = 0.04")
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
+        written: list[bool] = []
+        put = h.io.put_backends
+        h.io.put_backends = lambda b: (written.extend(s.up for s in b.values()), put(b))[1]  # type: ignore
+        h.rec.dirty.set()  # an apply is due while the reload swaps every prober
+        await h.rec.reload(new_check)
+        await asyncio.sleep(0.2)
+        assert all(written), "no backend was ever written down"
+        assert h.ring() == h.expected_ring(BASE, {B1, B2, B3})
+    run(body)
+
+
+class RefusingMapIO(FakeMapIO):
+    refuse = False
+
+    def put_vips(self, vips: Any) -> None:
+        if self.refuse:
+            raise DataplaneError("map full")
+        super().put_vips(vips)
+
+
+def test_a_reload_the_maps_refuse_is_rolled_back() -> None:
+    io = RefusingMapIO(RING)
+    heavier = parse_config(tomllib.loads(
+        f'[node]\ninterface = "eth0"\n[dataplane]\nring_size = {RING}\nmax_backends = 16\n'
+        '[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\n'
+        '[[vip]]\naddress = "10.0.0.1"\nport = 80\nprotocol = "tcp"\n'
+        '[[vip.backend]]\naddress = "10.1.0.1"\nweight = 5\n[[vip.backend]]\naddress = "10.1.0.2"\n'
+        '[[vip.backend]]\naddress = "10.1.0.3"\n'
+        '[[vip]]\naddress = "10.0.0.2"\nport = 80\nprotocol = "tcp"\n'
+        '[[vip.backend]]\naddress = "10.1.0.4"\n'))
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        full = h.expected_ring(BASE, {B1, B2, B3})
+        await h.until(lambda: h.ring() == full, "all up")
+        io.refuse = True
+        with pytest.raises(DataplaneError):
+            await h.rec.reload(heavier)
+        assert h.ring() == full, "the old weights are written back"
+        assert h.rec.config is BASE
+        assert not [k for k in h.rec.monitor.running() if k.target.address == B4]
+        assert [s.address for s in io.backends.values()] == [B1, B2, B3]
+    run(body, io=io)
+
+
+def test_status_document_from_the_reconciler() -> None:
+    drained = config((str(B1), 1), (str(B2), 0), (str(B3), 1))
+
+    async def body(h: Harness) -> None:
+        await h.start()
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
+        h.set(B3, False)
+        await h.until(lambda: not h.rec.health_of((VIP, B3)).up, "b3 down")
+        await h.rec.reload(drained)
+        h.io.counters = {"vip_stats": {0: (30, 2700)}, "backend_stats": {h.index(B1): (30, 2700)}}
+        doc = status.document(h.rec, h.io)
+        vip = doc["vips"][0]
+        rows = {b["address"]: b for b in vip["backends"]}
+        assert [rows[str(b)]["state"] for b in (B1, B2, B3)] == ["up", "drained", "down"]
+        assert rows[str(B1)]["ring_slots"] == RING and rows[str(B1)]["ring_share"] == 1.0
+        assert rows[str(B1)]["packets"] == 30 and rows[str(B2)]["packets"] == 0
+        assert rows[str(B3)]["reason"] == "fake fail"
+        assert (vip["healthy"], vip["in_ring"], vip["packets"]) == (2, 1, 30)
     run(body)
