@@ -275,6 +275,14 @@ class BccMapIO:
                 out[int(k.value)] = (pk, by)
         return out
 
+    def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
+        t = self.t[name]
+        for i in indexes:
+            try:
+                t.clearitem(t.Key(i))
+            except Exception as exc:
+                raise DataplaneError(f"zero {name}[{i}]: {exc}") from exc
+
     @staticmethod
     def _set(t: Any, key: Any, leaf: Any, what: str) -> None:
         try:

@@ -42,6 +42,8 @@ class MapIO(Protocol):
         """Write (slot, backend index) pairs of one VIP's ring in a single batch."""
     def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
         """A per-CPU counter map ("vip_stats", "backend_stats") summed: index -> (packets, bytes)."""
+    def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
+        """Zero the counters of numbers about to be reused, so a new VIP or backend starts from 0."""
 
 
 @dataclass
@@ -101,3 +103,7 @@ class FakeMapIO:
 
     def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
         return dict(self.counters.get(name, {}))
+
+    def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
+        for i in indexes:
+            self.counters.get(name, {}).pop(i, None)

@@ -50,6 +50,9 @@ class Programmer:
 
     def apply(self, want: DesiredState) -> ApplyReport:
         report = ApplyReport()
+        reused = {n for n in want.vips.values() if n not in self.vips.values()}
+        if reused:
+            self.io.zero_counters("vip_stats", reused)  # a new VIP starts counting from 0
         self._write_backends(want, report)
         for num, ring in want.rings.items():
             self._write_ring(num, ring, report)
@@ -59,6 +62,9 @@ class Programmer:
 
     def _write_backends(self, want: DesiredState, report: ApplyReport) -> None:
         changed = {i: s for i, s in want.backends.items() if self.backends.get(i) != s}
+        fresh = [i for i in changed if i not in self.backends]
+        if fresh:
+            self.io.zero_counters("backend_stats", fresh)
         if changed:
             self.io.put_backends(changed)
             self.backends.update(changed)

@@ -135,6 +135,9 @@ def test_per_vip_and_backend_counters(fresh_sim: Simulator) -> None:
     ip_len = len(tcp4()[IP])
     assert (5, 5 * ip_len) in vips.values()
     assert (5, 5 * ip_len) in backends.values()
+    sim.dp.io.zero_counters("backend_stats", list(backends))
+    sim.dp.io.zero_counters("vip_stats", list(vips))
+    assert sim.dp.io.read_counters("backend_stats") == {} and sim.dp.io.read_counters("vip_stats") == {}
 
 
 def test_reload_adopts_pinned_maps() -> None:

@@ -145,3 +145,18 @@ def test_adopt_reads_vip_addresses() -> None:
     NodeMaps(io, two, LINK, adopt=False).apply(two)
     NodeMaps(io, cfg(), LINK, adopt=True).apply(cfg())  # a restart with one VIP address fewer
     assert set(map(str, io.vip_addrs)) == {"10.200.1.1"}
+
+
+def test_a_reused_backend_index_and_vip_number_start_counting_from_zero(
+        node: tuple[FakeMapIO, NodeMaps]) -> None:
+    io, maps = node
+    index = maps.alloc.backend_idx[(0, ipaddress.ip_address("10.0.0.2"))]
+    io.counters = {"backend_stats": {index: (50, 5000), 1: (7, 700)}, "vip_stats": {0: (57, 5700)}}
+    maps.apply(with_backends(1, 3))
+    maps.apply(with_backends(1, 3, 4))  # 10.0.0.4 takes the freed index
+    assert maps.alloc.backend_idx[(0, ipaddress.ip_address("10.0.0.4"))] == index
+    assert index not in io.counters["backend_stats"], "the new backend does not inherit the old one's traffic"
+    assert io.counters["backend_stats"][1] == (7, 700), "a kept backend keeps its counters"
+    maps.apply(cfg(lambda d: d.update(vip=[])))
+    maps.apply(cfg(lambda d: d["vip"][0].update(port=443)))  # another VIP takes number 0
+    assert 0 not in io.counters["vip_stats"]
