@@ -90,6 +90,11 @@ def test_gateway_mac_change_is_followed(dlab: DataplaneLab) -> None:
     assert result["failures"] == 0, result["errors"]  # frames reach the router only with its new MAC
 
 
+def _packets(d: DataplaneLab, role: str) -> int:
+    rows = d.status()["vips"][0]["backends"]
+    return int(next(b["packets"] for b in rows if b["address"] == d.server(role).address))
+
+
 def _sighup(d: DataplaneLab) -> None:
     assert d.supervisor is not None
     os.kill(d.supervisor.pid, signal.SIGHUP)
@@ -171,7 +176,9 @@ def test_failed_backend_loses_its_flows_and_drained_backend_keeps_them(dlab: Dat
 
     (flags / f"up-{dlab.server('b2').address}").unlink()
     wait_for(lambda: dlab.backend_states()["b2"] == ("down", 0), INTERVAL * FALL + 1, "b2 out")
+    b2_packets = _packets(dlab, "b2")
     after = held.round()
+    assert _packets(dlab, "b2") == b2_packets, "the LB sent none of b2's held flows to b2"
     for was, now in zip(before, after, strict=True):
         if was == "b2":
             assert now.startswith("error"), "a flow of a failed backend is not carried to it any more"
