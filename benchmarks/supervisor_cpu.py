@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_lb import control
-from edge_lb.dataplane import remove_pins
 from edge_lb.errors import EdgeLbError
+from edge_lb.lab import remove_instance
 from edge_lb.maglev import is_prime
 from edge_lb.netns import Lab, Netns
 
@@ -218,13 +218,7 @@ class CpuLab:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def close(self) -> None:
-        if self.supervisor is not None and self.supervisor.poll() is None:
-            self.supervisor.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.supervisor.wait(timeout=15)
-        with contextlib.suppress(FileNotFoundError):
-            control.socket_path(self.instance).unlink()
-        remove_pins(self.instance)
+        remove_instance(self.supervisor, self.instance)
 
 
 def backends_of(doc: dict[str, Any]) -> list[dict[str, Any]]:

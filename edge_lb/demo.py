@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from edge_lb import status
-from edge_lb.errors import LabError
-from edge_lb.lab import VIP, VIP_PORT, DataplaneLab
+from edge_lb.lab import VIP, VIP_PORT, DataplaneLab, wait_for
 from edge_lb.netns import Lab
 
 _T0 = time.monotonic()
@@ -24,15 +22,6 @@ def show_split(result: dict[str, Any]) -> None:
     for name, n in sorted(result["served"].items()):
         say(f"    {name}: {n:4d} requests ({100 * n / max(total, 1):5.1f}%)")
     say(f"    failures: {result['failures']}")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise LabError(f"demo: not within {timeout} s: {what}")
 
 
 def balance(d: DataplaneLab, count: int) -> None:

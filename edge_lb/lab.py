@@ -17,6 +17,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,28 @@ class DataplaneLab:
         return {names[i]: pk for i, (pk, _) in enumerate(counts)}
 
     def close(self) -> None:
-        if self.supervisor is not None and self.supervisor.poll() is None:
-            self.supervisor.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.supervisor.wait(timeout=15)
-        with contextlib.suppress(FileNotFoundError):
-            control.socket_path(self.instance).unlink()
-        remove_pins(self.instance)
+        remove_instance(self.supervisor, self.instance)
+
+
+def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -> None:
+    """Stop a lab's supervisor (SIGTERM, bounded) and remove its control socket and pinned maps."""
+    if supervisor is not None and supervisor.poll() is None:
+        supervisor.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            supervisor.wait(timeout=15)
+    with contextlib.suppress(FileNotFoundError):
+        control.socket_path(instance).unlink()
+    remove_pins(instance)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until cond() holds (polled every 20 ms); LabError after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise LabError(f"not within {timeout} s: {what}")
 
 
 class Holder:

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from edge_lb import control
 from edge_lb.dataplane import pin_dir
-from edge_lb.lab import PY, DataplaneLab
+from edge_lb.lab import PY, DataplaneLab, wait_for
 from edge_lb.netns import Lab
 
 pytestmark = pytest.mark.root
@@ -45,16 +45,6 @@ def start(d: DataplaneLab, roles: list[str] | None = None) -> None:
     d.start_supervisor()
     want = roles or ["b1", "b2", "b3"]
     wait_for(lambda: all(d.backend_states()[r][0] == "up" for r in want), 15, "every backend up")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until cond() holds (polled every 20 ms), or fail."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_dead_backend_leaves_the_ring_and_comes_back(dlab: DataplaneLab) -> None:
