@@ -15,24 +15,33 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import dns.exception
-import dns.name
-
+from edge_lb.configtools import (
+    Invalid,
+    Table,
+    address,
+    argv,
+    boolean,
+    choice,
+    dns_name,
+    integer,
+    mac,
+    network,
+    number,
+    pattern,
+    statuses,
+    text,
+    url_path,
+)
+from edge_lb.configtools import IPAddress as IPAddress  # re-exported: the config's address type
 from edge_lb.errors import ConfigError
 from edge_lb.maglev import is_prime
 from healthchecks.spec import KINDS, CheckSpec
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_Kwargs = dict[str, Any]
-
-_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _INSTANCE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _INTERFACE = re.compile(r"(?!\.\.?\Z)[^/\s:]{1,15}")  # what the kernel's dev_valid_name() accepts
-_ARRAY_INDEX = re.compile(r"\[\d+\]")
 _MAX_RING_SLOTS = 2**28  # max_vips * ring_size: the data plane's ring array
 _ENCAP_SRC_V4 = ipaddress.IPv4Network("172.16.0.0/16")
 _ENCAP_SRC_V6 = ipaddress.IPv6Network("fd00:e1b::/64")
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +117,7 @@ def instance_of(path: str | os.PathLike[str]) -> str:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{source}: cannot read the instance name: {exc}"], source) from exc
     problems: list[str] = []
-    table = _Table(data.get("dataplane", {}), "dataplane", problems, tuple(_DATAPLANE))
+    table = Table(data.get("dataplane", {}), "dataplane", problems, tuple(_DATAPLANE))
     instance = table.get("instance", _DATAPLANE["instance"])
     problems = [p for p in problems if p.startswith(("dataplane.instance", "dataplane: must"))]
     if problems:
@@ -119,7 +128,7 @@ def instance_of(path: str | os.PathLike[str]) -> str:
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     """Validate parsed TOML (or an equivalent dict) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []
-    root = _Table(data, "", problems, ("node", "dataplane", "healthcheck", "vip"))
+    root = Table(data, "", problems, ("node", "dataplane", "healthcheck", "vip"))
     node = _node(root.table("node", tuple(_NODE)))
     dataplane = _dataplane(root.table("dataplane", tuple(_DATAPLANE)))
     check_table = root.table("healthcheck", tuple(_CHECK))
@@ -130,256 +139,68 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     return Config(node=node, dataplane=dataplane, vips=vips)
 
 
-class _Invalid(Exception):
-    """A converter's verdict on one value: the message after "key.path: "."""
-
-
-class _Table:
-    """One TOML table being read: hands out converted values, records a problem for each bad one."""
-
-    def __init__(self, data: object, path: str, problems: list[str], keys: tuple[str, ...]) -> None:
-        self.path = path
-        self.problems = problems
-        self.is_table = isinstance(data, Mapping)  # when not, its one problem is that, not missing keys
-        self.data: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
-        if not self.is_table:
-            problems.append(f"{path}: must be a table")
-        for key in self.data:
-            if key not in keys:
-                self.problem(key, "unknown key")
-
-    def key_path(self, key: str) -> str:
-        """The dotted path of `key` in this table; "" is the table itself."""
-        return f"{self.path}.{key}" if self.path and key else self.path or key
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.key_path(key)}: {message}")
-
-    def get(self, key: str, convert: Callable[[Any], Any], *, required: bool = False) -> Any:
-        """The converted value of `key`, or None when it is absent or invalid (invalid records a problem)."""
-        if key not in self.data:
-            if required and self.is_table:
-                self.problem(key, "required")
-            return None
-        try:
-            return convert(self.data[key])
-        except _Invalid as exc:
-            self.problem(key, str(exc))
-            return None
-
-    def values(
-        self, converters: Mapping[str, Callable[[Any], Any]], required: tuple[str, ...] = ()
-    ) -> _Kwargs:
-        """Every present, valid key of `converters`: keyword arguments for a dataclass with defaults."""
-        values = {
-            key: self.get(key, convert, required=key in required) for key, convert in converters.items()
-        }
-        return {key: value for key, value in values.items() if value is not None}
-
-    def table(self, key: str, keys: tuple[str, ...]) -> _Table:
-        """A sub-table allowed to hold `keys`; absent is empty."""
-        return _Table(self.data.get(key, {}), self.key_path(key), self.problems, keys)
-
-    def array(self, key: str, keys: tuple[str, ...]) -> list[_Table]:
-        """An array of tables (`[[key]]`), each allowed to hold `keys`; absent is empty."""
-        value = self.data.get(key, [])
-        if not isinstance(value, list):
-            header = _ARRAY_INDEX.sub("", self.key_path(key))
-            self.problem(key, f"must be an array of tables ([[{header}]])")
-            return []
-        items = [(f"{self.key_path(key)}[{index}]", item) for index, item in enumerate(value)]
-        return [_Table(item, path, self.problems, keys) for path, item in items]
-
-
-# Converters: value -> typed value, or raise _Invalid(message).
-
-
-def _integer(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _Invalid(f"must be an integer {low}..{high}")
-        return value
-
-    return convert
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid("must be a string")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise _Invalid("must be " + " or ".join(f'"{choice}"' for choice in choices))
-        return str(value)
-
-    return convert
-
-
-def _pattern(pattern: re.Pattern[str], want: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if not isinstance(value, str) or not pattern.fullmatch(value):
-            raise _Invalid(f"must match {want}")
-        return value
-
-    return convert
-
-
-def _mac(value: Any) -> str:
-    if not isinstance(value, str) or not _MAC.fullmatch(value):
-        raise _Invalid("not a MAC address (want aa:bb:cc:dd:ee:ff)")
-    if int(value[:2], 16) & 1:
-        raise _Invalid(f"{value} is a multicast MAC address (want a unicast one)")
-    return value.lower()
-
-
 def _ring_size(value: Any) -> int:
-    size = _integer(1009, 1_000_003)(value)
+    size = integer(1009, 1_000_003)(value)
     if not is_prime(size):
-        raise _Invalid(f"{size} is not prime")
+        raise Invalid(f"{size} is not prime")
     return size
 
 
-def _address(value: Any) -> IPAddress:
-    """A unicast IP address a VIP or backend can have."""
-    try:
-        address = ipaddress.ip_address(_string(value))
-    except (_Invalid, ValueError):
-        raise _Invalid("not an IP address") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-        raise _Invalid(f"{value} has a zone (%{address.scope_id}): not allowed")
-    for bad, what in (
-        (address.is_multicast, "a multicast address"),
-        (address.is_unspecified, "the unspecified address"),
-        (address.is_loopback, "a loopback address"),
-        (address == _BROADCAST, "the broadcast address"),
-    ):
-        if bad:
-            raise _Invalid(f"{address} is {what}")
-    return address
-
-
-def _network(version: int, low: int, high: int, example: str) -> Callable[[Any], Any]:
-    def convert(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        try:
-            network = ipaddress.ip_network(_string(value))
-        except (_Invalid, ValueError):
-            raise _Invalid(f"not an IPv{version} prefix without host bits, like {example}") from None
-        if network.version != version or not low <= network.prefixlen <= high:
-            raise _Invalid(f"must be an IPv{version} prefix of length {low}..{high}")
-        return network
-
-    return convert
-
-
 _NODE = {
-    "interface": _pattern(_INTERFACE, "an interface name (1..15 characters, no '/', ':' or space)"),
-    "mac": _mac,
-    "gateway_mac": _mac,
-    "mtu": _integer(1280, 65535),
+    "interface": pattern(_INTERFACE, "an interface name (1..15 characters, no '/', ':' or space)"),
+    "mac": mac,
+    "gateway_mac": mac,
+    "mtu": integer(1280, 65535),
 }
 _DATAPLANE = {
-    "instance": _pattern(_INSTANCE, "[a-z0-9][a-z0-9_-]{0,31}"),
+    "instance": pattern(_INSTANCE, "[a-z0-9][a-z0-9_-]{0,31}"),
     "ring_size": _ring_size,
-    "conn_table_size": _integer(1024, 100_000_000),
-    "max_vips": _integer(1, 4096),
-    "max_backends": _integer(2, 1_000_000),
-    "encap_src_v4": _network(4, 8, 30, "172.16.0.0/16"),
-    "encap_src_v6": _network(6, 32, 124, "fd00:e1b::/64"),
-    "xdp_mode": _choice("native", "generic"),
+    "conn_table_size": integer(1024, 100_000_000),
+    "max_vips": integer(1, 4096),
+    "max_backends": integer(2, 1_000_000),
+    "encap_src_v4": network(4, 8, 30, "172.16.0.0/16"),
+    "encap_src_v6": network(6, 32, 124, "fd00:e1b::/64"),
+    "xdp_mode": choice("native", "generic"),
 }
-
-
-def _number(low: float, high: float, what: str = "a number of seconds") -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            raise _Invalid(f"must be {what} {low:g}..{high:g}")
-        return float(value)
-
-    return convert
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("must be true or false")
-    return value
-
-
-def _text(value: Any) -> str:
-    """A string that cannot smuggle a line break or control character into a request or a log line."""
-    if not isinstance(value, str) or not value.isprintable():
-        raise _Invalid("must be a string of printable characters")
-    return value
-
-
-def _dns_name(value: Any) -> str:
-    try:
-        dns.name.from_text(_text(value))
-    except (_Invalid, dns.exception.DNSException) as exc:
-        raise _Invalid(f"not a DNS name: {exc}") from None
-    return str(value)
-
-
-def _url_path(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or not value.isprintable() or " " in value:
-        raise _Invalid("must be a URL path starting with '/', without spaces or control characters")
-    return value
-
-
-def _statuses(value: Any) -> tuple[int, ...]:
-    codes = value if isinstance(value, list) else [value]
-    if not codes or any(isinstance(c, bool) or not isinstance(c, int) or not 100 <= c <= 599 for c in codes):
-        raise _Invalid("must be an HTTP status code 100..599 or a non-empty list of them")
-    return tuple(codes)
-
-
-def _argv(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-        raise _Invalid('must be a non-empty list of non-empty strings, like ["/usr/bin/check", "{address}"]')
-    if not value[0].startswith("/"):
-        raise _Invalid(f"{value[0]!r}: the program must be an absolute path (no shell, no PATH search)")
-    return tuple(value)
 
 
 _CHECK: dict[str, Callable[[Any], Any]] = {
-    "type": _choice(*KINDS),
-    "port": _integer(1, 65535),
-    "interval": _number(0.05, 3600),
-    "fast_interval": _number(0.05, 3600),
-    "timeout": _number(0.01, 600),
-    "rise": _integer(1, 100),
-    "fall": _integer(1, 100),
-    "jitter": _number(0, 0.5, "a fraction of the delay,"),
-    "method": _choice("GET", "HEAD", "POST", "OPTIONS"),
-    "path": _url_path,
-    "status": _statuses,
-    "body": _text,
-    "host": _text,
-    "tls_verify": _boolean,
-    "query_name": _dns_name,
-    "query_type": _choice("A", "AAAA", "NS", "SOA", "TXT", "MX", "CNAME", "SRV", "PTR"),
-    "rcode": _choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
-    "command": _argv,
+    "type": choice(*KINDS),
+    "port": integer(1, 65535),
+    "interval": number(0.05, 3600),
+    "fast_interval": number(0.05, 3600),
+    "timeout": number(0.01, 600),
+    "rise": integer(1, 100),
+    "fall": integer(1, 100),
+    "jitter": number(0, 0.5, "a fraction of the delay,"),
+    "method": choice("GET", "HEAD", "POST", "OPTIONS"),
+    "path": url_path,
+    "status": statuses,
+    "body": text,
+    "host": text,
+    "tls_verify": boolean,
+    "query_name": dns_name,
+    "query_type": choice("A", "AAAA", "NS", "SOA", "TXT", "MX", "CNAME", "SRV", "PTR"),
+    "rcode": choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
+    "command": argv,
 }
-_VIP = {"address": _address, "port": _integer(0, 65535), "protocol": _choice("tcp", "udp")}
-_BACKEND = {"address": _address, "weight": _integer(0, 1000)}
+_VIP = {"address": address, "port": integer(0, 65535), "protocol": choice("tcp", "udp")}
+_BACKEND = {"address": address, "weight": integer(0, 1000)}
 
 
-def _node(table: _Table) -> Node | None:
+def _node(table: Table) -> Node | None:
     values = table.values(_NODE, required=("interface",))
     return Node(**values) if "interface" in values else None
 
 
-def _dataplane(table: _Table) -> Dataplane:
+def _dataplane(table: Table) -> Dataplane:
     dataplane = Dataplane(**table.values(_DATAPLANE))
     if dataplane.max_vips * dataplane.ring_size > _MAX_RING_SLOTS:
         table.problem("max_vips", f"max_vips * ring_size must be at most 2**28 ({_MAX_RING_SLOTS})")
     return dataplane
 
 
-def _check(table: _Table, base: CheckSpec, port0: bool = False, explicit: bool = False) -> CheckSpec:
+def _check(table: Table, base: CheckSpec, port0: bool = False, explicit: bool = False) -> CheckSpec:
     """`base` with the keys this table sets. A problem of the whole is reported only at a table that sets
     one of the keys involved, so an inherited mistake is reported once, where it was written."""
     values = table.values(_CHECK)
@@ -402,7 +223,7 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
     return replace(spec, kind="none") if port == 0 or protocol == "udp" else spec
 
 
-def _vips(root: _Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
+def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
     tables = root.array("vip", (*_VIP, "healthcheck", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
@@ -419,7 +240,7 @@ def _vips(root: _Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) 
     return tuple(vip for _, vip in valid)
 
 
-def _vip(table: _Table, check: CheckSpec, explicit: bool) -> Vip | None:
+def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
     values = table.values(_VIP, required=tuple(_VIP))
     check_table = table.table("healthcheck", tuple(_CHECK))
     port0 = values.get("port") == 0
@@ -431,7 +252,7 @@ def _vip(table: _Table, check: CheckSpec, explicit: bool) -> Vip | None:
     return Vip(**values, backends=backends, healthcheck=spec) if len(values) == len(_VIP) else None
 
 
-def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckSpec,
+def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,
               port0: bool) -> tuple[Backend, ...]:
     """The valid backends of one VIP; a repeated address or an IPv4 backend of an IPv6 VIP is a problem."""
     seen: dict[IPAddress, str] = {}
@@ -453,7 +274,7 @@ def _backends(tables: list[_Table], vip_address: IPAddress | None, check: CheckS
     return tuple(backends)
 
 
-def _check_unique_vips(vips: list[tuple[_Table, Vip]]) -> None:
+def _check_unique_vips(vips: list[tuple[Table, Vip]]) -> None:
     """Two VIPs with the same address, port and protocol are a problem (port 0 next to port 80 is fine)."""
     seen: dict[tuple[IPAddress, int, str], str] = {}
     for table, vip in vips:
