@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edge_lb.configbgp import Bgp, RouteAttrs, parse_bgp, parse_route
 from edge_lb.configtools import (
     Invalid,
     Table,
@@ -58,6 +59,8 @@ class Vip:
     protocol: str  # "tcp" or "udp"
     backends: tuple[Backend, ...]
     healthcheck: CheckSpec = field(default_factory=CheckSpec)  # default of its backends
+    min_healthy: int = 1  # announced while at least this many backends are healthy and not drained
+    route: RouteAttrs = field(default_factory=RouteAttrs)  # [vip.bgp]
 
     @property
     def name(self) -> str:
@@ -91,6 +94,7 @@ class Config:
     node: Node
     dataplane: Dataplane
     vips: tuple[Vip, ...]
+    bgp: Bgp | None = None  # None: no [bgp] table, nothing is announced
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -128,15 +132,16 @@ def instance_of(path: str | os.PathLike[str]) -> str:
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     """Validate parsed TOML (or an equivalent dict) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []
-    root = Table(data, "", problems, ("node", "dataplane", "healthcheck", "vip"))
+    root = Table(data, "", problems, ("node", "dataplane", "healthcheck", "bgp", "vip"))
     node = _node(root.table("node", tuple(_NODE)))
     dataplane = _dataplane(root.table("dataplane", tuple(_DATAPLANE)))
     check_table = root.table("healthcheck", tuple(_CHECK))
     check = _check(check_table, CheckSpec())
     vips = _vips(root, dataplane, check, "type" in check_table.data)
+    bgp = parse_bgp(root)
     if problems or node is None:
         raise ConfigError(problems, source)
-    return Config(node=node, dataplane=dataplane, vips=vips)
+    return Config(node=node, dataplane=dataplane, vips=vips, bgp=bgp)
 
 
 def _ring_size(value: Any) -> int:
@@ -224,10 +229,11 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
 
 
 def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
-    tables = root.array("vip", (*_VIP, "healthcheck", "backend"))
+    tables = root.array("vip", (*_VIP, "min_healthy", "healthcheck", "bgp", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
+    _check_shared_routes(valid)
     if len(tables) > dataplane.max_vips:
         root.problem("vip", f"{len(tables)} VIPs are more than dataplane.max_vips ({dataplane.max_vips})")
     backends = sum(len(vip.backends) for _, vip in valid)
@@ -249,7 +255,15 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
         spec = _implicit(spec, values.get("port"), values.get("protocol"))
     backend_tables = table.array("backend", (*_BACKEND, "healthcheck"))
     backends = _backends(backend_tables, values.get("address"), spec, port0)
-    return Vip(**values, backends=backends, healthcheck=spec) if len(values) == len(_VIP) else None
+    min_healthy = table.get("min_healthy", integer(0, 100_000))
+    if min_healthy is not None and min_healthy > len(backend_tables):
+        table.problem("min_healthy", f"{min_healthy} is more than the VIP's {len(backend_tables)} backends: "
+                                     "it could never be announced")
+    route = parse_route(table)
+    if len(values) != len(_VIP):
+        return None
+    return Vip(**values, backends=backends, healthcheck=spec, route=route,
+               min_healthy=1 if min_healthy is None else min_healthy)
 
 
 def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,
@@ -282,3 +296,13 @@ def _check_unique_vips(vips: list[tuple[Table, Vip]]) -> None:
         if key in seen:
             table.problem("", f"duplicate of {seen[key]} ({vip.name})")
         seen.setdefault(key, table.path)
+
+
+def _check_shared_routes(vips: list[tuple[Table, Vip]]) -> None:
+    """VIPs on one address share its route (a /32 or /128): they must ask for the same attributes."""
+    first: dict[IPAddress, tuple[str, RouteAttrs]] = {}
+    for table, vip in vips:
+        path, attrs = first.setdefault(vip.address, (table.path, vip.route))
+        if attrs != vip.route:
+            table.problem("bgp", f"route attributes differ from {path}, which has the same address "
+                                 "(one route per address)")

@@ -7,6 +7,7 @@
     +-- PcapError               a pcap file could not be read or written
     +-- LabError                the namespace lab could not be built or torn down
     +-- SupervisorError         the supervisor cannot start (another one runs) or cannot be reached
+    +-- BgpError                the BGP speaker (ExaBGP) refused a command, is not running, or cannot start
 
 Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at
 the module that talks to them, with `raise XError(...) from exc`.
@@ -46,3 +47,7 @@ class LabError(EdgeLbError):
 
 class SupervisorError(EdgeLbError):
     """The supervisor cannot start (another one holds the instance) or its control socket is unreachable."""
+
+
+class BgpError(EdgeLbError):
+    """The BGP speaker refused a command, is not running, or could not be started."""

@@ -1,0 +1,131 @@
+"""BGP, the pure part: which VIP routes this node should announce, and the ExaBGP API commands for them.
+
+    desired_routes(config, serving, attached, disabled) -> {prefix: Route}      (policy)
+    render("announce" | "withdraw", route) -> "announce route 10.0.0.1/32 next-hop self med 10"
+    Announcer(speaker).sync(desired)                                               (diff -> commands)
+
+The speaker (edge_lb.exabgp.ExaBgpSpeaker, or FakeSpeaker in tests) carries the commands to the routers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edge_lb import events
+from edge_lb.config import Config, IPAddress
+from edge_lb.configbgp import RouteAttrs
+from edge_lb.errors import BgpError
+
+Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+ServingKey = tuple[IPAddress, int, str, IPAddress]  # (VIP address, port, protocol, backend address)
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: Prefix
+    attrs: RouteAttrs = field(default_factory=RouteAttrs)
+
+
+def host_prefix(address: IPAddress) -> Prefix:
+    return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+
+
+def desired_routes(config: Config, serving: Mapping[ServingKey, bool], attached: bool,
+                   disabled: bool) -> dict[Prefix, Route]:
+    """An address is announced while the program is attached, the node is not disabled, and every VIP on
+    that address has at least min_healthy backends that can take new flows (healthy and weight > 0)."""
+    if not attached or disabled:
+        return {}
+    able: dict[IPAddress, bool] = {}
+    for vip in config.vips:
+        count = sum(1 for b in vip.backends if b.weight > 0
+                    and serving.get((vip.address, vip.port, vip.protocol, b.address), False))
+        able[vip.address] = able.get(vip.address, True) and count >= vip.min_healthy
+    routes = {}
+    for vip in config.vips:
+        if able[vip.address]:
+            routes[host_prefix(vip.address)] = Route(host_prefix(vip.address), vip.route)
+    return routes
+
+
+def render(action: str, route: Route) -> str:
+    """One ExaBGP 5 API command. Anything that could end a line early or inject a second command is
+    refused, whatever its source."""
+    if action not in ("announce", "withdraw"):
+        raise ValueError(f"unknown BGP action {action!r}")
+    parts = [action, "route", str(route.prefix), "next-hop", route.attrs.next_hop]
+    if route.attrs.med is not None:
+        parts += ["med", str(route.attrs.med)]
+    if route.attrs.communities:
+        parts += ["community", "[" + " ".join(route.attrs.communities) + "]"]
+    command = " ".join(parts)
+    if not command.isprintable() or ";" in command:
+        raise ValueError(f"refusing a BGP command with control characters: {command!r}")
+    return command
+
+
+class Speaker(Protocol):
+    """Carries API commands to a BGP daemon. send() has one command in flight and returns once the daemon
+    acknowledged it; BgpError when it answered "error" or is not running."""
+
+    async def send(self, command: str) -> None: ...
+
+    def peers(self) -> dict[str, str]:
+        """Peer address -> session state ("up", "down", "connected", ...), as last reported."""
+        ...
+
+
+class Announcer:
+    """Keeps what was announced equal to what should be; every step idempotent."""
+
+    def __init__(self, speaker: Speaker) -> None:
+        self.speaker = speaker
+        self.announced: dict[Prefix, Route] = {}
+
+    def forget(self) -> None:
+        """The daemon restarted with an empty RIB: everything must be announced again."""
+        self.announced.clear()
+
+    async def sync(self, desired: Mapping[Prefix, Route], trigger: str) -> int:
+        """Withdraw what should not be announced, then announce what is missing or changed. Returns the number
+        of commands sent; stops at the first the daemon refuses (BgpError), leaving `announced` exact."""
+        sent = 0
+        for prefix in [p for p in self.announced if p not in desired]:
+            await self._send("withdraw", self.announced[prefix], trigger)
+            del self.announced[prefix]
+            sent += 1
+        for prefix, route in desired.items():
+            if self.announced.get(prefix) != route:
+                await self._send("announce", route, trigger)
+                self.announced[prefix] = route
+                sent += 1
+        return sent
+
+    async def _send(self, action: str, route: Route, trigger: str) -> None:
+        try:
+            await self.speaker.send(render(action, route))
+        except BgpError as exc:
+            events.emit("bgp", logging.ERROR, action=action, prefix=route.prefix, result="failed", error=exc)
+            raise
+        events.emit("bgp", action=action, prefix=route.prefix, trigger=trigger)
+
+
+@dataclass
+class FakeSpeaker:
+    """In-memory twin: records every command; `refuse` makes the next sends fail."""
+
+    commands: list[str] = field(default_factory=list)
+    refuse: bool = False
+    sessions: dict[str, str] = field(default_factory=dict)
+
+    async def send(self, command: str) -> None:
+        if self.refuse:
+            raise BgpError(f"error: {command}")
+        self.commands.append(command)
+
+    def peers(self) -> dict[str, str]:
+        return dict(self.sessions)
