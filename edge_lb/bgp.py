@@ -19,9 +19,9 @@ from edge_lb import events
 from edge_lb.config import Config, IPAddress
 from edge_lb.configbgp import RouteAttrs
 from edge_lb.errors import BgpError
+from edge_lb.state import VipKey
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
-ServingKey = tuple[IPAddress, int, str, IPAddress]  # (VIP address, port, protocol, backend address)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def host_prefix(address: IPAddress) -> Prefix:
     return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
 
 
-def desired_routes(config: Config, serving: Mapping[ServingKey, bool], attached: bool,
+def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
                    disabled: bool) -> dict[Prefix, Route]:
     """An address is announced while the program is attached, the node is not disabled, and every VIP on
     that address has at least min_healthy backends that can take new flows (healthy and weight > 0)."""
@@ -42,8 +42,8 @@ def desired_routes(config: Config, serving: Mapping[ServingKey, bool], attached:
         return {}
     able: dict[IPAddress, bool] = {}
     for vip in config.vips:
-        count = sum(1 for b in vip.backends if b.weight > 0
-                    and serving.get((vip.address, vip.port, vip.protocol, b.address), False))
+        key = VipKey.of(vip)
+        count = sum(1 for b in vip.backends if b.weight > 0 and healthy.get((key, b.address), False))
         able[vip.address] = able.get(vip.address, True) and count >= vip.min_healthy
     routes = {}
     for vip in config.vips:
@@ -72,11 +72,15 @@ class Speaker(Protocol):
     """Carries API commands to a BGP daemon. send() has one command in flight and returns once the daemon
     acknowledged it; BgpError when it answered "error" or is not running."""
 
+    async def start(self) -> None: ...
+
     async def send(self, command: str) -> None: ...
 
     def peers(self) -> dict[str, str]:
         """Peer address -> session state ("up", "down", "connected", ...), as last reported."""
         ...
+
+    async def stop(self) -> None: ...
 
 
 class Announcer:
@@ -122,6 +126,9 @@ class FakeSpeaker:
     refuse: bool = False
     sessions: dict[str, str] = field(default_factory=dict)
 
+    async def start(self) -> None:
+        self.commands.append("<started>")
+
     async def send(self, command: str) -> None:
         if self.refuse:
             raise BgpError(f"error: {command}")
@@ -129,3 +136,6 @@ class FakeSpeaker:
 
     def peers(self) -> dict[str, str]:
         return dict(self.sessions)
+
+    async def stop(self) -> None:
+        self.commands.append("<stopped>")

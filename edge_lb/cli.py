@@ -97,6 +97,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_disable(args: argparse.Namespace) -> int:
+    """Maintenance: the switch is a file, so it works whether or not the supervisor runs, and survives a
+    restart of either."""
+    from edge_lb.bgpctl import disable_path
+    from edge_lb.config import load_config
+
+    cfg = load_config(args.config)
+    if cfg.bgp is None:
+        raise EdgeLbError(f"{args.config} has no [bgp] table: this node announces nothing to disable")
+    path = disable_path(cfg)
+    if args.command == "disable":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("disabled by edge-lb disable\n")
+        print(f"disabled: {path} exists; the supervisor withdraws every VIP of this node within a second "
+              "(the data plane keeps serving flows that still arrive)")
+    else:
+        path.unlink(missing_ok=True)
+        print(f"enabled: {path} removed; VIPs are announced again as their health allows")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge_lb.bench import main as bench_main
 
@@ -135,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn, text)
         sp.add_argument("--socket", metavar="PATH", help="control socket (default /run/edge-lb/NAME.sock)")
     sp.add_argument("--json", action="store_true", help="the status document as JSON")
+    add("disable", cmd_disable, "maintenance: withdraw every VIP of this node (creates [bgp].disable_file)")
+    add("enable", cmd_disable, "end maintenance: announce again as health allows (removes the disable file)")
     sp = add("simulate", cmd_simulate, "run a pcap through the real XDP program (not attached)")
     sp.add_argument("pcap_in", metavar="IN.pcap")
     sp.add_argument("pcap_out", metavar="OUT.pcap", nargs="?")

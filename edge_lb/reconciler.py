@@ -75,6 +75,7 @@ class Reconciler:
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
         self.dirty = asyncio.Event()
         self.applies = 0
+        self.on_applied: Callable[[], None] = lambda: None  # BGP re-evaluates after every apply
 
     # -- health
     def health_of(self, pair: Pair) -> Health:
@@ -146,6 +147,7 @@ class Reconciler:
     def apply(self, trigger: str) -> ApplyReport:
         report = self.maps.apply(self.config, self.health())
         self.applies += 1
+        self.on_applied()
         names = {num: key for key, num in self.maps.programmer.vips.items()}
         health = self.health() if report.ring_slots else {}
         for num, slots in report.ring_slots.items():

@@ -50,6 +50,13 @@ def render(doc: Doc, now: float | None = None) -> str:
     head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
     lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
              f"config {doc.get('config', '?')}", ""]
+    bgp = doc.get("bgp")
+    if bgp:
+        peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"
+        lines += [f"BGP peers: {peers}",
+                  f"announced: {', '.join(bgp['announced']) or 'nothing'}"
+                  + ("  (DISABLED for maintenance: " + bgp["disable_file"] + ")" if bgp["disabled"] else ""),
+                  ""]
     for vip in doc["vips"]:
         lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} healthy, "
                      f"{vip.get('in_ring', 0)} in the ring  "

@@ -12,6 +12,7 @@ from edge_lb.bgp import Announcer, FakeSpeaker, Route, desired_routes, host_pref
 from edge_lb.config import Config, parse_config
 from edge_lb.configbgp import Bgp, Peer, RouteAttrs
 from edge_lb.errors import BgpError, ConfigError
+from edge_lb.state import VipKey
 
 V4, V6 = ipaddress.ip_address("10.200.1.1"), ipaddress.ip_address("fd00::1")
 
@@ -37,7 +38,7 @@ def up(*pairs: tuple[int, str]) -> dict[Any, bool]:
     out = {}
     for port, backend in pairs:
         vip = V6 if ":" in backend else V4
-        out[(vip, port, "tcp", ipaddress.ip_address(backend))] = True
+        out[(VipKey(vip, port, 6), ipaddress.ip_address(backend))] = True
     return out
 
 
