@@ -14,11 +14,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edge_lb import control, events, netinfo, status
+from edge_lb.bgp import Speaker
+from edge_lb.bgpctl import BgpController, drain
 from edge_lb.config import Config, load_config
 from edge_lb.dataplane import Dataplane
 from edge_lb.errors import ConfigError, EdgeLbError
@@ -38,11 +41,23 @@ def restart_only(old: Config, new: Config) -> list[str]:
                         "(`edge-lb run` adopts the pinned maps, established flows survive)")
     if new.node != old.node:
         problems.append("node: changed; interface, MACs and MTU need a restart")
+    if new.bgp != old.bgp:
+        problems.append("bgp: changed; peers and session settings need a restart (routes follow health "
+                        "and [vip.bgp] live)")
     return problems
 
 
+def exabgp_speaker(config: Config, on_restart: Callable[[], None]) -> Speaker:
+    from edge_lb.exabgp import ExaBgpSpeaker
+
+    assert config.bgp is not None
+    run_dir = control.RUN_DIR / f"{config.dataplane.instance}.bgp"
+    return ExaBgpSpeaker(config.bgp, config.dataplane.instance, run_dir, on_restart)
+
+
 class Supervisor:
-    def __init__(self, config_path: str | os.PathLike[str], socket_path: Path | None = None) -> None:
+    def __init__(self, config_path: str | os.PathLike[str], socket_path: Path | None = None,
+                 make_speaker: Callable[[Config, Callable[[], None]], Speaker] = exabgp_speaker) -> None:
         self.config_path = os.fspath(config_path)
         self.socket_path = socket_path
         self.started = time.time()
@@ -54,6 +69,9 @@ class Supervisor:
         self.control = control.ControlServer(self.status, self.reload)
         self._reload_lock = asyncio.Lock()
         self.attached = False
+        self.make_speaker = make_speaker
+        self.speaker: Speaker | None = None
+        self.bgp: BgpController | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def serve(self) -> None:
@@ -82,8 +100,28 @@ class Supervisor:
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
         self.attached = True
+        await self._start_bgp(config)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
+
+    async def _start_bgp(self, config: Config) -> None:
+        """After attach: a VIP is announced only while the program that serves it is attached."""
+        if config.bgp is None:
+            return
+        assert self.rec is not None
+        self.speaker = self.make_speaker(config, self._bgp_restarted)
+        await self.speaker.start()
+        self.bgp = BgpController(config, self.speaker, self.rec.health)
+        self.bgp.attached = True
+        self.rec.on_applied = self.bgp.poke
+        sent = await self.bgp.sync("startup")
+        events.emit("startup", phase="bgp", peers=len(config.bgp.peers), announced=sent,
+                    disabled=self.bgp.disabled())
+
+    def _bgp_restarted(self) -> None:
+        if self.bgp is not None:
+            events.emit("bgp", action="re-announce", reason="speaker restarted")
+            self.bgp.restarted()
 
     async def _link(self, config: Config) -> Link:
         node = config.node
@@ -115,13 +153,16 @@ class Supervisor:
     # -- main loop
     async def main_loop(self) -> None:
         assert self.rec is not None
-        applier = asyncio.create_task(self.rec.run(), name="reconciler")
+        workers = [asyncio.create_task(self.rec.run(), name="reconciler")]
+        if self.bgp is not None:
+            workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
-        done, _ = await asyncio.wait({applier, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (applier, stopper):
+        done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (*workers, stopper):
             task.cancel()
-        if applier in done and not applier.cancelled() and applier.exception():
-            raise EdgeLbError(f"reconciler stopped: {applier.exception()}")
+        for task in workers:
+            if task in done and not task.cancelled() and task.exception():
+                raise EdgeLbError(f"{task.get_name()} stopped: {task.exception()}")
 
     def _gateway_changed(self, mac: str) -> None:
         assert self.maps is not None and self.rec is not None
@@ -150,6 +191,9 @@ class Supervisor:
                 return self._rejected(problems)
             try:
                 report = await self.rec.reload(config)
+                if self.bgp is not None:
+                    self.bgp.config = config
+                    self.bgp.poke()
             except EdgeLbError as exc:
                 return self._rejected([f"the data plane refused the change: {exc}"])
         changes = {"vips_added": report.vips_added, "vips_removed": report.vips_removed,
@@ -171,7 +215,8 @@ class Supervisor:
         node = self.rec.config.node
         doc.update(instance=self.rec.config.dataplane.instance, interface=node.interface, pid=os.getpid(),
                    uptime=time.time() - self.started, config=self.config_path,
-                   gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies)
+                   gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies,
+                   bgp=self.bgp.status() if self.bgp is not None else None)
         return doc
 
     # -- shutdown
@@ -182,6 +227,12 @@ class Supervisor:
             loop.remove_signal_handler(sig)
         for task in self._tasks:
             task.cancel()
+        if self.bgp is not None and self.speaker is not None:
+            assert self.rec is not None
+            # Withdraw first, then wait for routers to move traffic away, then stop: nothing is black-holed.
+            await drain(self.bgp, self.speaker, self.rec.config.bgp.drain_time if self.rec.config.bgp else 0)
+        elif self.speaker is not None:
+            await self.speaker.stop()
         steps = [("control socket", self.control.stop())]
         if self.watcher is not None:
             steps.append(("gateway watcher", self.watcher.stop()))
