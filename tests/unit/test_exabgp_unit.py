@@ -22,15 +22,8 @@ import pytest
 from edge_lb import exabgp
 from edge_lb.configbgp import Bgp, Peer
 from edge_lb.errors import BgpError
-from edge_lb.exabgp import (
-    ApiChannel,
-    ExaBgpSpeaker,
-    PeerChange,
-    default_router_id,
-    exabgp_environment,
-    parse_notification,
-    render_config,
-)
+from edge_lb.exabgp import ExaBgpSpeaker, default_router_id, exabgp_environment, render_config
+from edge_lb.exabgp_api import ApiChannel, PeerChange, parse_notification
 
 PEER4, PEER6 = "10.81.1.1", "fd81:1::1"
 LOCAL = {PEER4: "10.81.1.2", PEER6: "fd81:1::2"}
