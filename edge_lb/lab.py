@@ -81,25 +81,18 @@ class DataplaneLab:
         return Node(ns, f"10.77.{net}.2", f"r-{role}")
 
     def _start_backend(self, server: Node) -> None:
-        server.ns.addr("lo", f"{VIP}/32")
-        server.ns.run([PY, "-m", "edge_lb.decap", "attach", "--interface", "eth0"], timeout=120)
-        self.start_http(_role(server))
+        self.http[role_of(server)] = start_backend(server, VIP, VIP_PORT)
 
     def start_http(self, role: str) -> None:
         """The backend's HTTP server on every address: the VIP (clients) and its own (health checks)."""
-        server = self.server(role)
-        self.http[role] = server.ns.spawn(
-            [PY, "-m", "edge_lb.labhttp", "--bind", "0.0.0.0", "--port", str(VIP_PORT), "--name", role],
-            self.lab.tmpdir / f"http-{role}.log")
+        self.http[role] = spawn_http(self.server(role), VIP_PORT)
 
     def stop_http(self, role: str) -> None:
         """Kill the backend's HTTP server: connections to it are refused from now on."""
-        proc = self.http.pop(role)
-        proc.kill()
-        proc.wait(timeout=5)
+        stop_http(self.http.pop(role))
 
     def server(self, role: str) -> Node:
-        return next(s for s in self.servers if _role(s) == role)
+        return next(s for s in self.servers if role_of(s) == role)
 
     def config_text(self, weights: dict[str, int] | None = None, roles: list[str] | None = None,
                     check: str = "") -> str:
@@ -107,9 +100,9 @@ class DataplaneLab:
         (TOML lines for [vip.healthcheck])."""
         assert self.lb is not None
         weights = weights or {}
-        chosen = [s for s in self.servers if roles is None or _role(s) in roles]
+        chosen = [s for s in self.servers if roles is None or role_of(s) in roles]
         backends = "".join(f'  [[vip.backend]]\n  address = "{s.address}"\n'
-                           f'  weight = {weights.get(_role(s), 1)}\n'
+                           f'  weight = {weights.get(role_of(s), 1)}\n'
                            for s in chosen)
         return (f'[node]\ninterface = "eth0"\n\n[dataplane]\ninstance = "{self.instance}"\n'
                 f'conn_table_size = 65536\nmax_vips = 4\nmax_backends = 64\n'
@@ -131,19 +124,10 @@ class DataplaneLab:
     def start_supervisor(self, timeout: float = 120.0) -> subprocess.Popen[bytes]:
         """`edge-lb run` in the LB namespace (host mounts: bpffs and /run); returns once it answers status."""
         assert self.lb is not None
-        self.supervisor = self.lb.ns.spawn([PY, "-m", "edge_lb", "run", "-c", str(self.config_path)],
-                                           self.lab.tmpdir / "supervisor.log", host_mounts=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.supervisor.poll() is not None:
-                raise LabError(f"edge-lb run exited with {self.supervisor.returncode}: "
-                               f"{self.supervisor_log()[-2000:]}")
-            if control.socket_path(self.instance).exists():
-                with contextlib.suppress(EdgeLbError):
-                    if self.status().get("phase") == "running":
-                        return self.supervisor
-            time.sleep(0.2)
-        raise LabError(f"edge-lb run did not answer within {timeout} s: {self.supervisor_log()[-2000:]}")
+        log_path = self.lab.tmpdir / "supervisor.log"
+        self.supervisor = spawn_supervisor(self.lb.ns, self.config_path, log_path)
+        wait_supervisor(self.supervisor, self.instance, log_path, timeout)
+        return self.supervisor
 
     def reload(self) -> str:
         """`edge-lb reload -c CONFIG`: the CLI's one-line answer."""
@@ -157,11 +141,11 @@ class DataplaneLab:
         return (self.lab.tmpdir / "supervisor.log").read_text(errors="replace")
 
     def status(self) -> dict[str, Any]:
-        return asyncio.run(control.request(control.socket_path(self.instance), "GET", "/v1/status", 10))
+        return supervisor_status(self.instance)
 
     def backend_states(self) -> dict[str, tuple[str, int]]:
         """role -> (state, ring slots) of the lab VIP's backends, from the supervisor."""
-        roles = {s.address: _role(s) for s in self.servers}
+        roles = {s.address: role_of(s) for s in self.servers}
         vip = self.status()["vips"][0]
         return {roles[b["address"]]: (b["state"], b["ring_slots"]) for b in vip["backends"]}
 
@@ -176,25 +160,15 @@ class DataplaneLab:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until every backend's HTTP server answers on the VIP from inside its own namespace."""
-        deadline = time.monotonic() + timeout
-        for server in self.servers:
-            while True:
-                probe = server.ns.run([PY, "-c", _PROBE], check=False, timeout=5)
-                if probe.returncode == 0:
-                    break
-                if time.monotonic() > deadline:
-                    raise LabError(f"backend {server.ns.name}: HTTP server not up within {timeout} s")
-                time.sleep(0.2)
+        wait_http_ready(self.servers, VIP, VIP_PORT, timeout)
 
     def http_get(self, count: int) -> dict[str, Any]:
         assert self.client is not None
-        out = self.client.ns.run([PY, "-m", "edge_lb.labtools", "http-get", f"http://{VIP}:{VIP_PORT}/",
-                                  "--count", str(count)], timeout=30 + count)
-        result: dict[str, Any] = json.loads(out.stdout)
-        return result
+        return http_get(self.client.ns, VIP, VIP_PORT, count)
 
     def hold(self, count: int) -> Holder:
-        return Holder(self, count)
+        assert self.client is not None
+        return Holder(self.client.ns, self.lab.tmpdir / "hold.log", VIP, VIP_PORT, count)
 
     def lb_reasons(self) -> dict[str, int]:
         names = reason_names()
@@ -203,6 +177,90 @@ class DataplaneLab:
 
     def close(self) -> None:
         remove_instance(self.supervisor, self.instance)
+
+
+def role_of(node: Node) -> str:
+    """The role part of a lab namespace name: "b2" of "elbt1a2b3c-b2"."""
+    return node.ns.name.rsplit("-", 1)[1]
+
+
+def start_backend(server: Node, vip: str, port: int) -> subprocess.Popen[bytes]:
+    """A lab backend: the VIP on lo, decap.c on eth0, and its HTTP server (returned)."""
+    server.ns.addr("lo", f"{vip}/32")
+    server.ns.run([PY, "-m", "edge_lb.decap", "attach", "--interface", "eth0"], timeout=120)
+    return spawn_http(server, port)
+
+
+def spawn_http(server: Node, port: int) -> subprocess.Popen[bytes]:
+    """The backend's HTTP server on every address: the VIP (clients) and its own (health checks); the body
+    names the backend."""
+    role = role_of(server)
+    return server.ns.spawn(
+        [PY, "-m", "edge_lb.labhttp", "--bind", "0.0.0.0", "--port", str(port), "--name", role],
+        server.ns.lab.tmpdir / f"http-{role}.log")
+
+
+def stop_http(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a backend's HTTP server: connections to it are refused from now on."""
+    proc.kill()
+    proc.wait(timeout=5)
+
+
+def wait_http_ready(servers: list[Node], vip: str, port: int, timeout: float = 20.0) -> None:
+    """Until every backend's HTTP server answers on the VIP from inside its own namespace."""
+    probe_src = (f"import socket; s=socket.create_connection(('{vip}', {port}), 1); "
+                 "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); assert s.recv(64)")
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        while True:
+            probe = server.ns.run([PY, "-c", probe_src], check=False, timeout=5)
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"backend {server.ns.name}: HTTP server not up within {timeout} s")
+            time.sleep(0.2)
+
+
+def http_get(client: Netns, vip: str, port: int, count: int) -> dict[str, Any]:
+    """`count` fresh HTTP connections from `client` to the VIP: {"served": {backend: n}, "failures": n,
+    "errors": [first few]}."""
+    out = client.run([PY, "-m", "edge_lb.labtools", "http-get", f"http://{vip}:{port}/",
+                      "--count", str(count)], timeout=30 + count)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def spawn_supervisor(ns: Netns, config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """`edge-lb run -c CONFIG` in `ns` (host mounts: bpffs and /run), output to `log_path`."""
+    return ns.spawn([PY, "-m", "edge_lb", "run", "-c", str(config)], log_path, host_mounts=True)
+
+
+def wait_supervisor(proc: subprocess.Popen[bytes], instance: str, log_path: Path,
+                    timeout: float = 120.0) -> None:
+    """Until the supervisor's status answers with phase "running"; LabError (with the log's tail) if it
+    exits or stays silent for `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LabError(f"edge-lb run exited with {proc.returncode}: {_tail(log_path)}")
+        if control.socket_path(instance).exists():
+            with contextlib.suppress(EdgeLbError):
+                if supervisor_status(instance).get("phase") == "running":
+                    return
+        time.sleep(0.2)
+    raise LabError(f"edge-lb run did not answer within {timeout} s: {_tail(log_path)}")
+
+
+def supervisor_status(instance: str) -> dict[str, Any]:
+    """GET /v1/status of the supervisor of `instance`."""
+    return asyncio.run(control.request(control.socket_path(instance), "GET", "/v1/status", 10))
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(no log: {exc})"
 
 
 def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -> None:
@@ -230,11 +288,9 @@ class Holder:
     """The client holding long-lived connections through the LB (`labtools hold`): each round sends one
     request on every connection, never reconnecting, and returns who served each (or "error: ...")."""
 
-    def __init__(self, lab: DataplaneLab, count: int) -> None:
-        assert lab.client is not None
-        self.proc = lab.client.ns.interactive(
-            [PY, "-m", "edge_lb.labtools", "hold", VIP, str(VIP_PORT), "--count", str(count)],
-            lab.lab.tmpdir / "hold.log")
+    def __init__(self, client: Netns, log_path: Path, vip: str, port: int, count: int) -> None:
+        self.proc = client.interactive(
+            [PY, "-m", "edge_lb.labtools", "hold", vip, str(port), "--count", str(count)], log_path)
 
     def round(self, timeout: float = 30.0) -> list[str]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -248,13 +304,3 @@ class Holder:
             raise LabError(f"the holding client exited ({self.proc.poll()})")
         served: list[str] = json.loads(line)
         return served
-
-
-def _role(node: Node) -> str:
-    return node.ns.name.rsplit("-", 1)[1]
-
-
-_PROBE = (f"import socket; s=socket.create_connection(('{VIP}', {VIP_PORT}), 1); "
-          "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); assert s.recv(64)")
-
-

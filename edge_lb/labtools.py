@@ -74,6 +74,18 @@ def hold(host: str, port: int, count: int, timeout: float) -> None:
             sock.close()
 
 
+def udp_flows(host: str, port: int, count: int, first_port: int) -> dict[str, int]:
+    """One datagram from each of `count` source ports first_port.. (distinct flows, for ECMP and the ring);
+    nothing is awaited: backends need not answer."""
+    sent = 0
+    for sport in range(first_port, first_port + count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("0.0.0.0", sport))
+            sock.sendto(b"edge-lb lab flow", (host, port))
+            sent += 1
+    return {"sent": sent}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_lb.labtools")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -87,11 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("port", type=int)
     h.add_argument("--count", type=int, default=50)
     h.add_argument("--timeout", type=float, default=3.0)
+    u = sub.add_parser("udp-flows")
+    u.add_argument("host")
+    u.add_argument("port", type=int)
+    u.add_argument("--count", type=int, default=100)
+    u.add_argument("--first-port", type=int, default=20000)
     args = p.parse_args(argv)
     if args.cmd == "attach-pass":
         attach_pass(args.interface)
     elif args.cmd == "hold":
         hold(args.host, args.port, args.count, args.timeout)
+    elif args.cmd == "udp-flows":
+        json.dump(udp_flows(args.host, args.port, args.count, args.first_port), sys.stdout)
     else:
         json.dump(http_get(args.url, args.count, args.timeout), sys.stdout)
     return 0

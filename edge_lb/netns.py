@@ -26,7 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -125,9 +125,11 @@ class Netns:
         return proc
 
     def spawn(
-        self, argv: Sequence[str], log_path: Path | str, host_mounts: bool = False
+        self, argv: Sequence[str], log_path: Path | str, host_mounts: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a long-running command in the namespace, output to `log_path`; the Lab stops it on close."""
+        """Start a long-running command in the namespace, output to `log_path`; the Lab stops it on close.
+        `env`: variables added to (or replacing some of) this process's environment."""
         # `ip netns exec` execs the command, so the PID we get is the command's own. A new session gives it
         # its own process group, so its children can be stopped with it and Ctrl-C does not reach it twice.
         with open(log_path, "ab") as out:
@@ -138,12 +140,12 @@ class Netns:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    env=None if env is None else {**os.environ, **env},
                 )
             except OSError as exc:
                 raise LabError(f"starting {argv[0]!r} in {self.name}: {exc}") from exc
         self.lab._processes.append(proc)
         return proc
-
 
     def interactive(self, argv: Sequence[str], log_path: Path | str) -> subprocess.Popen[str]:
         """Start a command with stdin/stdout pipes (stderr to `log_path`); the Lab stops it on close."""
@@ -166,6 +168,7 @@ class Lab:
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         self._namespaces: list[Netns] = []
         self._processes: list[subprocess.Popen[Any]] = []
+        self._cleanups: list[Callable[[], object]] = []
         self._closed = False
         # Belt and braces: an interpreter exit without close() (a forgotten `with`) still tears down.
         atexit.register(self.close)
@@ -189,6 +192,11 @@ class Lab:
         ns.up("lo")
         return ns
 
+    def add_cleanup(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on close, after the spawned processes are stopped and before the namespaces go (latest
+        added first). For what lives outside the namespaces: pinned maps, control sockets."""
+        self._cleanups.append(fn)
+
     def veth(self, a: Netns, a_if: str, b: Netns, b_if: str) -> None:
         """A veth pair with end `a_if` in `a` and `b_if` in `b`, both up."""
         _check_name("interface", a_if, IFNAMSIZ)
@@ -199,7 +207,8 @@ class Lab:
         b.up(b_if)
 
     def close(self) -> None:
-        """Stop spawned processes, delete namespaces, remove tmpdir. Idempotent; logs, never raises."""
+        """Stop spawned processes, run cleanups, delete namespaces, remove tmpdir. Idempotent; logs, never
+        raises."""
         if self._closed:
             return
         self._closed = True
@@ -209,6 +218,11 @@ class Lab:
                 _stop_process(proc)
             except Exception:
                 log.exception("lab %s: stopping pid %d failed", self.id, proc.pid)
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception:
+                log.exception("lab %s: cleanup %r failed", self.id, fn)
         for ns in reversed(self._namespaces):
             try:
                 _delete_netns(ns.name)
