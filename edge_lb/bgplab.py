@@ -312,6 +312,17 @@ class BgpLab:
         wait_supervisor(lb.supervisor, lb.instance, log_path, timeout)
         return lb.supervisor
 
+    def start_supervisors(self, timeout: float = 120.0) -> None:
+        """Every node's supervisor, started together (each compiles its program: in parallel it is faster)."""
+        for number, lb in self.nodes.items():
+            if not self.config_path(number).exists():
+                self.write_config(number)
+            log_path = self.supervisor_log_path(number)
+            lb.supervisor = spawn_supervisor(lb.ns, self.config_path(number), log_path)
+        for number, lb in self.nodes.items():
+            assert lb.supervisor is not None
+            wait_supervisor(lb.supervisor, lb.instance, self.supervisor_log_path(number), timeout)
+
     def kill_supervisor(self, node: int, sig: int = signal.SIGTERM) -> None:
         """Send `sig` to the node's supervisor (its PID only); returns at once."""
         proc = self.node(node).supervisor
