@@ -84,38 +84,53 @@ class Speaker(Protocol):
 
 
 class Announcer:
-    """Keeps what was announced equal to what should be; every step idempotent."""
+    """Keeps what was announced equal to what should be; every step idempotent.
+
+    `announced` errs on the side of "maybe announced": an announce counts from the moment it is sent (its ack
+    may be lost while ExaBGP took it), and a withdraw only once acknowledged. What is `unsure` (a failed
+    announce, or everything after the speaker reconnected) is sent again; ExaBGP answers "done" to a repeated
+    announce and to withdrawing a route it does not have, so re-sending is safe.
+    """
 
     def __init__(self, speaker: Speaker) -> None:
         self.speaker = speaker
         self.announced: dict[Prefix, Route] = {}
+        self.unsure: set[Prefix] = set()
 
     def forget(self) -> None:
-        """The daemon restarted with an empty RIB: everything must be announced again."""
-        self.announced.clear()
+        """The speaker reconnected (maybe restarted with an empty RIB): re-send everything."""
+        self.unsure = set(self.announced)
 
     async def sync(self, desired: Mapping[Prefix, Route], trigger: str) -> int:
-        """Withdraw what should not be announced, then announce what is missing or changed. Returns the number
-        of commands sent; stops at the first the daemon refuses (BgpError), leaving `announced` exact."""
-        sent = 0
+        """Withdraw what should not be announced, then announce what is missing, changed or unsure. Each
+        route is tried on its own; BgpError at the end if any was refused. Returns the commands acked."""
+        sent, failed = 0, list[str]()
         for prefix in [p for p in self.announced if p not in desired]:
-            await self._send("withdraw", self.announced[prefix], trigger)
-            del self.announced[prefix]
-            sent += 1
-        for prefix, route in desired.items():
-            if self.announced.get(prefix) != route:
-                await self._send("announce", route, trigger)
-                self.announced[prefix] = route
+            if await self._send("withdraw", self.announced[prefix], trigger, failed):
+                self.announced.pop(prefix, None)
+                self.unsure.discard(prefix)
                 sent += 1
+        for prefix, route in desired.items():
+            if self.announced.get(prefix) != route or prefix in self.unsure:
+                self.announced[prefix] = route
+                if await self._send("announce", route, trigger, failed):
+                    self.unsure.discard(prefix)
+                    sent += 1
+                else:
+                    self.unsure.add(prefix)
+        if failed:
+            raise BgpError(f"{len(failed)} BGP command(s) failed, first: {failed[0]}")
         return sent
 
-    async def _send(self, action: str, route: Route, trigger: str) -> None:
+    async def _send(self, action: str, route: Route, trigger: str, failed: list[str]) -> bool:
         try:
             await self.speaker.send(render(action, route))
         except BgpError as exc:
             events.emit("bgp", logging.ERROR, action=action, prefix=route.prefix, result="failed", error=exc)
-            raise
+            failed.append(str(exc))
+            return False
         events.emit("bgp", action=action, prefix=route.prefix, trigger=trigger)
+        return True
 
 
 @dataclass

@@ -10,39 +10,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edge_lb import events
-from edge_lb.bgp import Announcer, Speaker, desired_routes
+from edge_lb.bgp import Announcer, Prefix, Route, Speaker, desired_routes
 from edge_lb.config import Config, IPAddress
 from edge_lb.errors import BgpError
 from edge_lb.state import VipKey
 
 _POLL = 0.5  # seconds between looks at the disable file
 _RETRY = 1.0  # seconds before a refused sync is tried again
-
-Health = Callable[[], Mapping[tuple[VipKey, IPAddress], bool]]
+_WITHDRAW_BOUND = 10.0  # seconds shutdown keeps trying to withdraw
 
 
 def disable_path(config: Config) -> Path:
     """The maintenance switch: while this file exists the node announces nothing. It lives outside /run so a
     node disabled for maintenance stays disabled across a reboot."""
     assert config.bgp is not None
-    return Path(config.bgp.disable_file or f"/var/lib/edge-lb/{config.dataplane.instance}.disabled")
+    return switch_path(config.bgp.disable_file, config.dataplane.instance)
+
+
+def switch_path(disable_file: str | None, instance: str) -> Path:
+    return Path(disable_file or f"/var/lib/edge-lb/{instance}.disabled")
+
+
+class Source(Protocol):
+    """What the controller reads on every sync, together: the running config and the backends' health."""
+
+    config: Config
+
+    def health(self) -> Mapping[tuple[VipKey, IPAddress], bool]: ...
+
+
+async def _always() -> bool:
+    return True
 
 
 class BgpController:
-    def __init__(self, config: Config, speaker: Speaker, health: Health) -> None:
-        self.config = config
+    def __init__(self, source: Source, speaker: Speaker,
+                 attached: Callable[[], Awaitable[bool]] = _always) -> None:
+        self.source = source
         self.speaker = speaker
-        self.health = health
+        self.probe_attached = attached
         self.announcer = Announcer(speaker)
-        self.attached = False
+        self.attached = True
         self.stopping = False
         self.dirty = asyncio.Event()
         self._disabled = self.disabled()
+
+    @property
+    def config(self) -> Config:
+        return self.source.config
 
     def disabled(self) -> bool:
         return disable_path(self.config).exists()
@@ -51,32 +71,57 @@ class BgpController:
         self.dirty.set()
 
     def restarted(self) -> None:
-        """The speaker came back with an empty RIB: announce everything again."""
+        """The speaker reconnected (maybe with an empty RIB): re-send everything it may lack."""
         self.announcer.forget()
         self.poke()
+
+    def desired(self, config: Config | None = None) -> dict[Prefix, Route]:
+        return desired_routes(config or self.config, self.source.health(), self.attached, self._disabled)
 
     async def sync(self, trigger: str) -> int:
         if self.stopping:
             return 0
-        desired = desired_routes(self.config, self.health(), self.attached, self._disabled)
-        return await self.announcer.sync(desired, trigger)
+        return await self.announcer.sync(self.desired(), trigger)
+
+    async def withdraw_for(self, config: Config) -> None:
+        """Before a reload changes the maps: withdraw what the new config will not announce (a removed VIP's
+        route goes before its maps do, so routers never send it to a node that drops it)."""
+        keep = self.desired(config)
+        now = self.announcer.announced
+        if any(p not in keep for p in now):
+            await self.announcer.sync({p: r for p, r in now.items() if p in keep}, "reload")
 
     async def run(self) -> None:
-        """Until cancelled: sync on every poke and whenever the disable switch flips."""
+        """Until cancelled: sync on every poke and whenever the disable switch or the attachment flips."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.dirty.wait(), _POLL)
             trigger = "health or reload" if self.dirty.is_set() else "poll"
             self.dirty.clear()
-            if self.disabled() != self._disabled:
-                self._disabled = not self._disabled
-                events.emit("maintenance", disabled=self._disabled, file=disable_path(self.config))
-                trigger = "disable" if self._disabled else "enable"
+            trigger = await self._look(trigger)
             try:
                 await self.sync(trigger)
             except BgpError:
                 await asyncio.sleep(_RETRY)
                 self.dirty.set()
+
+    async def _look(self, trigger: str) -> str:
+        """The two switches no event announces: the disable file, and the program still being attached."""
+        if self.disabled() != self._disabled:
+            self._disabled = not self._disabled
+            events.emit("maintenance", disabled=self._disabled, file=disable_path(self.config))
+            trigger = "disable" if self._disabled else "enable"
+        try:
+            attached = await self.probe_attached()
+        except Exception as exc:  # cannot tell: keep the last answer, say so
+            events.emit("bgp", logging.WARNING, check="attachment", error=exc)
+            attached = self.attached
+        if attached != self.attached:
+            self.attached = attached
+            events.emit("bgp", logging.WARNING if not attached else logging.INFO, check="attachment",
+                        attached=attached, interface=self.config.node.interface)
+            trigger = "attachment"
+        return trigger
 
     async def withdraw_all(self) -> None:
         """Shutdown's first step: withdraw every route (the speaker keeps running until drained)."""
@@ -89,12 +134,19 @@ class BgpController:
 
 
 async def drain(controller: BgpController, speaker: Speaker, drain_time: float) -> None:
-    """Withdraw first, give routers drain_time to move traffic away, then stop the speaker."""
-    try:
-        await asyncio.wait_for(controller.withdraw_all(), 10)
-        events.emit("shutdown", phase="withdrawn", drain=f"{drain_time:g}s")
-    except (BgpError, TimeoutError) as exc:
-        events.emit("shutdown", logging.WARNING, phase="withdraw failed", error=repr(exc))
+    """Withdraw first (retrying for up to 10 s: the bridge may be reconnecting), give routers drain_time to
+    move traffic away, then stop the speaker (which ends the sessions, withdrawing anything left)."""
+    deadline = asyncio.get_running_loop().time() + _WITHDRAW_BOUND
+    while True:
+        try:
+            await asyncio.wait_for(controller.withdraw_all(), _WITHDRAW_BOUND)
+            events.emit("shutdown", phase="withdrawn", drain=f"{drain_time:g}s")
+            break
+        except (BgpError, TimeoutError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                events.emit("shutdown", logging.WARNING, phase="withdraw failed", error=repr(exc))
+                break
+            await asyncio.sleep(_RETRY / 2)
     await asyncio.sleep(drain_time)
     await speaker.stop()
     events.emit("shutdown", phase="bgp stopped")

@@ -54,6 +54,9 @@ def cmd_unload(args: argparse.Namespace) -> int:
     from edge_lb.dataplane import Dataplane, remove_pins
 
     cfg = load_config(args.config)
+    if _supervisor_running(cfg.dataplane.instance):
+        raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: stop it first "
+                          "(it withdraws the VIPs before anything is detached)")
     Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
     removed = remove_pins(cfg.dataplane.instance)
     print(f"detached from {cfg.node.interface}; unpinned {len(removed)} maps of {cfg.dataplane.instance}")
@@ -100,13 +103,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     """Maintenance: the switch is a file, so it works whether or not the supervisor runs, and survives a
     restart of either."""
-    from edge_lb.bgpctl import disable_path
-    from edge_lb.config import load_config
+    from edge_lb.bgpctl import switch_path
+    from edge_lb.config import disable_file_of, instance_of
 
-    cfg = load_config(args.config)
-    if cfg.bgp is None:
-        raise EdgeLbError(f"{args.config} has no [bgp] table: this node announces nothing to disable")
-    path = disable_path(cfg)
+    path = switch_path(disable_file_of(args.config), instance_of(args.config))
     if args.command == "disable":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("disabled by edge-lb disable\n")
@@ -116,6 +116,19 @@ def cmd_disable(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
         print(f"enabled: {path} removed; VIPs are announced again as their health allows")
     return 0
+
+
+def _supervisor_running(instance: str) -> bool:
+    import socket
+
+    from edge_lb import control
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(control.socket_path(instance)))
+        except OSError:
+            return False
+        return True
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

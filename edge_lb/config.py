@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_lb.configbgp import Bgp, RouteAttrs, parse_bgp, parse_route
+from edge_lb.configbgp import BGP, Bgp, RouteAttrs, check_families, parse_bgp, parse_route
 from edge_lb.configtools import (
     Invalid,
     Table,
@@ -115,11 +115,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def instance_of(path: str | os.PathLike[str]) -> str:
     """Only [dataplane].instance: enough to find a running supervisor even while the file has other errors."""
     source = os.fspath(path)
-    try:
-        with open(source, "rb") as file:
-            data = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{source}: cannot read the instance name: {exc}"], source) from exc
+    data = _read_toml(source)
     problems: list[str] = []
     table = Table(data.get("dataplane", {}), "dataplane", problems, tuple(_DATAPLANE))
     instance = table.get("instance", _DATAPLANE["instance"])
@@ -127,6 +123,29 @@ def instance_of(path: str | os.PathLike[str]) -> str:
     if problems:
         raise ConfigError(problems, source)
     return str(instance or Dataplane().instance)
+
+
+def disable_file_of(path: str | os.PathLike[str]) -> str | None:
+    """Only [bgp].disable_file (None when absent): `edge-lb disable` must work while other parts of the file
+    are being edited. ConfigError when there is no [bgp] table or the key is invalid."""
+    source = os.fspath(path)
+    data = _read_toml(source)
+    if not isinstance(data.get("bgp"), Mapping):
+        raise ConfigError([f"{source}: has no [bgp] table: this node announces nothing to disable"], source)
+    problems: list[str] = []
+    value = Table(data["bgp"], "bgp", problems, tuple(data["bgp"])).get("disable_file", BGP["disable_file"])
+    problems = [p for p in problems if p.startswith("bgp.disable_file")]
+    if problems:
+        raise ConfigError(problems, source)
+    return str(value) if value else None
+
+
+def _read_toml(source: str) -> dict[str, Any]:
+    try:
+        with open(source, "rb") as file:
+            return tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc}"], source) from exc
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
@@ -137,11 +156,13 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     dataplane = _dataplane(root.table("dataplane", tuple(_DATAPLANE)))
     check_table = root.table("healthcheck", tuple(_CHECK))
     check = _check(check_table, CheckSpec())
-    vips = _vips(root, dataplane, check, "type" in check_table.data)
+    vips = _vips(root, dataplane, check, "type" in check_table.data)  # (table, Vip) pairs
     bgp = parse_bgp(root)
+    if bgp is not None:
+        check_families(bgp, [(table, vip.address, vip.route) for table, vip in vips])
     if problems or node is None:
         raise ConfigError(problems, source)
-    return Config(node=node, dataplane=dataplane, vips=vips, bgp=bgp)
+    return Config(node=node, dataplane=dataplane, vips=tuple(vip for _, vip in vips), bgp=bgp)
 
 
 def _ring_size(value: Any) -> int:
@@ -228,7 +249,7 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
     return replace(spec, kind="none") if port == 0 or protocol == "udp" else spec
 
 
-def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> tuple[Vip, ...]:
+def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> list[tuple[Table, Vip]]:
     tables = root.array("vip", (*_VIP, "min_healthy", "healthcheck", "bgp", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
@@ -243,7 +264,7 @@ def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -
             f"{backends} backends are more than dataplane.max_backends - 1 "
             f"({dataplane.max_backends - 1}; slot 0 is reserved)",
         )
-    return tuple(vip for _, vip in valid)
+    return valid
 
 
 def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:

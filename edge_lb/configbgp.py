@@ -77,12 +77,12 @@ def _communities(value: Any) -> tuple[str, ...]:
 
 def _abs_path(value: Any) -> str:
     text = string(value)
-    if not text.startswith("/") or not text.isprintable():
-        raise Invalid("must be an absolute path")
+    if not text.startswith("/") or not text.isprintable() or text.endswith("/"):
+        raise Invalid("must be an absolute path to a file, like /var/lib/edge-lb/default.disabled")
     return text
 
 
-BGP = {"local_as": _ASN, "router_id": _router_id, "drain_time": number(0, 300),
+BGP = {"local_as": _ASN, "router_id": _router_id, "drain_time": number(0, 60),  # below systemd's stop timeout
        "disable_file": _abs_path}
 PEER = {"address": address, "as": _ASN, "hold_time": integer(3, 65535), "local_address": address}
 ROUTE = {"next_hop": _next_hop, "med": integer(0, 4294967295), "communities": _communities}
@@ -98,9 +98,25 @@ def parse_bgp(root: Table) -> Bgp | None:
     if table.is_table and not table.data.get("peer"):
         table.problem("peer", "at least one [[bgp.peer]] is required")
     _unique_peers(table, peers)
+    if "router_id" not in values and peers and all(p.address.version == 6 for p in peers):
+        table.problem("router_id", "required when no peer is IPv4 (a BGP identifier is an IPv4 address)")
     if "local_as" not in values:
         return None
     return Bgp(**values, peers=peers)
+
+
+def check_families(bgp: Bgp, vips: list[tuple[Table, IPAddress, RouteAttrs]]) -> None:
+    """A VIP's route needs a session of its family, and a next hop of its family."""
+    families = {p.address.version for p in bgp.peers}
+    if not families:
+        return  # the peers' own problems are reported already
+    for table, vip_address, route in vips:
+        if vip_address.version not in families:
+            table.problem("address", f"an IPv{vip_address.version} VIP needs an IPv{vip_address.version} "
+                                     "[[bgp.peer]] to be announced")
+        if route.next_hop != "self" and ipaddress.ip_address(route.next_hop).version != vip_address.version:
+            table.problem("bgp.next_hop", f"an IPv{vip_address.version} VIP needs an "
+                                          f"IPv{vip_address.version} next hop")
 
 
 def _peer(table: Table) -> Peer | None:

@@ -119,15 +119,23 @@ class ApiChannel:
                 raise BgpError(f"ExaBGP is not running or its bridge is not connected: "
                                f"cannot send {command!r}")
             pending = self._pending = asyncio.get_running_loop().create_future()
+            written = False
             try:
                 async with asyncio.timeout(self.ack_timeout):
                     bridge.writer.write(f"{command}\n".encode())
+                    written = True
                     await bridge.writer.drain()
                     answer = await pending
             except TimeoutError:
+                # The ack may never come, and every later ack would be misread: start a fresh bridge (ExaBGP
+                # respawns it; the reconnect makes the announcer re-send what it is unsure of).
                 if bridge is self._bridge:
-                    self._orphans += 1
+                    self.disconnect(f"no answer to {command!r}: resetting the bridge")
                 raise BgpError(f"ExaBGP did not answer {command!r} within {self.ack_timeout:g} s") from None
+            except asyncio.CancelledError:
+                if written and bridge is self._bridge:
+                    self._orphans += 1  # its ack is still coming: it must not answer the next command
+                raise
             except OSError as exc:
                 raise BgpError(f"sending {command!r} to ExaBGP: {exc}") from exc
             finally:

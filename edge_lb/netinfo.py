@@ -78,3 +78,11 @@ def _neighbour_mac(ipr: Any, oif: int, gw: str, ifname: str) -> str:
             return str(lladdr).lower()
     raise NetlinkError(f"gateway {gw} on {ifname} has no usable neighbour entry yet (ping it) "
                        "or set node.gateway_mac")
+
+
+def xdp_prog_id(ifname: str) -> int | None:
+    """The id of the XDP program attached to ifname (any mode), or None."""
+    with _ipr() as ipr:
+        xdp = _link(ipr, ifname).get_attr("IFLA_XDP")
+        prog = xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None
+        return int(prog) if prog else None

@@ -54,7 +54,7 @@ def render(doc: Doc, now: float | None = None) -> str:
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"
         lines += [f"BGP peers: {peers}",
-                  f"announced: {', '.join(bgp['announced']) or 'nothing'}"
+                  f"announced (sent to ExaBGP): {', '.join(bgp['announced']) or 'nothing'}"
                   + ("  (DISABLED for maintenance: " + bgp["disable_file"] + ")" if bgp["disabled"] else ""),
                   ""]
     for vip in doc["vips"]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from edge_lb.bgp import Speaker
 from edge_lb.bgpctl import BgpController, drain
 from edge_lb.config import Config, load_config
 from edge_lb.dataplane import Dataplane
-from edge_lb.errors import ConfigError, EdgeLbError
+from edge_lb.errors import BgpError, ConfigError, EdgeLbError
 from edge_lb.gwwatch import GatewayWatcher
 from edge_lb.node import Link, NodeMaps
 from edge_lb.reconciler import Reconciler
@@ -69,6 +70,7 @@ class Supervisor:
         self.control = control.ControlServer(self.status, self.reload)
         self._reload_lock = asyncio.Lock()
         self.attached = False
+        self.prog_id: int | None = None
         self.make_speaker = make_speaker
         self.speaker: Speaker | None = None
         self.bgp: BgpController | None = None
@@ -100,6 +102,7 @@ class Supervisor:
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
         self.attached = True
+        self.prog_id = await asyncio.to_thread(netinfo.xdp_prog_id, config.node.interface)
         await self._start_bgp(config)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
@@ -111,12 +114,22 @@ class Supervisor:
         assert self.rec is not None
         self.speaker = self.make_speaker(config, self._bgp_restarted)
         await self.speaker.start()
-        self.bgp = BgpController(config, self.speaker, self.rec.health)
-        self.bgp.attached = True
+        self.bgp = BgpController(self.rec, self.speaker, self._still_attached)
         self.rec.on_applied = self.bgp.poke
-        sent = await self.bgp.sync("startup")
+        try:
+            sent = await self.bgp.sync("startup")
+        except BgpError as exc:  # the controller's loop retries every second
+            events.emit("startup", logging.WARNING, phase="bgp", result="first announce failed", error=exc)
+            self.bgp.poke()
+            return
         events.emit("startup", phase="bgp", peers=len(config.bgp.peers), announced=sent,
                     disabled=self.bgp.disabled())
+
+    async def _still_attached(self) -> bool:
+        """Our program is still the one on the interface (not detached or replaced behind our back)."""
+        assert self.rec is not None
+        now = await asyncio.to_thread(netinfo.xdp_prog_id, self.rec.config.node.interface)
+        return now is not None and now == self.prog_id
 
     def _bgp_restarted(self) -> None:
         if self.bgp is not None:
@@ -160,6 +173,8 @@ class Supervisor:
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):
             task.cancel()
+        # Let them unwind: a command cut off mid-flight is accounted for before shutdown withdraws.
+        await asyncio.gather(*workers, stopper, return_exceptions=True)
         for task in workers:
             if task in done and not task.cancelled() and task.exception():
                 raise EdgeLbError(f"{task.get_name()} stopped: {task.exception()}")
@@ -190,10 +205,10 @@ class Supervisor:
             if problems:
                 return self._rejected(problems)
             try:
-                report = await self.rec.reload(config)
                 if self.bgp is not None:
-                    self.bgp.config = config
-                    self.bgp.poke()
+                    with contextlib.suppress(BgpError):  # what fails is retried by the controller's loop
+                        await self.bgp.withdraw_for(config)
+                report = await self.rec.reload(config)
             except EdgeLbError as exc:
                 return self._rejected([f"the data plane refused the change: {exc}"])
         changes = {"vips_added": report.vips_added, "vips_removed": report.vips_removed,

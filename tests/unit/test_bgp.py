@@ -128,24 +128,35 @@ def test_bgp_config_parses() -> None:
     assert config().bgp is None
 
 
+P4, P6 = {"address": "10.0.0.1", "as": 2}, {"address": "fd00:9::1", "as": 2}
+BOTH = {"local_as": 1, "peer": [P4, P6]}
+
+
 @pytest.mark.parametrize(("bgp", "vip", "problem"), [
-    ({"peer": [{"address": "10.0.0.1", "as": 1}]}, {}, "bgp.local_as: required"),
+    ({"peer": [P4, P6]}, {}, "bgp.local_as: required"),
     ({"local_as": 1}, {}, "bgp.peer: at least one [[bgp.peer]] is required"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1"}]}, {}, "bgp.peer[0].as: required"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1", "as": 2, "hold_time": 1}]}, {},
+    ({"local_as": 1, "peer": [P6]}, {},
+     "bgp.router_id: required when no peer is IPv4 (a BGP identifier is an IPv4 address)"),
+    ({"local_as": 1, "router_id": "10.0.0.9", "peer": [P4]}, {},
+     "vip[2].address: an IPv6 VIP needs an IPv6 [[bgp.peer]] to be announced"),
+    (BOTH, {"bgp": {"next_hop": "fd00::9"}}, "vip[0].bgp.next_hop: an IPv4 VIP needs an IPv4 next hop"),
+    ({"local_as": 1, "peer": [{"address": "10.0.0.1"}, P6]}, {}, "bgp.peer[0].as: required"),
+    ({"local_as": 1, "peer": [{**P4, "hold_time": 1}, P6]}, {},
      "bgp.peer[0].hold_time: must be an integer 3..65535"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1", "as": 2, "local_address": "fd00::2"}]}, {},
+    ({"local_as": 1, "peer": [{**P4, "local_address": "fd00::2"}, P6]}, {},
      "bgp.peer[0].local_address: IPv6 address for an IPv4 peer"),
-    ({"local_as": 1, "router_id": "fd00::1", "peer": [{"address": "10.0.0.1", "as": 2}]}, {},
+    ({**BOTH, "router_id": "fd00::1"}, {},
      "bgp.router_id: must be an IPv4 address (BGP identifiers are 32 bits)"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1", "as": 2}]}, {"bgp": {"communities": ["65000:70000"]}},
+    ({**BOTH, "disable_file": "/var/lib/"}, {},
+     "bgp.disable_file: must be an absolute path to a file, like /var/lib/edge-lb/default.disabled"),
+    (BOTH, {"bgp": {"communities": ["65000:70000"]}},
      "vip[0].bgp.communities: '65000:70000' is not \"ASN:VALUE\" with both parts 0..65535"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1", "as": 2}]}, {"bgp": {"med": 5}},
+    (BOTH, {"bgp": {"med": 5}},
      "vip[1].bgp: route attributes differ from vip[0], which has the same address (one route per address)"),
-    ({"local_as": 1, "peer": [{"address": "10.0.0.1", "as": 2}]}, {"min_healthy": 4},
+    (BOTH, {"min_healthy": 4},
      "vip[0].min_healthy: 4 is more than the VIP's 3 backends: it could never be announced"),
 ])
 def test_bgp_config_problems(bgp: dict[str, Any], vip: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config(bgp, **vip)
-    assert caught.value.problems == [problem]
+    assert problem in caught.value.problems

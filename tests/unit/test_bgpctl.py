@@ -7,10 +7,13 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edge_lb import cli
 from edge_lb.bgp import FakeSpeaker
 from edge_lb.bgpctl import BgpController, drain
 from edge_lb.config import Config, parse_config
+from edge_lb.errors import BgpError
 from edge_lb.state import VipKey
 
 B1 = ipaddress.ip_address("10.0.0.1")
@@ -29,8 +32,18 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
     key = (VipKey.of(cfg.vips[0]), B1)
     health = {key: True}
     speaker = FakeSpeaker()
-    ctl = BgpController(cfg, speaker, lambda: health)
-    ctl.attached = True
+    attached = [True]
+
+    class Source:
+        config = cfg
+
+        def health(self) -> dict[Any, bool]:
+            return health
+
+    async def probe() -> bool:
+        return attached[0]
+
+    ctl = BgpController(Source(), speaker, probe)
     announce = "announce route 10.200.1.1/32 next-hop self"
     withdraw = announce.replace("announce", "withdraw")
 
@@ -56,12 +69,17 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
         assert ctl.status()["disabled"] is True
         (tmp_path / "off").unlink()
         await until(5)
+        attached[0] = False  # detached behind the supervisor's back (`ip link set xdp off`)
+        await until(6)
+        attached[0] = True
+        await until(7)
         task.cancel()
         await drain(ctl, speaker, 0.05)
         assert await ctl.sync("late") == 0, "nothing is announced once shutdown began"
 
     asyncio.run(main())
-    assert speaker.commands == [announce, withdraw, announce, withdraw, announce, withdraw, "<stopped>"]
+    assert speaker.commands == [announce, withdraw, announce, withdraw, announce, withdraw, announce,
+                                withdraw, "<stopped>"]
 
 
 def test_cli_disable_and_enable_flip_the_file(tmp_path: Path, capsys: Any) -> None:
@@ -73,5 +91,57 @@ def test_cli_disable_and_enable_flip_the_file(tmp_path: Path, capsys: Any) -> No
     assert cli.main(["enable", "-c", str(path)]) == 0
     assert not (tmp_path / "x" / "off").exists()
     path.write_text('[node]\ninterface = "eth0"\n')
-    assert cli.main(["disable", "-c", str(path)]) == 1
+    assert cli.main(["disable", "-c", str(path)]) == 2
     assert "has no [bgp] table" in capsys.readouterr().err
+    # A config broken elsewhere does not block maintenance.
+    path.write_text(f'[node]\ninterface = 7\n[bgp]\ndisable_file = "{tmp_path}/y"\n')
+    assert cli.main(["disable", "-c", str(path)]) == 0
+    assert (tmp_path / "y").exists()
+
+
+def test_reload_withdraws_a_removed_vip_before_the_maps_change(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    bgp = {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+           "peer": [{"address": "10.9.0.1", "as": 65000}]}
+    smaller = parse_config({"node": {"interface": "eth0"}, "bgp": bgp})
+
+    class Source:
+        config = cfg
+
+        def health(self) -> dict[Any, bool]:
+            return {(VipKey.of(cfg.vips[0]), B1): True}
+
+    speaker = FakeSpeaker()
+    ctl = BgpController(Source(), speaker)
+
+    async def main() -> None:
+        await ctl.sync("startup")
+        await ctl.withdraw_for(cfg)  # nothing removed: nothing sent
+        await ctl.withdraw_for(smaller)
+
+    asyncio.run(main())
+    assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
+                                "withdraw route 10.200.1.1/32 next-hop self"]
+
+
+def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+
+    class Source:
+        config = cfg
+
+        def health(self) -> dict[Any, bool]:
+            return {(VipKey.of(cfg.vips[0]), B1): True}
+
+    speaker = FakeSpeaker(refuse=True)
+    ctl = BgpController(Source(), speaker)
+
+    async def main() -> None:
+        with pytest.raises(BgpError):
+            await ctl.sync("startup")
+        assert ctl.announcer.announced, "maybe announced: a later withdraw will be sent"
+        speaker.refuse = False
+        assert await ctl.sync("retry") == 1
+
+    asyncio.run(main())
+    assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self"]

@@ -221,7 +221,7 @@ def test_notifications_before_the_ack_update_peers_and_are_not_the_ack(tmp_path:
     _run(run())
 
 
-def test_a_timed_out_command_raises_and_its_late_ack_is_not_taken_for_the_next(tmp_path: Path) -> None:
+def test_a_timed_out_command_resets_the_bridge_so_no_late_ack_is_misread(tmp_path: Path) -> None:
     async def run() -> None:
         async with _channel(tmp_path, ack_timeout=0.2) as channel:
             bridge = await FakeBridge.connect(channel)
@@ -231,11 +231,32 @@ def test_a_timed_out_command_raises_and_its_late_ack_is_not_taken_for_the_next(t
             with pytest.raises(BgpError, match=late):
                 await channel.send("announce route 10.81.100.1/32 next-hop self")
             assert time.monotonic() - began < 1.0
-            assert await bridge.expect() == "announce route 10.81.100.1/32 next-hop self"
-            # The late "error" belongs to the first command; the second is answered "done".
+            with pytest.raises(BgpError, match="not connected"):
+                await channel.send("announce route 10.81.100.2/32 next-hop self")
+            fresh = await FakeBridge.connect(channel)  # what ExaBGP does when its bridge exits
+            await _until(lambda: channel.connected.is_set())
             second = asyncio.create_task(channel.send("announce route 10.81.100.2/32 next-hop self"))
-            assert await bridge.expect() == "announce route 10.81.100.2/32 next-hop self"
-            await bridge.say("error")
+            assert await fresh.expect() == "announce route 10.81.100.2/32 next-hop self"
+            await fresh.say("done")
+            await asyncio.wait_for(second, 5)
+            del bridge
+
+    _run(run())
+
+
+def test_a_cancelled_command_s_ack_is_not_taken_for_the_next(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with _channel(tmp_path) as channel:
+            bridge = await FakeBridge.connect(channel)
+            await asyncio.wait_for(channel.connected.wait(), 5)
+            first = asyncio.create_task(channel.send("announce route 10.81.100.1/32 next-hop self"))
+            assert await bridge.expect() == "announce route 10.81.100.1/32 next-hop self"
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            second = asyncio.create_task(channel.send("withdraw route 10.81.100.1/32 next-hop self"))
+            assert await bridge.expect() == "withdraw route 10.81.100.1/32 next-hop self"
+            await bridge.say("error")  # the cancelled command's late answer
             await asyncio.sleep(0.05)
             assert not second.done()
             await bridge.say("done")
