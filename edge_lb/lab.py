@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -271,6 +272,7 @@ def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -
             supervisor.wait(timeout=15)
     with contextlib.suppress(FileNotFoundError):
         control.socket_path(instance).unlink()
+    shutil.rmtree(control.RUN_DIR / f"{instance}.bgp", ignore_errors=True)  # ExaBGP's config and log
     remove_pins(instance)
 
 

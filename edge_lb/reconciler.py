@@ -75,7 +75,7 @@ class Reconciler:
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
         self.dirty = asyncio.Event()
         self.applies = 0
-        self.on_applied: Callable[[], None] = lambda: None  # BGP re-evaluates after every apply
+        self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every apply
 
     # -- health
     def health_of(self, pair: Pair) -> Health:
@@ -93,6 +93,8 @@ class Reconciler:
             if k == key:
                 events.emit("health", vip=_vip_name(vip), backend=address, check=key.spec.kind,
                             to="up" if new.up else "down", reason=new.reason)
+        # BGP first: a withdraw goes out before the ring rewrite (tens of ms of Maglev) runs.
+        self.notify()
         self.dirty.set()
 
     # -- lifecycle
@@ -147,7 +149,7 @@ class Reconciler:
     def apply(self, trigger: str) -> ApplyReport:
         report = self.maps.apply(self.config, self.health())
         self.applies += 1
-        self.on_applied()
+        self.notify()
         names = {num: key for key, num in self.maps.programmer.vips.items()}
         health = self.health() if report.ring_slots else {}
         for num, slots in report.ring_slots.items():

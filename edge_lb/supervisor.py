@@ -115,7 +115,7 @@ class Supervisor:
         self.speaker = self.make_speaker(config, self._bgp_restarted)
         await self.speaker.start()
         self.bgp = BgpController(self.rec, self.speaker, self._still_attached)
-        self.rec.on_applied = self.bgp.poke
+        self.rec.notify = self.bgp.poke
         try:
             sent = await self.bgp.sync("startup")
         except BgpError as exc:  # the controller's loop retries every second
