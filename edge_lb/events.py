@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
+from typing import Any
 
 log = logging.getLogger("edge_lb")
+_RECENT: deque[dict[str, Any]] = deque(maxlen=1000)  # for the API's "recent events"
 
 
 def _value(value: object) -> str:
@@ -29,6 +32,14 @@ def render(event: str, **fields: object) -> str:
 
 def emit(event: str, level: int = logging.INFO, **fields: object) -> None:
     log.log(level, render(event, **fields))
+    _RECENT.append({"time": time.time(), "event": event, "level": logging.getLevelName(level).lower(),
+                    **{k: v if isinstance(v, bool | int | float | str) else str(v)
+                       for k, v in fields.items() if v is not None}})
+
+
+def recent(limit: int = 100) -> list[dict[str, Any]]:
+    """The last `limit` events (at most 1000 are kept), oldest first."""
+    return list(_RECENT)[-limit:] if limit > 0 else []
 
 
 class _Formatter(logging.Formatter):

@@ -13,8 +13,9 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from edge_lb import events
+from edge_lb import events, overrides
 from edge_lb.config import Config, IPAddress
 from edge_lb.node import NodeMaps
 from edge_lb.programmer import ApplyReport
@@ -38,6 +39,7 @@ class BackendView:
     reason: str
     checked_at: float | None
     index: int | None  # backend slot in the data plane
+    latency: float | None = None  # seconds the last check took
 
 
 def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
@@ -68,9 +70,12 @@ def initial_health(keys: Mapping[Pair, CheckKey | None], known: Mapping[Pair, He
 
 class Reconciler:
     def __init__(self, maps: NodeMaps, config: Config, make_checker: Callable[[CheckSpec], Checker], *,
-                 concurrency: int = 1000) -> None:
+                 concurrency: int = 1000, overrides_file: Path | None = None) -> None:
         self.maps = maps
-        self.config = config
+        self.base = config  # as the file says
+        self.overrides_file = overrides_file
+        self.overrides = overrides.prune(config, overrides.load(overrides_file))
+        self.config = overrides.apply(config, self.overrides)  # what runs: the file + runtime weights
         self.keys: dict[Pair, CheckKey | None] = {}
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
         self.dirty = asyncio.Event()
@@ -108,18 +113,45 @@ class Reconciler:
         """Apply a validated config as a diff: unchanged backends keep their probers and health; a changed
         check starts from the backend's current health. New probers start before the swap and old ones stop
         after the apply, so no apply ever sees a backend without a prober (it would count as down)."""
-        keys = check_keys(config)
+        weights = overrides.prune(config, self.overrides)
+        effective = overrides.apply(config, weights)
+        keys = check_keys(effective)
         self.monitor.start(initial_health(keys, {p: self.health_of(p) for p in self.keys}, {}))
-        previous = (self.config, self.keys)
-        self.config, self.keys = config, keys
+        previous = (self.base, self.config, self.keys, self.overrides)
+        self.base, self.config, self.keys, self.overrides = config, effective, keys, weights
         try:
             report = self.apply("reload")
         except Exception:
-            self.config, self.keys = previous
+            self.base, self.config, self.keys, self.overrides = previous
             self._rollback()
             await self.monitor.prune({k for k in self.keys.values() if k is not None})
             raise
         await self.monitor.prune({k for k in keys.values() if k is not None})
+        return report
+
+    def set_weight(self, vip_name: str, address: str, weight: int | None) -> ApplyReport:
+        """A runtime weight (None: the config's again), applied at once and kept across restarts.
+        KeyError when the VIP or backend is not in the running config."""
+        vip = next((v for v in self.base.vips if v.name == vip_name), None)
+        if vip is None:
+            raise KeyError(f"no VIP {vip_name}")
+        if not any(str(b.address) == address for b in vip.backends):
+            raise KeyError(f"no backend {address} in VIP {vip_name}")
+        previous = (self.config, dict(self.overrides))
+        if weight is None:
+            self.overrides.pop((vip_name, address), None)
+        else:
+            self.overrides[(vip_name, address)] = weight
+        self.config = overrides.apply(self.base, self.overrides)
+        try:
+            report = self.apply("api")
+        except Exception:
+            self.config, self.overrides = previous
+            self._rollback()
+            raise
+        overrides.save(self.overrides_file, self.overrides)
+        events.emit("weight", vip=vip_name, backend=address, weight=weight, source="api",
+                    result="config weight again" if weight is None else "set")
         return report
 
     def _rollback(self) -> None:
@@ -176,7 +208,7 @@ class Reconciler:
         state = ("down" if not health.up else "drained" if weight == 0 else "unchecked" if key is None
                  else "up")
         return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None,
-                           self.backend_index((vip, address)))
+                           self.backend_index((vip, address)), seen.latency if seen else None)
 
 
 def _vip_name(key: VipKey) -> str:

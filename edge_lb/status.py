@@ -18,6 +18,7 @@ def document(rec: Reconciler, io: MapIO) -> Doc:
     backend_counts = io.read_counters("backend_stats")
     ring_size = rec.maps.programmer.ring_size
     vips = []
+    configured = {(v.name, b.address): b.weight for v in rec.base.vips for b in v.backends}
     for vip in rec.config.vips:
         key = VipKey.of(vip)
         num = rec.maps.programmer.vips.get(key)
@@ -28,11 +29,14 @@ def document(rec: Reconciler, io: MapIO) -> Doc:
             slots = counts.get(view.index, 0) if view.index is not None else 0
             packets, nbytes = backend_counts.get(view.index, (0, 0)) if view.index is not None else (0, 0)
             rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,
-                         "reason": view.reason, "last_check": view.checked_at, "check": b.healthcheck.kind,
+                         "config_weight": configured.get((vip.name, b.address), b.weight),
+                         "reason": view.reason, "last_check": view.checked_at, "latency": view.latency,
+                         "check": b.healthcheck.kind,
                          "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
                          "bytes": nbytes})
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
-        vips.append({"vip": vip.name, "healthy": sum(1 for r in rows if r["state"] != "down"),
+        vips.append({"vip": vip.name, "address": str(vip.address), "port": vip.port, "protocol": vip.protocol,
+                     "healthy": sum(1 for r in rows if r["state"] != "down"),
                      "in_ring": sum(1 for r in rows if r["ring_slots"]),
                      "backends": rows, "packets": packets, "bytes": nbytes})
     return {"vips": vips, "ring_size": ring_size}

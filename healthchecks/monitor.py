@@ -38,6 +38,7 @@ class Observation:
     health: Health
     checked_at: float | None = None  # time.time() of the last result; None: not checked yet
     checks: int = 0
+    latency: float | None = None  # seconds the last check took
 
 
 def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
@@ -107,12 +108,12 @@ class HealthMonitor:
         delay = self._rand() * spec.fast_interval  # the first check soon, but not all at once
         while True:
             await self._sleep(delay)
-            result = await self._check_once(key)
+            result, took = await self._check_once(key)
             if self._tasks.get(key) is not asyncio.current_task():
                 return  # stopped while checking (3.11's wait_for can swallow that cancellation)
             seen = self._seen[key]
             new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall)
-            self._seen[key] = Observation(new, time.time(), seen.checks + 1)
+            self._seen[key] = Observation(new, time.time(), seen.checks + 1, took)
             if new.up != seen.health.up:
                 try:
                     self._on_change(key, seen.health, new)
@@ -120,13 +121,16 @@ class HealthMonitor:
                     log.exception("health change listener failed for %s", key.target)
             delay = jittered(spec.fast_interval if new.changing else spec.interval, spec.jitter, self._rand)
 
-    async def _check_once(self, key: CheckKey) -> Result:
+    async def _check_once(self, key: CheckKey) -> tuple[Result, float]:
+        """One check and the seconds it took (not counting the wait for a concurrency slot)."""
         async with self._sem:
+            began = time.monotonic()
             try:
                 async with asyncio.timeout(key.spec.timeout + _BACKSTOP):  # no extra task, unlike wait_for
-                    return await self._checker(key.spec).check(key.target)
+                    result = await self._checker(key.spec).check(key.target)
             except TimeoutError:
-                return Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)")
+                result = Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)")
             except Exception as exc:  # a checker bug must not kill the prober: count it as a failure
                 log.exception("checker %s failed on %s", key.spec.kind, key.target)
-                return Result(False, f"checker error: {exc.__class__.__name__}")
+                result = Result(False, f"checker error: {exc.__class__.__name__}")
+            return result, time.monotonic() - began

@@ -279,3 +279,44 @@ def test_status_document_from_the_reconciler() -> None:
         assert rows[str(B3)]["reason"] == "fake fail"
         assert (vip["healthy"], vip["in_ring"], vip["packets"]) == (2, 1, 30)
     run(body)
+
+
+def test_runtime_weights_drain_and_undrain_and_survive_a_restart(tmp_path: Any) -> None:
+    state = tmp_path / "weights.json"
+    io = FakeMapIO(RING)
+
+    async def first() -> None:
+        maps = NodeMaps(io, BASE, LINK, adopt=True)
+        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
+        await rec.start({})
+        task = asyncio.create_task(rec.run())
+        try:
+            for _ in range(300):
+                if all(rec.health().values()):
+                    break
+                await asyncio.sleep(0.01)
+            rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
+            index = maps.alloc.backend_idx[(0, B2)]
+            assert index not in io.rings[0] and io.backends[index].up, "drained: no new flows, old ones kept"
+            with pytest.raises(KeyError, match="no backend 10.9.9.9"):
+                rec.set_weight("10.0.0.1:80/tcp", "10.9.9.9", 0)
+            with pytest.raises(KeyError, match="no VIP"):
+                rec.set_weight("10.0.0.9:80/tcp", str(B2), 0)
+        finally:
+            task.cancel()
+            await rec.stop()
+
+    async def restarted() -> None:
+        maps = NodeMaps(io, BASE, LINK, adopt=True)
+        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
+        assert rec.config.vips[0].backends[1].weight == 0, "the drain is kept across a restart"
+        assert rec.base.vips[0].backends[1].weight == 1
+        await rec.start(maps.adopted_up())
+        rec.set_weight("10.0.0.1:80/tcp", str(B2), None)
+        assert maps.alloc.backend_idx[(0, B2)] in io.rings[0], "undrained: back in the ring"
+        await rec.stop()
+
+    asyncio.run(first())
+    assert '"weight": 0' in state.read_text()
+    asyncio.run(restarted())
+    assert state.read_text().strip() == "[]"

@@ -1,0 +1,59 @@
+"""Runtime weights set through the API (drain, undrain, weight), layered over the config's weights.
+
+They are kept in a small JSON file so a restart keeps a drained backend drained; a reload keeps them for
+backends that still exist. Undrain removes the override: the config's weight applies again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from edge_lb import events
+from edge_lb.config import Backend, Config, Vip
+
+Overrides = dict[tuple[str, str], int]  # (VIP name "10.0.0.1:80/tcp", backend address) -> weight
+
+
+def apply(config: Config, overrides: Mapping[tuple[str, str], int]) -> Config:
+    """The config with the overridden weights."""
+    if not overrides:
+        return config
+    def weight(vip: Vip, backend: Backend) -> int:
+        return overrides.get((vip.name, str(backend.address)), backend.weight)
+
+    vips = tuple(replace(v, backends=tuple(replace(b, weight=weight(v, b)) for b in v.backends))
+                 for v in config.vips)
+    return replace(config, vips=vips)
+
+
+def prune(config: Config, overrides: Mapping[tuple[str, str], int]) -> Overrides:
+    """Only the overrides of backends the config still has."""
+    present = {(v.name, str(b.address)) for v in config.vips for b in v.backends}
+    return {k: w for k, w in overrides.items() if k in present}
+
+
+def load(path: Path | None) -> Overrides:
+    if path is None or not path.exists():
+        return {}
+    try:
+        rows = json.loads(path.read_text())
+        return {(str(r["vip"]), str(r["backend"])): int(r["weight"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        events.emit("overrides", logging.WARNING, file=path, result="unreadable, ignored", error=exc)
+        return {}
+
+
+def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
+    """Atomically: a crash mid-write leaves the previous file."""
+    if path is None:
+        return
+    rows = [{"vip": v, "backend": b, "weight": w} for (v, b), w in sorted(overrides.items())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)
