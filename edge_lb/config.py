@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_lb.configbgp import BGP, Bgp, RouteAttrs, check_families, parse_bgp, parse_route
+from edge_lb.configbgp import BGP, Bgp, RouteAttrs, check_families, file_path, parse_bgp, parse_route
 from edge_lb.configtools import (
     Invalid,
     Table,
@@ -30,6 +30,7 @@ from edge_lb.configtools import (
     number,
     pattern,
     statuses,
+    string,
     text,
     url_path,
 )
@@ -90,11 +91,28 @@ class Dataplane:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Api:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9100"  # "host:port" or "[v6]:port"; beyond loopback only when written here
+    token: str | None = None  # bearer token for mutations (or token_file); without one, mutations get 401
+    token_file: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     node: Node
     dataplane: Dataplane
     vips: tuple[Vip, ...]
     bgp: Bgp | None = None  # None: no [bgp] table, nothing is announced
+    api: Api = field(default_factory=Api)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -151,18 +169,19 @@ def _read_toml(source: str) -> dict[str, Any]:
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     """Validate parsed TOML (or an equivalent dict) into a Config; raise ConfigError listing every problem."""
     problems: list[str] = []
-    root = Table(data, "", problems, ("node", "dataplane", "healthcheck", "bgp", "vip"))
+    root = Table(data, "", problems, ("node", "dataplane", "healthcheck", "bgp", "api", "vip"))
     node = _node(root.table("node", tuple(_NODE)))
     dataplane = _dataplane(root.table("dataplane", tuple(_DATAPLANE)))
     check_table = root.table("healthcheck", tuple(_CHECK))
     check = _check(check_table, CheckSpec())
     vips = _vips(root, dataplane, check, "type" in check_table.data)  # (table, Vip) pairs
     bgp = parse_bgp(root)
+    api = _api(root.table("api", tuple(_API)))
     if bgp is not None:
         check_families(bgp, [(table, vip.address, vip.route) for table, vip in vips])
     if problems or node is None:
         raise ConfigError(problems, source)
-    return Config(node=node, dataplane=dataplane, vips=tuple(vip for _, vip in vips), bgp=bgp)
+    return Config(node=node, dataplane=dataplane, vips=tuple(vip for _, vip in vips), bgp=bgp, api=api)
 
 
 def _ring_size(value: Any) -> int:
@@ -212,6 +231,37 @@ _CHECK: dict[str, Callable[[Any], Any]] = {
 }
 _VIP = {"address": address, "port": integer(0, 65535), "protocol": choice("tcp", "udp")}
 _BACKEND = {"address": address, "weight": integer(0, 1000)}
+
+
+def _listen(value: Any) -> str:
+    """host:port with an IP host ([v6]:port for IPv6)."""
+    text = string(value)
+    host, sep, port = text.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        number = int(port)
+    except ValueError:
+        raise Invalid('must be "address:port", like "127.0.0.1:9100" or "[::1]:9100"') from None
+    if not sep or not 1 <= number <= 65535 or (address.version == 6 and not host.startswith("[")):
+        raise Invalid('must be "address:port", like "127.0.0.1:9100" or "[::1]:9100"')
+    return text
+
+
+def _token(value: Any) -> str:
+    token = text(value)
+    if len(token) < 16 or " " in token:
+        raise Invalid("must be at least 16 characters without spaces")
+    return token
+
+
+_API = {"enabled": boolean, "listen": _listen, "token": _token, "token_file": file_path}
+
+
+def _api(table: Table) -> Api:
+    values = table.values(_API)
+    if "token" in values and "token_file" in values:
+        table.problem("token_file", "set token or token_file, not both")
+    return Api(**values)
 
 
 def _node(table: Table) -> Node | None:

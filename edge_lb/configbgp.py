@@ -75,15 +75,15 @@ def _communities(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _abs_path(value: Any) -> str:
+def file_path(value: Any) -> str:
     text = string(value)
     if not text.startswith("/") or not text.isprintable() or text.endswith("/"):
-        raise Invalid("must be an absolute path to a file, like /var/lib/edge-lb/default.disabled")
+        raise Invalid("must be an absolute path to a file")
     return text
 
 
 BGP = {"local_as": _ASN, "router_id": _router_id, "drain_time": number(0, 60),  # below systemd's stop timeout
-       "disable_file": _abs_path}
+       "disable_file": file_path}
 PEER = {"address": address, "as": _ASN, "hold_time": integer(3, 65535), "local_address": address}
 ROUTE = {"next_hop": _next_hop, "med": integer(0, 4294967295), "communities": _communities}
 

@@ -148,7 +148,7 @@ BOTH = {"local_as": 1, "peer": [P4, P6]}
     ({**BOTH, "router_id": "fd00::1"}, {},
      "bgp.router_id: must be an IPv4 address (BGP identifiers are 32 bits)"),
     ({**BOTH, "disable_file": "/var/lib/"}, {},
-     "bgp.disable_file: must be an absolute path to a file, like /var/lib/edge-lb/default.disabled"),
+     "bgp.disable_file: must be an absolute path to a file"),
     (BOTH, {"bgp": {"communities": ["65000:70000"]}},
      "vip[0].bgp.communities: '65000:70000' is not \"ASN:VALUE\" with both parts 0..65535"),
     (BOTH, {"bgp": {"med": 5}},

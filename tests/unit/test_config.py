@@ -350,3 +350,24 @@ def test_not_utf8_names_file(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems[0].startswith(f"{path}: ")
+
+
+def test_api_table() -> None:
+    cfg = parse_config({**base(), "api": {"listen": "[::1]:9200", "token": "s3cret-token-0123456789"}})
+    assert (cfg.api.host, cfg.api.port, cfg.api.enabled) == ("::1", 9200, True)
+    assert parse_config(base()).api.listen == "127.0.0.1:9100"
+
+
+LISTEN = 'api.listen: must be "address:port", like "127.0.0.1:9100" or "[::1]:9100"'
+
+
+@pytest.mark.parametrize(("api", "problem"), [
+    ({"listen": "localhost:9100"}, LISTEN),
+    ({"listen": "::1:9100"}, LISTEN),
+    ({"listen": "127.0.0.1:0"}, LISTEN),
+    ({"token": "short"}, "api.token: must be at least 16 characters without spaces"),
+    ({"token": "s3cret-token-0123456789", "token_file": "/etc/edge-lb/token"},
+     "api.token_file: set token or token_file, not both"),
+])
+def test_api_problems(api: dict[str, Any], problem: str) -> None:
+    assert problems({**base(), "api": api}) == [problem]
