@@ -22,13 +22,14 @@ from typing import Any
 
 from edge_lb import control, events, netinfo, status
 from edge_lb.bgp import Speaker
-from edge_lb.bgpctl import BgpController, drain
+from edge_lb.bgpctl import BgpController, disable_path, drain
 from edge_lb.config import Config, load_config
 from edge_lb.dataplane import Dataplane
-from edge_lb.errors import BgpError, ConfigError, EdgeLbError
+from edge_lb.errors import BgpError, ConfigError, EdgeLbError, SupervisorError
 from edge_lb.gwwatch import GatewayWatcher
 from edge_lb.node import Link, NodeMaps
 from edge_lb.reconciler import Reconciler
+from edge_lb.stats import reason_names
 from healthchecks.factory import make_checker
 
 _STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
@@ -98,7 +99,8 @@ class Supervisor:
         events.emit("startup", phase="dataplane", adopted_backends=len(adopted),
                     adopted_up=sum(adopted.values()), own_mac=link.own_mac, gateway_mac=link.gw_mac,
                     mtu=link.mtu)
-        self.rec = Reconciler(self.maps, config, make_checker)
+        state = Path(f"/var/lib/edge-lb/{config.dataplane.instance}.weights.json")
+        self.rec = Reconciler(self.maps, config, make_checker, overrides_file=state)
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
         self.attached = True
@@ -222,6 +224,42 @@ class Supervisor:
                     problems=len(problems), detail="; ".join(problems))
         return {"ok": False, "config": self.config_path, "problems": problems}
 
+    # -- the operator's interface (edge_lb.operations.Operations)
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return events.recent(limit)
+
+    async def set_weight(self, vip: str, backend: str, weight: int | None) -> dict[str, Any]:
+        """Drain (0), set, or clear (None) a backend's runtime weight. KeyError for an unknown one."""
+        if self.rec is None:
+            raise SupervisorError("still starting")
+        async with self._reload_lock:  # not interleaved with a reload's swap
+            self.rec.set_weight(vip, backend, weight)
+        running = self.rec.config
+        now = next(b.weight for v in running.vips if v.name == vip
+                   for b in v.backends if str(b.address) == backend)
+        return {"vip": vip, "backend": backend, "weight": now, "override": weight is not None}
+
+    async def set_disabled(self, disabled: bool) -> dict[str, Any]:
+        """The maintenance switch, as `edge-lb disable|enable` sets it: a file, so it outlives a restart."""
+        if self.rec is None or self.rec.config.bgp is None:
+            raise SupervisorError("this node has no [bgp] table: nothing is announced, nothing to disable")
+        path = disable_path(self.rec.config)
+        if disabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("disabled through the API\n")
+        else:
+            path.unlink(missing_ok=True)
+        if self.bgp is not None:
+            self.bgp.poke()
+        return {"disabled": disabled, "disable_file": str(path)}
+
+    def counters(self) -> dict[str, Any]:
+        if self.dp is None:
+            return {"reasons": {}}
+        names = reason_names()
+        counts = self.dp.io.read_counters("reason_stats")
+        return {"reasons": {name: counts.get(i, (0, 0))[0] for i, name in enumerate(names)}}
+
     def status(self) -> dict[str, Any]:
         if self.rec is None or self.dp is None or self.maps is None:
             return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}
@@ -231,7 +269,8 @@ class Supervisor:
         doc.update(instance=self.rec.config.dataplane.instance, interface=node.interface, pid=os.getpid(),
                    uptime=time.time() - self.started, config=self.config_path,
                    gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies,
-                   bgp=self.bgp.status() if self.bgp is not None else None)
+                   bgp=self.bgp.status() if self.bgp is not None else None,
+                   attached=self.bgp.attached if self.bgp is not None else self.attached)
         return doc
 
     # -- shutdown
