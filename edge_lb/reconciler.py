@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class Reconciler:
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
         self.dirty = asyncio.Event()
         self.applies = 0
-        self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every apply
+        self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
+        self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
 
     # -- health
     def health_of(self, pair: Pair) -> Health:
@@ -179,8 +181,11 @@ class Reconciler:
 
     # -- maps
     def apply(self, trigger: str) -> ApplyReport:
+        began = time.monotonic()
         report = self.maps.apply(self.config, self.health())
         self.applies += 1
+        if report.ring_slots:
+            self.observe(time.monotonic() - began, sum(report.ring_slots.values()))
         self.notify()
         names = {num: key for key, num in self.maps.programmer.vips.items()}
         health = self.health() if report.ring_slots else {}
