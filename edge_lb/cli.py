@@ -69,66 +69,106 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
-def _control(args: argparse.Namespace, method: str, url: str) -> dict[str, Any]:
-    import asyncio
-
+def _socket(args: argparse.Namespace) -> Path:
     from edge_lb import control
     from edge_lb.config import instance_of
 
-    path = Path(args.socket) if args.socket else control.socket_path(instance_of(args.config))
-    return asyncio.run(control.request(path, method, url))
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    return control.socket_path(instance_of(args.config))
+
+
+def _call(args: argparse.Namespace, method: str, url: str, body: dict[str, Any] | None = None
+          ) -> tuple[int, Any]:
+    """The running supervisor's REST API, over its Unix socket."""
+    import asyncio
+
+    from edge_lb import control
+
+    return asyncio.run(control.request(_socket(args), method, url, body))
+
+
+def _check(code: int, doc: Any, what: str) -> Any:
+    if code >= 400:
+        field = f" ({doc['field']})" if isinstance(doc, dict) and doc.get("field") else ""
+        message = doc.get("error", doc) if isinstance(doc, dict) else doc
+        raise EdgeLbError(f"{what}: {message}{field}")
+    return doc
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    result = _control(args, "POST", "/v1/reload")
+    code, result = _call(args, "POST", "/api/v1/reload")
     source = result.get("config", args.config)  # the file the supervisor runs from, which it re-read
-    if not result.get("ok"):
+    if code == 422:
         for problem in result.get("problems", []):
             print(f"{source}: {problem}", file=sys.stderr)
         print("edge-lb reload: rejected; the running configuration is unchanged", file=sys.stderr)
         return EXIT_CONFIG
+    _check(code, result, "reload")
     changes = ", ".join(f"{k} {v}" for k, v in result.get("changes", {}).items())
     print(f"reloaded {source}: {changes}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edge_lb import status
+    import asyncio
 
-    doc = _control(args, "GET", "/v1/status")
+    from edge_lb import control, status
+
+    doc = asyncio.run(control.status_doc(_socket(args)))
     print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="" if not args.json else "\n")
     return 0
 
 
+def _backend_url(vip: str, backend: str) -> str:
+    """/api/v1/vips/ADDRESS/PORT/PROTOCOL/backends/BACKEND from "10.0.0.1:80/tcp" or "[fd00::1]:80/tcp"."""
+    host, sep, rest = vip.rpartition(":")
+    port, _, protocol = rest.partition("/")
+    if not sep or not port.isdigit() or protocol not in ("tcp", "udp"):
+        raise EdgeLbError(f"--vip {vip!r}: want ADDRESS:PORT/PROTOCOL, like 10.0.0.1:80/tcp or "
+                          "[fd00::1]:80/tcp")
+    return f"/api/v1/vips/{host.strip('[]')}/{port}/{protocol}/backends/{backend}"
+
+
+def cmd_weight(args: argparse.Namespace) -> int:
+    """drain, undrain, weight: a runtime weight over the config's, kept across restarts."""
+    url = _backend_url(args.vip, args.backend)
+    if args.command == "weight":
+        code, doc = _call(args, "PUT", f"{url}/weight", {"weight": args.weight})
+    else:
+        code, doc = _call(args, "POST", f"{url}/{args.command}")
+    doc = _check(code, doc, args.command)
+    print(f"{args.vip} backend {args.backend}: weight {doc['weight']}"
+          + (" (drained: keeps its flows, gets no new ones)" if doc["weight"] == 0 else ""))
+    return 0
+
+
 def cmd_disable(args: argparse.Namespace) -> int:
-    """Maintenance: the switch is a file, so it works whether or not the supervisor runs, and survives a
-    restart of either."""
+    """Maintenance. Through the running supervisor when there is one; otherwise the switch file directly
+    (it works either way, and survives a restart of either)."""
     from edge_lb.bgpctl import switch_path
     from edge_lb.config import disable_file_of, instance_of
 
     path = switch_path(disable_file_of(args.config), instance_of(args.config))
-    if args.command == "disable":
+    if _supervisor_running(instance_of(args.config)):
+        _check(*_call(args, "POST", f"/api/v1/node/{args.command}"), args.command)
+    elif args.command == "disable":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("disabled by edge-lb disable\n")
+    else:
+        path.unlink(missing_ok=True)
+    if args.command == "disable":
         print(f"disabled: {path} exists; the supervisor withdraws every VIP of this node within a second "
               "(the data plane keeps serving flows that still arrive)")
     else:
-        path.unlink(missing_ok=True)
         print(f"enabled: {path} removed; VIPs are announced again as their health allows")
     return 0
 
 
 def _supervisor_running(instance: str) -> bool:
-    import socket
-
     from edge_lb import control
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(control.socket_path(instance)))
-        except OSError:
-            return False
-        return True
+    return control.listening(control.socket_path(instance))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -169,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn, text)
         sp.add_argument("--socket", metavar="PATH", help="control socket (default /run/edge-lb/NAME.sock)")
     sp.add_argument("--json", action="store_true", help="the status document as JSON")
+    for name, text in (("drain", "a backend keeps its flows and gets no new ones (runtime weight 0)"),
+                       ("undrain", "back to the config's weight"),
+                       ("weight", "set a backend's runtime weight (kept across restarts until undrain)")):
+        sp = add(name, cmd_weight, text)
+        sp.add_argument("--vip", required=True, metavar="ADDRESS:PORT/PROTO", help="like 10.0.0.1:80/tcp")
+        sp.add_argument("--backend", required=True, metavar="ADDRESS")
+        sp.add_argument("--socket", metavar="PATH", help="control socket (default /run/edge-lb/NAME.sock)")
+        if name == "weight":
+            sp.add_argument("weight", type=int, help="0..1000")
     add("disable", cmd_disable, "maintenance: withdraw every VIP of this node (creates [bgp].disable_file)")
     add("enable", cmd_disable, "end maintenance: announce again as health allows (removes the disable file)")
     sp = add("simulate", cmd_simulate, "run a pcap through the real XDP program (not attached)")

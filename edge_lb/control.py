@@ -1,9 +1,12 @@
-"""The supervisor's control socket: a small HTTP API on a Unix socket, used by `edge-lb status|reload`.
+"""Where the operator's interface listens: the REST API (edge_lb.api) with /metrics and the dashboard, on
+two sites of the supervisor's event loop.
 
-    GET  /v1/status   -> the status document (edge_lb.status)
-    POST /v1/reload   -> {"ok": true, "changes": {...}} or 400 {"ok": false, "problems": [...]}
+    /run/edge-lb/<instance>.sock   Unix socket, mode 0660 root: the CLI's way in; file permissions are its
+                                   authentication, so mutations need no token here
+    [api].listen (127.0.0.1:9100)  TCP: dashboard, metrics and reads for anyone who can reach it; mutations
+                                   need the bearer token ([api].token or token_file)
 
-A Unix socket (mode 0660, root) rather than TCP: only local administrators may reload the balancer.
+A second supervisor for the same instance is refused (the socket is live); a stale socket is replaced.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from edge_lb import api, dashboard
+from edge_lb.config import Api
 from edge_lb.errors import SupervisorError
+from edge_lb.operations import Operations
 
 RUN_DIR = Path("/run/edge-lb")
 Doc = dict[str, Any]
@@ -28,7 +34,7 @@ def socket_path(instance: str) -> Path:
     return RUN_DIR / f"{instance}.sock"
 
 
-def _listening(path: Path) -> bool:
+def listening(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
@@ -37,63 +43,88 @@ def _listening(path: Path) -> bool:
         return True
 
 
+def read_token(settings: Api) -> str | None:
+    """The bearer token from [api]: inline, or the first line of token_file (its newline stripped)."""
+    if settings.token_file is None:
+        return settings.token
+    try:
+        token = Path(settings.token_file).read_text().strip()
+    except OSError as exc:
+        raise SupervisorError(f"api.token_file {settings.token_file}: {exc.strerror or exc}") from exc
+    if len(token) < 16:
+        raise SupervisorError(f"api.token_file {settings.token_file}: needs a token of 16 characters or more")
+    return token
+
+
 class ControlServer:
-    def __init__(self, status: Callable[[], Doc], reload: Callable[[], Awaitable[Doc]]) -> None:
-        self._status = status
-        self._reload = reload
-        self._runner: web.AppRunner | None = None
+    def __init__(self, ops: Operations, extra: list[Callable[[web.Application], None]]) -> None:
+        self.ops = ops
+        self.extra = [*extra, dashboard.add_routes]
+        self._runners: list[web.AppRunner] = []
         self.path: Path | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/status", self._get_status)
-        app.router.add_post("/v1/reload", self._post_reload)
-        return app
-
     async def start(self, path: Path) -> None:
-        """Listen on path; refuse when a live supervisor already owns it, replace a stale one."""
+        """The Unix socket first: it is also the lock that keeps a second supervisor off the instance."""
         if path.exists():
-            if _listening(path):
+            if listening(path):
                 raise SupervisorError(f"another supervisor is running for this instance (it owns {path}); "
                                       "stop it first")
             path.unlink()
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        runner = web.AppRunner(self.app(), access_log=None)
+        app = api.make_app(self.ops, token=None, require_token=False, extra=self.extra)
+        await self._serve(app, lambda runner: web.UnixSite(runner, str(path)), f"cannot listen on {path}")
+        os.chmod(path, 0o660)
+        self.path = path
+
+    async def start_tcp(self, settings: Api) -> None:
+        if not settings.enabled:
+            return
+        app = api.make_app(self.ops, token=read_token(settings), require_token=True, extra=self.extra)
+        await self._serve(app, lambda runner: web.TCPSite(runner, settings.host, settings.port),
+                          f"cannot listen on {settings.listen} ([api].listen)")
+
+    async def _serve(self, app: web.Application, site: Callable[[web.AppRunner], web.BaseSite],
+                     what: str) -> None:
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            await web.UnixSite(runner, str(path)).start()
+            await site(runner).start()
         except OSError as exc:
             await runner.cleanup()
-            raise SupervisorError(f"cannot listen on {path}: {exc}") from exc
-        os.chmod(path, 0o660)
-        self._runner, self.path = runner, path
+            raise SupervisorError(f"{what}: {exc.strerror or exc}") from exc
+        self._runners.append(runner)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
-    async def _get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._status())
 
-    async def _post_reload(self, request: web.Request) -> web.Response:
-        result = await self._reload()
-        return web.json_response(result, status=200 if result.get("ok") else 400)
-
-
-async def request(path: Path, method: str, url: str, timeout: float = 60.0) -> Doc:
-    """One call to a running supervisor; SupervisorError when none answers."""
+async def request(path: Path, method: str, url: str, body: Doc | None = None,
+                  timeout: float = 60.0) -> tuple[int, Any]:
+    """One call to a running supervisor over its Unix socket: (HTTP status, JSON). SupervisorError when none
+    answers."""
     if not path.exists():
         raise SupervisorError(f"no supervisor is running for this instance ({path} does not exist); "
                               "start one with `edge-lb run -c FILE`")
     try:
         session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
                                         timeout=aiohttp.ClientTimeout(total=timeout))
-        async with session, session.request(method, f"http://edge-lb{url}") as resp:
-            doc: Doc = await resp.json()
-            return doc
+        async with session, session.request(method, f"http://edge-lb{url}", json=body) as resp:
+            return resp.status, await resp.json()
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SupervisorError(f"the supervisor at {path} did not answer {method} {url}: {exc}") from exc
+
+
+async def status_doc(path: Path, timeout: float = 60.0) -> Doc:
+    """The node and its VIPs in one document (what `edge-lb status` renders)."""
+    code, node = await request(path, "GET", f"{api.PREFIX}/node", timeout=timeout)
+    if code != 200:
+        raise SupervisorError(f"GET {api.PREFIX}/node: HTTP {code}: {node}")
+    code, vips = await request(path, "GET", f"{api.PREFIX}/vips", timeout=timeout)
+    if code != 200:
+        raise SupervisorError(f"GET {api.PREFIX}/vips: HTTP {code}: {vips}")
+    return {**node, "vips": vips}

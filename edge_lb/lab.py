@@ -253,8 +253,8 @@ def wait_supervisor(proc: subprocess.Popen[bytes], instance: str, log_path: Path
 
 
 def supervisor_status(instance: str) -> dict[str, Any]:
-    """GET /v1/status of the supervisor of `instance`."""
-    return asyncio.run(control.request(control.socket_path(instance), "GET", "/v1/status", 10))
+    """The node and VIP documents of the supervisor of `instance` (its REST API over the Unix socket)."""
+    return asyncio.run(control.status_doc(control.socket_path(instance), 10))
 
 
 def _tail(path: Path, chars: int = 2000) -> str:

@@ -27,6 +27,7 @@ from edge_lb.config import Config, load_config
 from edge_lb.dataplane import Dataplane
 from edge_lb.errors import BgpError, ConfigError, EdgeLbError, SupervisorError
 from edge_lb.gwwatch import GatewayWatcher
+from edge_lb.metrics import Metrics
 from edge_lb.node import Link, NodeMaps
 from edge_lb.reconciler import Reconciler
 from edge_lb.stats import reason_names
@@ -68,7 +69,8 @@ class Supervisor:
         self.maps: NodeMaps | None = None
         self.rec: Reconciler | None = None
         self.watcher: GatewayWatcher | None = None
-        self.control = control.ControlServer(self.status, self.reload)
+        self.metrics = Metrics(self)
+        self.control = control.ControlServer(self, [self.metrics.add_routes])
         self._reload_lock = asyncio.Lock()
         self.attached = False
         self.prog_id: int | None = None
@@ -105,7 +107,9 @@ class Supervisor:
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
         self.attached = True
         self.prog_id = await asyncio.to_thread(netinfo.xdp_prog_id, config.node.interface)
+        self.rec.observe = self.metrics.observe_apply
         await self._start_bgp(config)
+        await self.control.start_tcp(config.api)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
 
@@ -168,7 +172,8 @@ class Supervisor:
     # -- main loop
     async def main_loop(self) -> None:
         assert self.rec is not None
-        workers = [asyncio.create_task(self.rec.run(), name="reconciler")]
+        workers = [asyncio.create_task(self.rec.run(), name="reconciler"),
+                   asyncio.create_task(self.metrics.run(), name="metrics")]
         if self.bgp is not None:
             workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")

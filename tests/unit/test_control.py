@@ -10,19 +10,17 @@ from typing import Any
 import pytest
 
 from edge_lb import cli, control, events, status
+from edge_lb.config import Api
 from edge_lb.errors import SupervisorError
+from edge_lb.operations import FakeOperations
 
 
-def serve(path: Path, body: Any) -> None:
-    """Run body(server) against a ControlServer on path whose reload fails on the first call."""
-    calls: list[str] = []
-
-    async def reload() -> dict[str, Any]:
-        calls.append("reload")
-        return {"ok": len(calls) > 1, "problems": ["vip[0].port: must be an integer 0..65535"]}
+def serve(path: Path, body: Any) -> FakeOperations:
+    """Run body(server) against a ControlServer on path serving FakeOperations."""
+    ops = FakeOperations(reload_problems=["vip[0].port: must be an integer 0..65535"])
 
     async def main() -> None:
-        server = control.ControlServer(lambda: {"phase": "running", "vips": []}, reload)
+        server = control.ControlServer(ops, [])
         await server.start(path)
         try:
             await body(server)
@@ -31,16 +29,20 @@ def serve(path: Path, body: Any) -> None:
         assert not path.exists(), "the socket is removed on stop"
 
     asyncio.run(main())
+    return ops
 
 
-def test_status_and_reload_round_trip(tmp_path: Path) -> None:
+def test_the_cli_socket_serves_the_api_without_a_token(tmp_path: Path) -> None:
     path = tmp_path / "lb.sock"
 
     async def body(server: control.ControlServer) -> None:
-        assert await control.request(path, "GET", "/v1/status") == {"phase": "running", "vips": []}
-        rejected = await control.request(path, "POST", "/v1/reload")
-        assert rejected == {"ok": False, "problems": ["vip[0].port: must be an integer 0..65535"]}
-        assert (await control.request(path, "POST", "/v1/reload"))["ok"] is True
+        doc = await control.status_doc(path)
+        assert doc["instance"] == "fake" and doc["vips"][0]["vip"] == "10.0.0.1:80/tcp"
+        code, rejected = await control.request(path, "POST", "/api/v1/reload")
+        assert code == 422 and rejected["problems"] == ["vip[0].port: must be an integer 0..65535"]
+        url = "/api/v1/vips/10.0.0.1/80/tcp/backends/10.1.0.1/drain"
+        code, drained = await control.request(path, "POST", url)
+        assert (code, drained["weight"]) == (200, 0), "the Unix socket's permissions are its authentication"
         assert oct(path.stat().st_mode & 0o777) == "0o660"
 
     serve(path, body)
@@ -53,11 +55,21 @@ def test_a_second_supervisor_is_refused_and_a_stale_socket_replaced(tmp_path: Pa
     stale.close()
 
     async def body(server: control.ControlServer) -> None:
-        second = control.ControlServer(dict, server._reload)
+        second = control.ControlServer(FakeOperations(), [])
         with pytest.raises(SupervisorError, match="another supervisor is running"):
             await second.start(path)
 
     serve(path, body)
+
+
+def test_token_file_is_read_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("0123456789abcdef-token\n")
+    assert control.read_token(Api(token_file=str(tmp_path / "token"))) == "0123456789abcdef-token"
+    (tmp_path / "short").write_text("x\n")
+    with pytest.raises(SupervisorError, match="16 characters"):
+        control.read_token(Api(token_file=str(tmp_path / "short")))
+    with pytest.raises(SupervisorError, match=r"api\.token_file"):
+        control.read_token(Api(token_file=str(tmp_path / "missing")))
 
 
 def test_cli_without_a_supervisor_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
