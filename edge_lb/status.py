@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
+from edge_lb import events
+from edge_lb.errors import EdgeLbError
 from edge_lb.mapio import MapIO
 from edge_lb.reconciler import Reconciler
 from edge_lb.state import VipKey
@@ -12,10 +16,35 @@ from edge_lb.state import VipKey
 Doc = dict[str, Any]
 
 
-def document(rec: Reconciler, io: MapIO) -> Doc:
+class Counters:
+    """The data plane's per-CPU counters, summed on a timer (each second), never per request: however often
+    the API, the dashboard or Prometheus ask, the maps are read once a second."""
+
+    def __init__(self, io: MapIO, interval: float = 1.0) -> None:
+        self.io = io
+        self.interval = interval
+        self.vips: dict[int, tuple[int, int]] = {}
+        self.backends: dict[int, tuple[int, int]] = {}
+        self.reasons: dict[int, tuple[int, int]] = {}
+
+    def refresh(self) -> None:
+        self.vips = self.io.read_counters("vip_stats")
+        self.backends = self.io.read_counters("backend_stats")
+        self.reasons = self.io.read_counters("reason_stats")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.refresh()
+            except EdgeLbError as exc:  # keep the last figures; the next tick tries again
+                events.emit("counters", logging.WARNING, error=exc)
+
+
+def document(rec: Reconciler, counters: Counters) -> Doc:
     """VIPs and backends with health, last reason, weight, ring share and traffic counters."""
-    vip_counts = io.read_counters("vip_stats")
-    backend_counts = io.read_counters("backend_stats")
+    vip_counts = counters.vips
+    backend_counts = counters.backends
     ring_size = rec.maps.programmer.ring_size
     vips = []
     configured = {(v.name, b.address): b.weight for v in rec.base.vips for b in v.backends}

@@ -74,6 +74,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self.attached = False
         self.prog_id: int | None = None
+        self.counters_cache: status.Counters | None = None
         self.make_speaker = make_speaker
         self.speaker: Speaker | None = None
         self.bgp: BgpController | None = None
@@ -97,6 +98,8 @@ class Supervisor:
         self.dp = Dataplane.load(config.dataplane, pin=True)
         link = await self._link(config)
         self.maps = NodeMaps(self.dp.io, config, link, adopt=True)
+        self.counters_cache = status.Counters(self.dp.io)
+        self.counters_cache.refresh()
         adopted = self.maps.adopted_up()
         events.emit("startup", phase="dataplane", adopted_backends=len(adopted),
                     adopted_up=sum(adopted.values()), own_mac=link.own_mac, gateway_mac=link.gw_mac,
@@ -174,6 +177,8 @@ class Supervisor:
         assert self.rec is not None
         workers = [asyncio.create_task(self.rec.run(), name="reconciler"),
                    asyncio.create_task(self.metrics.run(), name="metrics")]
+        if self.counters_cache is not None:
+            workers.append(asyncio.create_task(self.counters_cache.run(), name="counters"))
         if self.bgp is not None:
             workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
@@ -262,13 +267,14 @@ class Supervisor:
         if self.dp is None:
             return {"reasons": {}}
         names = reason_names()
-        counts = self.dp.io.read_counters("reason_stats")
+        counts = self.counters_cache.reasons if self.counters_cache else {}
         return {"reasons": {name: counts.get(i, (0, 0))[0] for i, name in enumerate(names)}}
 
     def status(self) -> dict[str, Any]:
         if self.rec is None or self.dp is None or self.maps is None:
             return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}
-        doc = status.document(self.rec, self.dp.io)
+        assert self.counters_cache is not None
+        doc = status.document(self.rec, self.counters_cache)
         doc["phase"] = "stopping" if self.stopping.is_set() else "running"
         node = self.rec.config.node
         doc.update(instance=self.rec.config.dataplane.instance, interface=node.interface, pid=os.getpid(),

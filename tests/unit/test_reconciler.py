@@ -270,7 +270,9 @@ def test_status_document_from_the_reconciler() -> None:
         await h.until(lambda: not h.rec.health_of((VIP, B3)).up, "b3 down")
         await h.rec.reload(drained)
         h.io.counters = {"vip_stats": {0: (30, 2700)}, "backend_stats": {h.index(B1): (30, 2700)}}
-        doc = status.document(h.rec, h.io)
+        counters = status.Counters(h.io)
+        counters.refresh()
+        doc = status.document(h.rec, counters)
         vip = doc["vips"][0]
         rows = {b["address"]: b for b in vip["backends"]}
         assert [rows[str(b)]["state"] for b in (B1, B2, B3)] == ["up", "drained", "down"]
