@@ -76,6 +76,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except EdgeLbError as exc:
         log.warning("API %s %s failed: %s", request.method, request.path, exc)
         return _error_response(503, str(exc))
+    except Exception as exc:  # a bug: still JSON, and logged with its traceback
+        log.exception("API %s %s failed", request.method, request.path)
+        return _error_response(500, f"internal error: {exc.__class__.__name__}")
 
 
 # -- path parts

@@ -127,7 +127,9 @@ def _backend_url(vip: str, backend: str) -> str:
     if not sep or not port.isdigit() or protocol not in ("tcp", "udp"):
         raise EdgeLbError(f"--vip {vip!r}: want ADDRESS:PORT/PROTOCOL, like 10.0.0.1:80/tcp or "
                           "[fd00::1]:80/tcp")
-    return f"/api/v1/vips/{host.strip('[]')}/{port}/{protocol}/backends/{backend}"
+    from urllib.parse import quote
+
+    return f"/api/v1/vips/{quote(host.strip('[]'))}/{port}/{protocol}/backends/{quote(backend)}"
 
 
 def cmd_weight(args: argparse.Namespace) -> int:

@@ -72,7 +72,11 @@ class ControlServer:
             path.unlink()
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         app = api.make_app(self.ops, token=None, require_token=False, extra=self.extra)
-        await self._serve(app, lambda runner: web.UnixSite(runner, str(path)), f"cannot listen on {path}")
+        umask = os.umask(0o177)  # born 0600: never reachable by others, not even before the chmod
+        try:
+            await self._serve(app, lambda runner: web.UnixSite(runner, str(path)), f"cannot listen on {path}")
+        finally:
+            os.umask(umask)
         os.chmod(path, 0o660)
         self.path = path
 
@@ -114,7 +118,10 @@ async def request(path: Path, method: str, url: str, body: Doc | None = None,
         session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
                                         timeout=aiohttp.ClientTimeout(total=timeout))
         async with session, session.request(method, f"http://edge-lb{url}", json=body) as resp:
-            return resp.status, await resp.json()
+            try:
+                return resp.status, await resp.json(content_type=None)
+            except ValueError:
+                return resp.status, {"error": (await resp.text())[:500]}
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SupervisorError(f"the supervisor at {path} did not answer {method} {url}: {exc}") from exc
 

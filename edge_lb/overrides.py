@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_lb import events
 from edge_lb.config import Backend, Config, Vip
+from edge_lb.errors import SupervisorError
 
 Overrides = dict[tuple[str, str], int]  # (VIP name "10.0.0.1:80/tcp", backend address) -> weight
 
@@ -53,7 +54,10 @@ def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
     if path is None:
         return
     rows = [{"vip": v, "backend": b, "weight": w} for (v, b), w in sorted(overrides.items())]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise SupervisorError(f"runtime weights file {path}: {exc.strerror or exc}") from exc

@@ -81,6 +81,7 @@ class Reconciler:
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
         self.dirty = asyncio.Event()
         self.applies = 0
+        self._ring_counts: dict[int, tuple[int, Counter[int]]] = {}
         self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
         self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
 
@@ -129,6 +130,7 @@ class Reconciler:
             await self.monitor.prune({k for k in self.keys.values() if k is not None})
             raise
         await self.monitor.prune({k for k in keys.values() if k is not None})
+        overrides.save(self.overrides_file, self.overrides)  # without the backends the config dropped
         return report
 
     def set_weight(self, vip_name: str, address: str, weight: int | None) -> ApplyReport:
@@ -140,18 +142,21 @@ class Reconciler:
         if not any(str(b.address) == address for b in vip.backends):
             raise KeyError(f"no backend {address} in VIP {vip_name}")
         previous = (self.config, dict(self.overrides))
+        wanted = dict(self.overrides)
         if weight is None:
-            self.overrides.pop((vip_name, address), None)
+            wanted.pop((vip_name, address), None)
         else:
-            self.overrides[(vip_name, address)] = weight
+            wanted[(vip_name, address)] = weight
+        overrides.save(self.overrides_file, wanted)  # first: a weight that is live is also on disk
+        self.overrides = wanted
         self.config = overrides.apply(self.base, self.overrides)
         try:
             report = self.apply("api")
         except Exception:
             self.config, self.overrides = previous
+            overrides.save(self.overrides_file, self.overrides)
             self._rollback()
             raise
-        overrides.save(self.overrides_file, self.overrides)
         events.emit("weight", vip=vip_name, backend=address, weight=weight, source="api",
                     result="config weight again" if weight is None else "set")
         return report
@@ -198,9 +203,15 @@ class Reconciler:
         return report
 
     def ring_counts(self, vip: VipKey) -> Counter[int]:
-        """Backend index -> ring slots it holds, from what was last written (one pass over the ring)."""
+        """Backend index -> ring slots it holds, from what was last written; counted once per apply."""
         vip_num = self.maps.programmer.vips.get(vip)
-        return Counter(self.maps.programmer.rings.get(vip_num, ())) if vip_num is not None else Counter()
+        if vip_num is None:
+            return Counter()
+        cached = self._ring_counts.get(vip_num)
+        if cached is None or cached[0] != self.applies:
+            cached = (self.applies, Counter(self.maps.programmer.rings.get(vip_num, ())))
+            self._ring_counts[vip_num] = cached
+        return cached[1]
 
     def backend_index(self, pair: Pair) -> int | None:
         vip_num = self.maps.programmer.vips.get(pair[0])

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from edge_lb import events
-from edge_lb.errors import EdgeLbError
 from edge_lb.mapio import MapIO
 from edge_lb.reconciler import Reconciler
 from edge_lb.state import VipKey
@@ -37,8 +36,8 @@ class Counters:
             await asyncio.sleep(self.interval)
             try:
                 self.refresh()
-            except EdgeLbError as exc:  # keep the last figures; the next tick tries again
-                events.emit("counters", logging.WARNING, error=exc)
+            except Exception as exc:  # keep the last figures; the next tick tries again
+                events.emit("counters", logging.WARNING, error=repr(exc))
 
 
 def document(rec: Reconciler, counters: Counters) -> Doc:

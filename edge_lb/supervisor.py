@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_lb import control, events, netinfo, status
+from edge_lb import control, events, netinfo, overrides, status
 from edge_lb.bgp import Speaker
 from edge_lb.bgpctl import BgpController, disable_path, drain
 from edge_lb.config import Config, load_config
@@ -44,6 +44,8 @@ def restart_only(old: Config, new: Config) -> list[str]:
                         "(`edge-lb run` adopts the pinned maps, established flows survive)")
     if new.node != old.node:
         problems.append("node: changed; interface, MACs and MTU need a restart")
+    if new.api != old.api:
+        problems.append("api: changed; the listen address and token need a restart")
     if new.bgp != old.bgp:
         problems.append("bgp: changed; peers and session settings need a restart (routes follow health "
                         "and [vip.bgp] live)")
@@ -95,6 +97,7 @@ class Supervisor:
                     instance=config.dataplane.instance)
         path = self.socket_path or control.socket_path(config.dataplane.instance)
         await self.control.start(path)  # first: a second supervisor on the instance stops here
+        await self.control.start_tcp(config.api)  # a taken port or a bad token file fails before attach
         self.dp = Dataplane.load(config.dataplane, pin=True)
         link = await self._link(config)
         self.maps = NodeMaps(self.dp.io, config, link, adopt=True)
@@ -112,7 +115,6 @@ class Supervisor:
         self.prog_id = await asyncio.to_thread(netinfo.xdp_prog_id, config.node.interface)
         self.rec.observe = self.metrics.observe_apply
         await self._start_bgp(config)
-        await self.control.start_tcp(config.api)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
 
@@ -207,7 +209,8 @@ class Supervisor:
 
     async def reload(self) -> dict[str, Any]:
         """SIGHUP or POST /v1/reload: a valid config is applied as a diff; anything else changes nothing."""
-        assert self.rec is not None
+        if self.rec is None:
+            raise SupervisorError("still starting: reload once the node is running")
         async with self._reload_lock:
             try:
                 config = load_config(self.config_path)
@@ -218,8 +221,9 @@ class Supervisor:
                 return self._rejected(problems)
             try:
                 if self.bgp is not None:
+                    effective = overrides.apply(config, overrides.prune(config, self.rec.overrides))
                     with contextlib.suppress(BgpError):  # what fails is retried by the controller's loop
-                        await self.bgp.withdraw_for(config)
+                        await self.bgp.withdraw_for(effective)
                 report = await self.rec.reload(config)
             except EdgeLbError as exc:
                 return self._rejected([f"the data plane refused the change: {exc}"])
@@ -254,11 +258,14 @@ class Supervisor:
         if self.rec is None or self.rec.config.bgp is None:
             raise SupervisorError("this node has no [bgp] table: nothing is announced, nothing to disable")
         path = disable_path(self.rec.config)
-        if disabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("disabled through the API\n")
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if disabled:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("disabled through the API\n")
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SupervisorError(f"maintenance switch {path}: {exc.strerror or exc}") from exc
         if self.bgp is not None:
             self.bgp.poke()
         return {"disabled": disabled, "disable_file": str(path)}

@@ -101,3 +101,38 @@ def test_log_lines_quote_what_needs_it() -> None:
                          skipped=None)
     assert line == 'event=health vip=[fd00::1]:80/tcp reason="HTTP 200 but body lacks \\"ok\\"" n=3'
     assert events.render("x", detail="a\nb") == 'event=x detail="a\\nb"', "one event, one line"
+
+
+def test_reload_refuses_api_changes_that_need_a_restart() -> None:
+    from edge_lb.config import parse_config
+    from edge_lb.supervisor import restart_only
+
+    old = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-old"}})
+    new = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-new"}})
+    assert restart_only(old, new) == ["api: changed; the listen address and token need a restart"]
+    assert restart_only(old, old) == []
+
+
+class BrokenOperations(FakeOperations):
+    async def set_disabled(self, disabled: bool) -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
+    async def reload(self) -> dict[str, Any]:
+        raise SupervisorError("still starting: reload once the node is running")
+
+
+def test_failures_are_json_with_the_right_status(tmp_path: Path) -> None:
+    path = tmp_path / "lb.sock"
+
+    async def main() -> None:
+        server = control.ControlServer(BrokenOperations(), [])
+        await server.start(path)
+        try:
+            code, doc = await control.request(path, "POST", "/api/v1/node/disable")
+            assert (code, doc) == (500, {"error": "internal error: RuntimeError"})
+            code, doc = await control.request(path, "POST", "/api/v1/reload")
+            assert code == 503 and "still starting" in doc["error"]
+        finally:
+            await server.stop()
+
+    asyncio.run(main())

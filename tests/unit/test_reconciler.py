@@ -322,3 +322,20 @@ def test_runtime_weights_drain_and_undrain_and_survive_a_restart(tmp_path: Any) 
     assert '"weight": 0' in state.read_text()
     asyncio.run(restarted())
     assert state.read_text().strip() == "[]"
+
+
+def test_a_reload_that_drops_a_backend_drops_its_saved_weight(tmp_path: Any) -> None:
+    state = tmp_path / "weights.json"
+    smaller = config((str(B1), 1), (str(B3), 1))
+
+    async def main() -> None:
+        maps = NodeMaps(FakeMapIO(RING), BASE, LINK, adopt=True)
+        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
+        await rec.start({})
+        rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
+        assert str(B2) in state.read_text()
+        await rec.reload(smaller)
+        assert state.read_text().strip() == "[]", "b2 coming back later is not drained by a stale file"
+        await rec.stop()
+
+    asyncio.run(main())
