@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_lb import bpfsys, control
+from edge_lb import bpfsys, control, overrides
 from edge_lb.dataplane import pin_dir, remove_pins
 from edge_lb.errors import EdgeLbError, LabError
 from edge_lb.netns import Lab, Netns
@@ -273,6 +273,8 @@ def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -
     with contextlib.suppress(FileNotFoundError):
         control.socket_path(instance).unlink()
     shutil.rmtree(control.RUN_DIR / f"{instance}.bgp", ignore_errors=True)  # ExaBGP's config and log
+    with contextlib.suppress(FileNotFoundError):
+        overrides.state_file(instance).unlink()  # runtime weights set through the API
     remove_pins(instance)
 
 

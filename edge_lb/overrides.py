@@ -17,6 +17,7 @@ from edge_lb import events
 from edge_lb.config import Backend, Config, Vip
 from edge_lb.errors import SupervisorError
 
+STATE_DIR = Path("/var/lib/edge-lb")  # state that outlives a reboot: runtime weights, the disable switch
 Overrides = dict[tuple[str, str], int]  # (VIP name "10.0.0.1:80/tcp", backend address) -> weight
 
 
@@ -51,8 +52,8 @@ def load(path: Path | None) -> Overrides:
 
 def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
     """Atomically: a crash mid-write leaves the previous file."""
-    if path is None:
-        return
+    if path is None or (not overrides and not path.exists()):
+        return  # nothing to keep and nothing to correct: no file
     rows = [{"vip": v, "backend": b, "weight": w} for (v, b), w in sorted(overrides.items())]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,3 +62,7 @@ def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise SupervisorError(f"runtime weights file {path}: {exc.strerror or exc}") from exc
+
+
+def state_file(instance: str) -> Path:
+    return STATE_DIR / f"{instance}.weights.json"

@@ -107,8 +107,8 @@ class Supervisor:
         events.emit("startup", phase="dataplane", adopted_backends=len(adopted),
                     adopted_up=sum(adopted.values()), own_mac=link.own_mac, gateway_mac=link.gw_mac,
                     mtu=link.mtu)
-        state = Path(f"/var/lib/edge-lb/{config.dataplane.instance}.weights.json")
-        self.rec = Reconciler(self.maps, config, make_checker, overrides_file=state)
+        self.rec = Reconciler(self.maps, config, make_checker,
+                              overrides_file=overrides.state_file(config.dataplane.instance))
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
         self.attached = True
