@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from edge_lb import openapi
+from edge_lb.config import vip_name
 from edge_lb.errors import EdgeLbError
 from edge_lb.operations import Doc, Operations
 
@@ -102,15 +103,7 @@ def _vip_name(request: web.Request) -> str:
         raise ApiError(404, f"port {info['port']!r} is not an integer 0..65535", "port")
     if info["protocol"] not in ("tcp", "udp"):
         raise ApiError(404, f"protocol {info['protocol']!r} is not tcp or udp", "protocol")
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{int(info['port'])}/{info['protocol']}"
-
-
-def _split_name(name: str) -> tuple[str, int, str]:
-    """10.0.0.1:80/tcp -> ("10.0.0.1", 80, "tcp"); [fd00::1]:80/tcp -> ("fd00::1", 80, "tcp")."""
-    hostport, _, protocol = name.rpartition("/")
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port), protocol
+    return vip_name(ipaddress.ip_address(address), int(info["port"]), info["protocol"])
 
 
 # -- projections: the status document's rows as the OpenAPI document describes them
@@ -125,8 +118,7 @@ def _backend(row: Doc) -> Doc:
 
 
 def _vip(row: Doc) -> Doc:
-    address, port, protocol = _split_name(row["vip"])
-    return {"vip": row["vip"], "address": address, "port": port, "protocol": protocol,
+    return {"vip": row["vip"], "address": row["address"], "port": row["port"], "protocol": row["protocol"],
             "healthy": row.get("healthy", 0), "in_ring": row.get("in_ring", 0),
             "packets": row.get("packets", 0), "bytes": row.get("bytes", 0),
             "backends": [_backend(b) for b in row.get("backends", [])]}

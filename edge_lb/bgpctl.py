@@ -18,6 +18,7 @@ from edge_lb import events
 from edge_lb.bgp import Announcer, Prefix, Route, Speaker, desired_routes
 from edge_lb.config import Config, IPAddress
 from edge_lb.errors import BgpError
+from edge_lb.overrides import STATE_DIR
 from edge_lb.state import VipKey
 
 _POLL = 0.5  # seconds between looks at the disable file
@@ -33,7 +34,7 @@ def disable_path(config: Config) -> Path:
 
 
 def switch_path(disable_file: str | None, instance: str) -> Path:
-    return Path(disable_file or f"/var/lib/edge-lb/{instance}.disabled")
+    return Path(disable_file) if disable_file else STATE_DIR / f"{instance}.disabled"
 
 
 class Source(Protocol):

@@ -65,9 +65,13 @@ class Vip:
 
     @property
     def name(self) -> str:
-        """The VIP as people write it: 10.200.1.1:80/tcp, or [fd00::1]:80/tcp for IPv6."""
-        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
-        return f"{host}:{self.port}/{self.protocol}"
+        return vip_name(self.address, self.port, self.protocol)
+
+
+def vip_name(address: IPAddress, port: int, protocol: str) -> str:
+    """A VIP as people write it, in logs, status and the API: 10.200.1.1:80/tcp or [fd00::1]:80/tcp."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}/{protocol}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,7 +54,8 @@ class FakeOperations:
         "ring_size": 65537,
         "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "disabled": False,
                 "disable_file": "/var/lib/edge-lb/fake.disabled"},
-        "vips": [{"vip": "10.0.0.1:80/tcp", "healthy": 2, "in_ring": 2, "packets": 0, "bytes": 0,
+        "vips": [{"vip": "10.0.0.1:80/tcp", "address": "10.0.0.1", "port": 80, "protocol": "tcp",
+                  "healthy": 2, "in_ring": 2, "packets": 0, "bytes": 0,
                   "backends": [_backend("10.1.0.1", 1), _backend("10.1.0.2", 1)]}]})
     log: list[Doc] = field(default_factory=list)
     reload_problems: list[str] = field(default_factory=list)

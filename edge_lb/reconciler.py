@@ -99,7 +99,7 @@ class Reconciler:
     def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
         for (vip, address), k in self.keys.items():
             if k == key:
-                events.emit("health", vip=_vip_name(vip), backend=address, check=key.spec.kind,
+                events.emit("health", vip=vip.name, backend=address, check=key.spec.kind,
                             to="up" if new.up else "down", reason=new.reason)
         # BGP first: a withdraw goes out before the ring rewrite (tens of ms of Maglev) runs.
         self.notify()
@@ -198,7 +198,7 @@ class Reconciler:
             vip = names.get(num)
             up = sum(1 for (v, _), ok in health.items() if v == vip and ok)
             total = sum(1 for v, _ in self.keys if v == vip)
-            events.emit("ring", vip=_vip_name(vip) if vip else f"#{num} (removed)", slots_changed=slots,
+            events.emit("ring", vip=vip.name if vip else f"#{num} (removed)", slots_changed=slots,
                         ring_size=self.maps.programmer.ring_size, healthy=f"{up}/{total}", trigger=trigger)
         return report
 
@@ -225,9 +225,3 @@ class Reconciler:
                  else "up")
         return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None,
                            self.backend_index((vip, address)), seen.latency if seen else None)
-
-
-def _vip_name(key: VipKey) -> str:
-    host = f"[{key.address}]" if key.address.version == 6 else str(key.address)
-    proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
-    return f"{host}:{key.port}/{proto}"

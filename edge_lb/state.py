@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edge_lb import maglev
-from edge_lb.config import Config, IPAddress, Vip
+from edge_lb.config import Config, IPAddress, Vip, vip_name
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 
@@ -28,6 +28,11 @@ class VipKey:
     @classmethod
     def of(cls, vip: Vip) -> VipKey:
         return cls(vip.address, vip.port, PROTOCOLS[vip.protocol])
+
+    @property
+    def name(self) -> str:
+        protocol = next((n for n, p in PROTOCOLS.items() if p == self.proto), str(self.proto))
+        return vip_name(self.address, self.port, protocol)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ async def answer(client: Client, method: str, path: str, status: int, **kwargs: 
 
 def with_ipv6_vip() -> FakeOperations:
     ops = FakeOperations()
-    vip = {**ops.doc["vips"][0], "vip": "[fd00::1]:443/tcp"}
+    vip = {**ops.doc["vips"][0], "vip": "[fd00::1]:443/tcp", "address": "fd00::1", "port": 443}
     vip["backends"] = [{**vip["backends"][0], "address": "fd00:1::7"}]
     ops.doc["vips"].append(vip)
     return ops
