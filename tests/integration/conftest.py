@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from edge_lb.lab import DataplaneLab
 from edge_lb.netns import Lab
 
 _LOG_TAIL = 4000  # characters of each lab log shown with a failure
@@ -27,3 +28,18 @@ def lab(require_root: None) -> Iterator[Lab]:
         finally:
             for path in sorted(the_lab.tmpdir.glob("*.log")):
                 print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-_LOG_TAIL:]}")
+
+
+@pytest.fixture
+def dlab(lab: Lab) -> Iterator[DataplaneLab]:
+    """The data-plane lab built and ready (backends answering); its supervisor's log shown on teardown."""
+    d = DataplaneLab(lab)
+    try:
+        d.build()
+        d.prepare_lb()
+        d.wait_ready()
+        yield d
+    finally:
+        if d.supervisor is not None:
+            print(f"--- supervisor.log ---\n{d.supervisor_log()[-6000:]}")
+        d.close()

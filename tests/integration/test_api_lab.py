@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -16,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_lb import openapi
 from edge_lb.lab import PY, VIP, DataplaneLab, wait_for
-from edge_lb.netns import Lab
 
 pytestmark = pytest.mark.root
 
@@ -27,20 +25,12 @@ CHECK = '  type = "http"\n  interval = 1.0\n  fast_interval = 0.25\n  fall = 2\n
 
 
 @pytest.fixture
-def dlab(lab: Lab) -> Iterator[DataplaneLab]:
-    d = DataplaneLab(lab)
-    try:
-        d.build()
-        d.prepare_lb()
-        d.wait_ready()
-        d.config_path.write_text(d.config_text(check=CHECK) + f'\n[api]\ntoken = "{TOKEN}"\n')
-        d.start_supervisor()
-        wait_for(lambda: all(s == "up" for s, _ in d.backend_states().values()), 15, "every backend up")
-        yield d
-    finally:
-        if d.supervisor is not None:
-            print(f"--- supervisor.log ---\n{d.supervisor_log()[-4000:]}")
-        d.close()
+def node(dlab: DataplaneLab) -> DataplaneLab:
+    """The lab's LB running `edge-lb run` with an API token, every backend up."""
+    dlab.config_path.write_text(dlab.config_text(check=CHECK) + f'\n[api]\ntoken = "{TOKEN}"\n')
+    dlab.start_supervisor()
+    wait_for(lambda: all(s == "up" for s, _ in dlab.backend_states().values()), 15, "every backend up")
+    return dlab
 
 
 def curl(d: DataplaneLab, method: str, path: str, token: str | None = None, body: str | None = None
@@ -85,7 +75,8 @@ def row_state(page: str, backend: str) -> str | None:
     return match.group(1) if match else None
 
 
-def test_api_metrics_cli_and_dashboard_on_a_real_node(dlab: DataplaneLab) -> None:
+def test_api_metrics_cli_and_dashboard_on_a_real_node(node: DataplaneLab) -> None:
+    dlab = node
     b2 = dlab.server("b2").address
     code, body = curl(dlab, "GET", "/api/v1/node")
     assert code == 200

@@ -10,34 +10,18 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from edge_lb import control
 from edge_lb.dataplane import pin_dir
 from edge_lb.lab import PY, DataplaneLab, wait_for
-from edge_lb.netns import Lab
 
 pytestmark = pytest.mark.root
 
 INTERVAL, FAST, FALL, RISE = 1.0, 0.25, 2, 2
 CHECK = (f'  type = "http"\n  interval = {INTERVAL}\n  fast_interval = {FAST}\n  timeout = 0.5\n'
          f'  fall = {FALL}\n  rise = {RISE}\n')
-
-
-@pytest.fixture
-def dlab(lab: Lab) -> Iterator[DataplaneLab]:
-    d = DataplaneLab(lab)
-    try:
-        d.build()
-        d.prepare_lb()
-        d.wait_ready()
-        yield d
-    finally:
-        if d.supervisor is not None:
-            print(f"--- supervisor.log ---\n{d.supervisor_log()[-6000:]}")
-        d.close()
 
 
 def start(d: DataplaneLab, roles: list[str] | None = None) -> None:
