@@ -49,6 +49,7 @@ from edge_lb.lab import (
     http_get,
     remove_instance,
     role_of,
+    router_link,
     spawn_http,
     spawn_supervisor,
     start_backend,
@@ -144,12 +145,7 @@ class BgpLab:
 
     def _link(self, role: str, net: int) -> Node:
         assert self.router is not None
-        ns = self.lab.netns(role)
-        self.lab.veth(ns, "eth0", self.router, f"r-{role}")
-        ns.addr("eth0", f"10.88.{net}.2/24")
-        self.router.addr(f"r-{role}", f"10.88.{net}.1/24")
-        ns.route("default", via=f"10.88.{net}.1")
-        return Node(ns, f"10.88.{net}.2", f"r-{role}")
+        return router_link(self.lab, self.router, role, f"10.88.{net}")
 
     def _prepare_lb(self, node: LbNode) -> None:
         """The router's end of the link runs an XDP program (a veth delivers XDP_TX frames only then); the

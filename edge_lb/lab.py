@@ -74,12 +74,7 @@ class DataplaneLab:
 
     def _link(self, role: str, net: int) -> Node:
         assert self.router is not None
-        ns = self.lab.netns(role)
-        self.lab.veth(ns, "eth0", self.router, f"r-{role}")
-        ns.addr("eth0", f"10.77.{net}.2/24")
-        self.router.addr(f"r-{role}", f"10.77.{net}.1/24")
-        ns.route("default", via=f"10.77.{net}.1")
-        return Node(ns, f"10.77.{net}.2", f"r-{role}")
+        return router_link(self.lab, self.router, role, f"10.77.{net}")
 
     def _start_backend(self, server: Node) -> None:
         self.http[role_of(server)] = start_backend(server, VIP, VIP_PORT)
@@ -262,6 +257,16 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError as exc:
         return f"(no log: {exc})"
+
+
+def router_link(lab: Lab, router: Netns, role: str, net: str) -> Node:
+    """Namespace `role` with eth0 = NET.2/24 on a veth to the router (r-ROLE = NET.1), its default route."""
+    ns = lab.netns(role)
+    lab.veth(ns, "eth0", router, f"r-{role}")
+    ns.addr("eth0", f"{net}.2/24")
+    router.addr(f"r-{role}", f"{net}.1/24")
+    ns.route("default", via=f"{net}.1")
+    return Node(ns, f"{net}.2", f"r-{role}")
 
 
 def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -> None:
