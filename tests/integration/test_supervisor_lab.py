@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-from collections import Counter
 
 import pytest
 
@@ -111,7 +110,7 @@ def test_kill9_and_restart_keeps_50_connections(dlab: DataplaneLab) -> None:
     dlab.start_supervisor()
     assert "adopted_up=3" in dlab.supervisor_log()
     assert held.round() == before, "every connection survives the restart on its backend"
-    assert Counter(before) and all(n > 0 for n in Counter(before).values())
+    assert len(set(before)) > 1, "the held connections span several backends"
     assert dlab.http_get(30)["failures"] == 0
 
 
