@@ -8,8 +8,9 @@ kill b2's HTTP server and read, per node, on the host's one wall clock (CLOCK_RE
 
     t0  kill       time.time() in the benchmark, once the killed server has been reaped
     t1  health     the node's `event=health vip=VIP:80/tcp backend=B2 ... to=down` log line
-    t2  ring       the next `event=ring vip=VIP:80/tcp ... trigger=health` line (logged after the map write)
-    t3  withdraw   the next `event=bgp action=withdraw` line (logged once ExaBGP acknowledged the command)
+    t2  ring       the `event=ring vip=VIP:80/tcp ... trigger=health` line after t1 (after the map write)
+    t3  withdraw   the `event=bgp action=withdraw` line after t1 (logged once ExaBGP acknowledged it; the
+                   withdraw is sent before the ring rewrite, so t3 usually precedes t2)
     t4  router     the first route message for the VIP, printed by `ip -ts monitor route` in the router's
                    namespace, whose next hops no longer include the node's address
 
@@ -52,9 +53,9 @@ UP_BOUND = 60.0  # seconds for both nodes to announce after the supervisors star
 TCP_VIP = f"{VIP}:{HTTP_PORT}/tcp"
 STEPS = (  # name, from, to: the stamps of one node's round
     ("kill -> health down", "t0", "t1"),
-    ("health down -> ring written", "t1", "t2"),
-    ("ring -> withdraw sent", "t2", "t3"),
+    ("health down -> withdraw acked", "t1", "t3"),
     ("withdraw -> router route", "t3", "t4"),
+    ("health down -> ring written", "t1", "t2"),
     ("total: kill -> router route", "t0", "t4"),
 )
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ (event=.*)$")
@@ -122,11 +123,15 @@ def node_stamps(lines: list[str], victim: str) -> dict[str, float]:
             if (f.get("event") == "health" and f.get("vip") == TCP_VIP and f.get("backend") == victim
                     and f.get("to") == "down"):
                 found["t1"] = stamp
-        elif "t2" not in found:
-            if f.get("event") == "ring" and f.get("vip") == TCP_VIP and f.get("trigger") == "health":
-                found["t2"] = stamp
-        elif f.get("event") == "bgp" and f.get("action") == "withdraw" and f.get("prefix") == f"{VIP}/32":
+            continue
+        # After the flip the withdraw (sent before the ring rewrite) and the ring line come in either order.
+        if "t2" not in found and f.get("event") == "ring" and f.get("vip") == TCP_VIP \
+                and f.get("trigger") == "health":
+            found["t2"] = stamp
+        if "t3" not in found and f.get("event") == "bgp" and f.get("action") == "withdraw" \
+                and f.get("prefix") == f"{VIP}/32":
             found["t3"] = stamp
+        if "t2" in found and "t3" in found:
             break
     return found
 

@@ -84,6 +84,15 @@ class BgpController:
             return 0
         return await self.announcer.sync(self.desired(), trigger)
 
+    async def withdraw_early(self) -> None:
+        """Before a health-driven ring rewrite (tens of ms of Maglev): withdraw what is no longer servable.
+        Announcements wait for the rewrite, so a route never points at a ring that is not written yet."""
+        desired = self.desired()
+        now = self.announcer.announced
+        if not self.stopping and any(p not in desired for p in now):
+            with contextlib.suppress(BgpError):  # the controller's loop retries
+                await self.announcer.sync({p: r for p, r in now.items() if p in desired}, "health")
+
     async def withdraw_for(self, config: Config) -> None:
         """Before a reload changes the maps: withdraw what the new config will not announce (a removed VIP's
         route goes before its maps do, so routers never send it to a node that drops it)."""

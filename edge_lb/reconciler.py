@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,10 @@ class BackendView:
     checked_at: float | None
     index: int | None  # backend slot in the data plane
     latency: float | None = None  # seconds the last check took
+
+
+async def _nothing() -> None:
+    return None
 
 
 def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
@@ -83,6 +87,7 @@ class Reconciler:
         self.applies = 0
         self._ring_counts: dict[int, tuple[int, Counter[int]]] = {}
         self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
+        self.before_apply: Callable[[], Awaitable[None]] = _nothing
         self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
 
     # -- health
@@ -101,8 +106,6 @@ class Reconciler:
             if k == key:
                 events.emit("health", vip=vip.name, backend=address, check=key.spec.kind,
                             to="up" if new.up else "down", reason=new.reason)
-        # BGP first: a withdraw goes out before the ring rewrite (tens of ms of Maglev) runs.
-        self.notify()
         self.dirty.set()
 
     # -- lifecycle
@@ -174,6 +177,7 @@ class Reconciler:
         while True:
             await self.dirty.wait()
             self.dirty.clear()
+            await self.before_apply()  # BGP withdraws what is no longer servable before the slow rewrite
             try:
                 self.apply("health")
             except Exception as exc:

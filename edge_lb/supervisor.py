@@ -127,6 +127,7 @@ class Supervisor:
         await self.speaker.start()
         self.bgp = BgpController(self.rec, self.speaker, self._still_attached)
         self.rec.notify = self.bgp.poke
+        self.rec.before_apply = self.bgp.withdraw_early
         try:
             sent = await self.bgp.sync("startup")
         except BgpError as exc:  # the controller's loop retries every second

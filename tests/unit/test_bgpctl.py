@@ -145,3 +145,29 @@ def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self"]
+
+
+def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    health = {(VipKey.of(cfg.vips[0]), B1): False}
+
+    class Source:
+        config = cfg
+
+        def health(self) -> dict[Any, bool]:
+            return health
+
+    speaker = FakeSpeaker()
+    ctl = BgpController(Source(), speaker)
+
+    async def main() -> None:
+        await ctl.withdraw_early()
+        assert speaker.commands == [], "an announcement waits for the ring rewrite"
+        health[(VipKey.of(cfg.vips[0]), B1)] = True
+        await ctl.sync("after apply")
+        health[(VipKey.of(cfg.vips[0]), B1)] = False
+        await ctl.withdraw_early()
+
+    asyncio.run(main())
+    assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
+                                "withdraw route 10.200.1.1/32 next-hop self"]
