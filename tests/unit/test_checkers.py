@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,12 +391,22 @@ def sh(script: str, *args: str, timeout: float = 1.0) -> ExecChecker:
     return ExecChecker(CheckSpec(kind="exec", timeout=timeout, command=command))
 
 
-def gone(pid: int) -> bool:
-    """The process no longer runs (it may linger as a zombie of a PID 1 that does not reap)."""
+def _dead(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except FileNotFoundError:
         return True
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """The process stops running within `within` seconds (it may linger as a zombie of a PID 1
+    that does not reap). killpg only queues SIGKILL: a busy machine may run the victim later."""
+    deadline = time.monotonic() + within
+    while not _dead(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_exec_ok_with_last_line_of_stdout() -> None:
