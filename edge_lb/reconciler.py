@@ -136,23 +136,29 @@ class Reconciler:
         overrides.save(self.overrides_file, self.overrides)  # without the backends the config dropped
         return report
 
-    def set_weight(self, vip_name: str, address: str, weight: int | None) -> ApplyReport:
-        """A runtime weight (None: the config's again), applied at once and kept across restarts.
-        KeyError when the VIP or backend is not in the running config."""
+    def weighted(self, vip_name: str, address: str, weight: int | None) -> tuple[Config, overrides.Overrides]:
+        """The running config and runtime weights once this weight is set (None: the config's again).
+        Changes nothing. KeyError when the VIP or backend is not in the running config."""
         vip = next((v for v in self.base.vips if v.name == vip_name), None)
         if vip is None:
             raise KeyError(f"no VIP {vip_name}")
         if not any(str(b.address) == address for b in vip.backends):
             raise KeyError(f"no backend {address} in VIP {vip_name}")
-        previous = (self.config, dict(self.overrides))
         wanted = dict(self.overrides)
         if weight is None:
             wanted.pop((vip_name, address), None)
         else:
             wanted[(vip_name, address)] = weight
+        return overrides.apply(self.base, wanted), wanted
+
+    def set_weight(self, vip_name: str, address: str, weight: int | None) -> ApplyReport:
+        """A runtime weight (None: the config's again), applied at once and kept across restarts.
+        KeyError when the VIP or backend is not in the running config."""
+        config, wanted = self.weighted(vip_name, address, weight)
+        previous = (self.config, dict(self.overrides))
         overrides.save(self.overrides_file, wanted)  # first: a weight that is live is also on disk
         self.overrides = wanted
-        self.config = overrides.apply(self.base, self.overrides)
+        self.config = config
         try:
             report = self.apply("api")
         except Exception:

@@ -248,6 +248,10 @@ class Supervisor:
         if self.rec is None:
             raise SupervisorError("still starting")
         async with self._reload_lock:  # not interleaved with a reload's swap
+            if self.bgp is not None:  # draining the last backends: the route goes before the ring empties
+                candidate, _ = self.rec.weighted(vip, backend, weight)
+                with contextlib.suppress(BgpError):  # what fails is retried by the controller's loop
+                    await self.bgp.withdraw_for(candidate)
             self.rec.set_weight(vip, backend, weight)
         running = self.rec.config
         now = next(b.weight for v in running.vips if v.name == vip

@@ -14,7 +14,12 @@ from edge_lb.bgp import FakeSpeaker
 from edge_lb.bgpctl import BgpController, drain
 from edge_lb.config import Config, parse_config
 from edge_lb.errors import BgpError
+from edge_lb.mapio import FakeMapIO
+from edge_lb.node import Link, NodeMaps
+from edge_lb.reconciler import Reconciler
 from edge_lb.state import VipKey
+from edge_lb.supervisor import Supervisor
+from healthchecks.fake import FakeChecker
 
 B1 = ipaddress.ip_address("10.0.0.1")
 
@@ -171,3 +176,34 @@ def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
     asyncio.run(main())
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
                                 "withdraw route 10.200.1.1/32 next-hop self"]
+
+
+def test_draining_the_last_backend_withdraws_before_the_ring_empties(tmp_path: Path) -> None:
+    """A drain through the API: routers stop sending before the node's ring has nobody left."""
+    cfg = parse_config({
+        "node": {"interface": "eth0"}, "dataplane": {"ring_size": 1009, "max_backends": 4},
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+                "peer": [{"address": "10.9.0.1", "as": 65000}]},
+        "vip": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp",
+                 "backend": [{"address": str(B1), "healthcheck": {"type": "none"}}]}]})
+    io = FakeMapIO(1009)
+    seen: list[tuple[str, bool]] = []
+
+    class Watching(FakeSpeaker):
+        async def send(self, command: str) -> None:
+            seen.append((command.split()[0], any(io.rings.get(0, []))))
+            await super().send(command)
+
+    async def main() -> None:
+        sup = Supervisor(tmp_path / "lb.toml")
+        maps = NodeMaps(io, cfg, Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500), adopt=True)
+        sup.rec = Reconciler(maps, cfg, lambda spec: FakeChecker(), overrides_file=tmp_path / "w.json")
+        await sup.rec.start({})
+        sup.bgp = BgpController(sup.rec, Watching())
+        await sup.bgp.sync("startup")
+        await sup.set_weight("10.200.1.1:80/tcp", str(B1), 0)
+        await sup.rec.stop()
+
+    asyncio.run(main())
+    assert seen == [("announce", True), ("withdraw", True)], "the withdraw left while the ring still served"
+    assert not any(io.rings[0]), "then the ring was emptied"
