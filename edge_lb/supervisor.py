@@ -34,6 +34,7 @@ from edge_lb.stats import reason_names
 from healthchecks.factory import make_checker
 
 _STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
+_ATTACH_POLL = 1.0  # seconds between looks at the interface's XDP program on a node without BGP
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -74,7 +75,8 @@ class Supervisor:
         self.metrics = Metrics(self)
         self.control = control.ControlServer(self, [self.metrics.add_routes])
         self._reload_lock = asyncio.Lock()
-        self.attached = False
+        self.attached = False  # startup attached the program
+        self.on_interface = False  # ...and it is still the one on the interface, as last looked
         self.prog_id: int | None = None
         self.counters_cache: status.Counters | None = None
         self.make_speaker = make_speaker
@@ -111,7 +113,7 @@ class Supervisor:
                               overrides_file=overrides.state_file(config.dataplane.instance))
         report = await self.rec.start(adopted)
         self.dp.attach(config.node.interface, config.dataplane.xdp_mode)
-        self.attached = True
+        self.attached = self.on_interface = True
         self.prog_id = await asyncio.to_thread(netinfo.xdp_prog_id, config.node.interface)
         self.rec.observe = self.metrics.observe_apply
         await self._start_bgp(config)
@@ -183,7 +185,9 @@ class Supervisor:
         if self.counters_cache is not None:
             workers.append(asyncio.create_task(self.counters_cache.run(), name="counters"))
         if self.bgp is not None:
-            workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))
+            workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))  # it watches the attachment
+        else:
+            workers.append(asyncio.create_task(self._watch_attachment(), name="attachment"))
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):
@@ -193,6 +197,26 @@ class Supervisor:
         for task in workers:
             if task in done and not task.cancelled() and task.exception():
                 raise EdgeLbError(f"{task.get_name()} stopped: {task.exception()}")
+
+    async def _watch_attachment(self) -> None:
+        """Without BGP nothing else looks: report a program detached or replaced behind our back (it is
+        not put back: whoever removed it may have meant it; `edge-lb run` again attaches it)."""
+        assert self.rec is not None
+        error = ""
+        while True:
+            await asyncio.sleep(_ATTACH_POLL)
+            try:
+                now = await self._still_attached()
+            except Exception as exc:  # cannot tell (interface gone?): keep the last answer, say so once
+                if repr(exc) != error:
+                    error = repr(exc)
+                    events.emit("dataplane", logging.WARNING, check="attachment", error=exc)
+                continue
+            error = ""
+            if now != self.on_interface:
+                self.on_interface = now
+                events.emit("dataplane", logging.INFO if now else logging.WARNING, check="attachment",
+                            attached=now, interface=self.rec.config.node.interface)
 
     def _gateway_changed(self, mac: str) -> None:
         assert self.maps is not None and self.rec is not None
@@ -293,8 +317,12 @@ class Supervisor:
                    uptime=time.time() - self.started, config=self.config_path,
                    gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies,
                    bgp=self.bgp.status() if self.bgp is not None else None,
-                   attached=self.bgp.attached if self.bgp is not None else self.attached)
+                   attached=self._looks_attached())
         return doc
+
+    def _looks_attached(self) -> bool:
+        """As last looked: the BGP controller looks on its own (every 0.5 s), else _watch_attachment does."""
+        return self.bgp.attached if self.bgp is not None else self.on_interface
 
     # -- shutdown
     async def shutdown(self) -> None:
@@ -322,7 +350,9 @@ class Supervisor:
                 events.emit("shutdown", logging.WARNING, phase="step failed", step=what, error=repr(exc))
         if self.dp is not None:
             self.dp.close()
-        if self.attached:
+        if self.attached and not self._looks_attached():
+            events.emit("shutdown", phase="done", attached="no (detached from outside)", maps="pinned")
+        elif self.attached:
             events.emit("shutdown", phase="done", attached="kept", maps="pinned")
         else:
             events.emit("shutdown", phase="done", attached="no (startup did not finish)")

@@ -131,6 +131,21 @@ def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab)
     assert not pin_dir(dlab.instance).exists()
 
 
+def test_a_program_detached_behind_its_back_is_reported(dlab: DataplaneLab) -> None:
+    """A node without BGP still looks at its interface: status and the log say when XDP is gone."""
+    assert dlab.lb is not None
+    start(dlab)
+    assert dlab.status()["attached"] is True
+    dlab.lb.ns.ip("link", "set", "dev", "eth0", "xdp", "off")
+    took = wait_for(lambda: dlab.status()["attached"] is False, 5, "status shows the program detached")
+    print(f"detachment reported {took:.2f} s after `ip link set xdp off`")
+    assert "event=dataplane check=attachment attached=False interface=eth0" in dlab.supervisor_log()
+    assert dlab.supervisor is not None
+    dlab.supervisor.send_signal(signal.SIGTERM)
+    assert dlab.supervisor.wait(timeout=15) == 0
+    assert 'attached="no (detached from outside)"' in dlab.supervisor_log()
+
+
 def test_failed_backend_loses_its_flows_and_drained_backend_keeps_them(dlab: DataplaneLab) -> None:
     """An exec check on a flag file fails b2 while its server still runs: its held connections must be
     re-hashed away (and so reset by the backend that receives them), the others untouched. A drain keeps
