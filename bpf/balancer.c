@@ -18,6 +18,7 @@
 struct packet {
   struct flow_key flow; /* client -> VIP, also for an ICMP error about that flow */
   __u32 ip_len;         /* IP total length: what encapsulation wraps */
+  __u32 l3_len;         /* bytes from the IP header to the frame's end: >= ip_len (padding), sent as is */
   __u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
   __u8 syn;             /* TCP SYN without ACK: always consult the ring */
   __u8 icmp;            /* ICMP too-big about the flow: no conn-table insert */
@@ -135,6 +136,17 @@ static __always_inline int parse_quoted_v6(struct ipv6hdr *q, void *data_end, st
   return LB_CONTINUE;
 }
 
+/* A length field claiming more than the frame holds (or less than a header) is left to the kernel, which
+ * drops it: encapsulating it would send a header that lies. Trailing bytes (Ethernet padding) are kept. */
+static __always_inline int lengths_bad(struct packet *p, void *ip, void *data_end, __u32 hdr_len) {
+  p->l3_len = data_end - ip;
+  if (p->ip_len > p->l3_len || p->ip_len < hdr_len) {
+    count(STAT_PASS_MALFORMED, 0);
+    return 1;
+  }
+  return 0;
+}
+
 static __always_inline int parse_v4(void *data, void *data_end, struct packet *p) {
   struct iphdr *ip = data + sizeof(struct ethhdr);
   if ((void *)(ip + 1) > data_end) {
@@ -146,6 +158,8 @@ static __always_inline int parse_v4(void *data, void *data_end, struct packet *p
   p->flow.dst[0] = ip->daddr;
   p->flow.proto = ip->protocol;
   p->ip_len = bpf_ntohs(ip->tot_len);
+  if (lengths_bad(p, ip, data_end, IPV4_HDR_LEN))
+    return XDP_PASS;
   p->tos = ip->tos;
   p->df = ip->frag_off & bpf_htons(LB_IP_DF);
   if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
@@ -174,6 +188,8 @@ static __always_inline int parse_v6(void *data, void *data_end, struct packet *p
   __builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
   p->flow.proto = ip6->nexthdr;
   p->ip_len = bpf_ntohs(ip6->payload_len) + IPV6_HDR_LEN;
+  if (lengths_bad(p, ip6, data_end, IPV6_HDR_LEN))
+    return XDP_PASS;
   p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
   void *l4 = ip6 + 1;
   if (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP)
@@ -318,7 +334,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct 
     return XDP_DROP;
   }
   int v6 = be->flags & BACKEND_F_IPV6;
-  if (p->ip_len + (v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN) > ctl->mtu) {
+  if (p->l3_len + (v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN) > ctl->mtu) { /* what really goes on the wire */
     count(STAT_DROP_TOO_BIG, p->ip_len);
     return XDP_DROP;
   }

@@ -55,7 +55,7 @@ enum lb_stat {
   STAT_CT_MISS,              /* backend taken from the Maglev ring (new flow, SYN, or stale entry) */
   STAT_PASS_NOT_IP,          /* ARP, unknown ethertype, truncated Ethernet */
   STAT_PASS_NOT_VIP,         /* IP, but not to a VIP (address, port, protocol) */
-  STAT_PASS_MALFORMED,       /* IP too short to parse */
+  STAT_PASS_MALFORMED,       /* IP too short to parse, or its length field claims more than the frame */
   STAT_PASS_OTHER,           /* to a VIP address but a protocol we do not balance (ICMP echo, IPv6 ext hdr) */
   STAT_DROP_FRAGMENT,        /* IP fragment to a VIP address */
   STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address */

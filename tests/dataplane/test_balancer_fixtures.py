@@ -88,6 +88,13 @@ def ip6_to(backends: set[str], nh: int) -> Check:
     return check
 
 
+def padded_ipip(out: Ether, inp: Packet) -> None:
+    """The outer length wraps the inner packet (its length field), the trailing bytes ride along."""
+    outer = IP(bytes(out)[14:])
+    assert outer.proto == 4 and outer.len == 20 + inp[IP].len
+    assert bytes(out)[14 + 20:] == bytes(inp)[14:], "inner packet and its padding byte-identical"
+
+
 def untouched(out: Ether, inp: Packet) -> None:
     assert bytes(out) == bytes(inp)
 
@@ -134,6 +141,16 @@ CASES = [
          / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(), "XDP_PASS", untouched),
     Case("truncated IPv4 header: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / TCP(),
          "XDP_PASS", untouched, "STAT_PASS_MALFORMED", {"truncate": 14 + 12}),
+    Case("IPv4 length field beyond the frame, to a VIP: pass untouched (the kernel drops it)",
+         tcp4(flags="A", len=200), "XDP_PASS", untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv4 length field shorter than a header: pass", tcp4(flags="A", len=12), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("IPv6 payload length beyond the frame, to a VIP: pass", tcp6(flags="A", plen=300), "XDP_PASS",
+         untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv4 with Ethernet padding: sent, the outer length covers the inner packet only",
+         tcp4(flags="A", sport=40007, len=40) / Raw(b"\0" * 6), "XDP_TX", padded_ipip, "STAT_TX"),
+    Case("IPv4 whose trailing bytes make the frame too big once encapsulated: drop",
+         tcp4(flags="A", sport=40008, len=40) / Raw(b"x" * 1441), "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
     Case("truncated TCP header to a VIP: pass", tcp4(), "XDP_PASS", untouched, None,
          {"truncate": 14 + 20 + 6}),
     Case("IPv4 first fragment to a VIP: drop",
