@@ -71,7 +71,10 @@ class Programmer:
             report.backends_written = len(changed)
 
     def _write_ring(self, num: int, ring: tuple[int, ...], report: ApplyReport) -> None:
-        changes = ring_changes(self.rings.get(num, (0,) * self.ring_size), ring)
+        old = self.rings.get(num)
+        if old is None:  # a number new to us: the map may hold a ring a crash left behind, not zeros
+            old = self.io.read_ring(num)
+        changes = ring_changes(old, ring)
         if changes:
             self.io.write_ring_slots(num, changes)
             report.ring_slots[num] = len(changes)

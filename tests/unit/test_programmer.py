@@ -13,6 +13,7 @@ from edge_lb.config import Config, parse_config
 from edge_lb.mapio import FakeMapIO
 from edge_lb.node import Link, NodeMaps
 from edge_lb.programmer import ring_changes
+from edge_lb.state import VipKey
 
 RING = 1009
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
@@ -160,3 +161,17 @@ def test_a_reused_backend_index_and_vip_number_start_counting_from_zero(
     maps.apply(cfg(lambda d: d.update(vip=[])))
     maps.apply(cfg(lambda d: d["vip"][0].update(port=443)))  # another VIP takes number 0
     assert 0 not in io.counters["vip_stats"]
+
+
+def test_a_number_new_to_us_is_diffed_against_the_map_not_zeros() -> None:
+    """A crash between a VIP's delete and its ring's zeroing leaves a ring under a free number: the VIP
+    that gets the number next must overwrite every slot that differs, not only those that differ from 0."""
+    io = FakeMapIO(ring_size=RING)
+    io.rings[0] = [7] * RING  # left behind; no VIP entry names number 0
+    maps = NodeMaps(io, cfg(), LINK, adopt=True)
+    vip = cfg().vips[0]
+    waiting = {(VipKey.of(vip), b.address): False for b in vip.backends}
+    maps.apply(cfg(), waiting)  # its backends still wait for their checks: an empty ring
+    assert set(io.rings[0]) == {0}
+    maps.apply(cfg())
+    assert set(io.rings[0]) == {1, 2, 3}
