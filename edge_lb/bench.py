@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_lb.assets import asset_dir
 from edge_lb.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, sys_bpf
 from edge_lb.config import parse_config
 from edge_lb.errors import EdgeLbError
@@ -30,7 +31,7 @@ from edge_lb.maglev import Member, build_table
 from edge_lb.simulate import VERDICTS, Simulator
 from edge_lb.testrun import _TestAttr
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "reference"
+REFERENCE_DIR = asset_dir("benchmarks/reference")
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 ROUNDS = 5  # interleaved rounds per case; the median is reported (a shared VM adds noise upward)
 FLOWS = 1000  # established flows the steady-state cases cycle over

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_lb import bpfsys
+from edge_lb.assets import asset_dir
 from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.config import IPAddress
 from edge_lb.errors import DataplaneError
 from edge_lb.mapio import Ctl
 from edge_lb.state import BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = asset_dir("bpf")
 PIN_ROOT = Path("/sys/fs/bpf/edge_lb")
 FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in balancer_consts.h
 BACKEND_F_IPV6 = 1 << 0  # balancer_consts.h; checked against the C source by tests/unit/test_layout.py

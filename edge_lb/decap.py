@@ -23,9 +23,9 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from edge_lb.assets import asset_dir
 from edge_lb.errors import DataplaneError, NetlinkError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Mode = Literal["native", "generic"]
 
-SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "decap.c"
+SOURCE = asset_dir("bpf") / "decap.c"
 PROGRAM = "xdp_decap"
 DEFAULT_MAX_ADDRS = 64
 _MAX_ADDRS_LIMIT = 4096  # a host with more addresses than this is not a plausible backend

@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edge_lb import events
+from edge_lb.assets import asset_dir
 from edge_lb.configbgp import Bgp
 from edge_lb.errors import BgpError
 from edge_lb.exabgp_api import ACK_TIMEOUT, ApiChannel
 
 log = logging.getLogger("edge_lb.exabgp")
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "exabgp_conf"
+TEMPLATES = asset_dir("exabgp_conf")
 PROCESS = "edge-lb"  # the bridge's process name in exabgp.conf
 ENV_FILE = "exabgp.env"
 CONNECT_TIMEOUT = 15.0  # s from starting ExaBGP until its bridge connects (ExaBGP alone takes ~1 s)

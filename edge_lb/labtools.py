@@ -10,10 +10,11 @@ import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+from edge_lb.assets import asset_dir
+
+BPF_DIR = asset_dir("bpf")
 
 
 def attach_pass(ifname: str) -> None:

@@ -1,0 +1,37 @@
+"""A wheel (not only the source tree) carries the C sources, the ExaBGP templates and the benchmark
+references, and edge_lb finds them inside itself."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TREE = ["pyproject.toml", "README.md", "edge_lb", "healthchecks", "bpf", "exabgp_conf", "benchmarks/reference"]
+
+
+def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for part in TREE:
+        if (ROOT / part).is_dir():
+            shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy(ROOT / part, src / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=120)
+    (wheel,) = (tmp_path / "dist").glob("edge_lb-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("from edge_lb import assets, dataplane, decap, exabgp;"
+             "print(dataplane.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES, assets.asset_dir('benchmarks/reference'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+                         check=True, capture_output=True, text=True, timeout=60).stdout.split()
+    assert [Path(p) for p in out] == [site / "edge_lb/bpf", site / "edge_lb/bpf/decap.c",
+                                      site / "edge_lb/exabgp_conf", site / "edge_lb/benchmarks/reference"]
+    assert (site / "edge_lb/bpf/balancer.c").is_file() and (site / "edge_lb/bpf/balancer_consts.h").is_file()
+    assert (site / "edge_lb/exabgp_conf/exabgp.conf.tmpl").is_file()
+    assert (site / "edge_lb/benchmarks/reference/floor.c").is_file()
