@@ -82,6 +82,9 @@ def render(doc: Doc, now: float | None = None) -> str:
     head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
     lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
              f"config {doc.get('config', '?')}", ""]
+    if doc.get("attached") is False:
+        lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
+                        "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
     bgp = doc.get("bgp")
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"

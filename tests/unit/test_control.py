@@ -94,6 +94,8 @@ def test_status_table_shows_every_column() -> None:
     row = next(line for line in text.splitlines() if "10.1.0.1" in line).split()
     assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "HTTP", "200"]
     assert "never" in text and "connect: refused" in text
+    assert "NOT ATTACHED" not in text
+    assert "XDP program NOT ATTACHED to eth0" in status.render({**doc, "attached": False}, now=100.0)
 
 
 def test_log_lines_quote_what_needs_it() -> None:

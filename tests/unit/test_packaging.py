@@ -10,7 +10,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TREE = ["pyproject.toml", "README.md", "edge_lb", "healthchecks", "bpf", "exabgp_conf", "benchmarks/reference"]
+TREE = ["pyproject.toml", "README.md", "edge_lb", "healthchecks", "bpf", "exabgp_conf",
+        "benchmarks/reference"]
 
 
 def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
@@ -27,7 +28,8 @@ def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("from edge_lb import assets, dataplane, decap, exabgp;"
-             "print(dataplane.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES, assets.asset_dir('benchmarks/reference'))")
+             "print(dataplane.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES,"
+             "      assets.asset_dir('benchmarks/reference'))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
     assert [Path(p) for p in out] == [site / "edge_lb/bpf", site / "edge_lb/bpf/decap.c",
