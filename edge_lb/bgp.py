@@ -104,12 +104,8 @@ class Announcer:
     async def sync(self, desired: Mapping[Prefix, Route], trigger: str) -> int:
         """Withdraw what should not be announced, then announce what is missing, changed or unsure. Each
         route is tried on its own; BgpError at the end if any was refused. Returns the commands acked."""
-        sent, failed = 0, list[str]()
-        for prefix in [p for p in self.announced if p not in desired]:
-            if await self._send("withdraw", self.announced[prefix], trigger, failed):
-                self.announced.pop(prefix, None)
-                self.unsure.discard(prefix)
-                sent += 1
+        failed: list[str] = []
+        sent = await self._withdraw(desired, trigger, failed)
         for prefix, route in desired.items():
             if self.announced.get(prefix) != route or prefix in self.unsure:
                 self.announced[prefix] = route
@@ -120,6 +116,23 @@ class Announcer:
                     self.unsure.add(prefix)
         if failed:
             raise BgpError(f"{len(failed)} BGP command(s) failed, first: {failed[0]}")
+        return sent
+
+    async def withdraw(self, keep: Mapping[Prefix, Route], trigger: str) -> int:
+        """Only the withdrawals of sync: what is announced and not in `keep` goes; nothing is announced."""
+        failed: list[str] = []
+        sent = await self._withdraw(keep, trigger, failed)
+        if failed:
+            raise BgpError(f"{len(failed)} BGP withdraw(s) failed, first: {failed[0]}")
+        return sent
+
+    async def _withdraw(self, keep: Mapping[Prefix, Route], trigger: str, failed: list[str]) -> int:
+        sent = 0
+        for prefix in [p for p in self.announced if p not in keep]:
+            if await self._send("withdraw", self.announced[prefix], trigger, failed):
+                self.announced.pop(prefix, None)
+                self.unsure.discard(prefix)
+                sent += 1
         return sent
 
     async def _send(self, action: str, route: Route, trigger: str, failed: list[str]) -> bool:

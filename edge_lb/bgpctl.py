@@ -24,6 +24,7 @@ from edge_lb.state import VipKey
 _POLL = 0.5  # seconds between looks at the disable file
 _RETRY = 1.0  # seconds before a refused sync is tried again
 _WITHDRAW_BOUND = 10.0  # seconds shutdown keeps trying to withdraw
+_FIRST_BOUND = 0.5  # seconds a ring rewrite waits for its withdraw to be acked (ExaBGP takes ~3 ms)
 
 
 def disable_path(config: Config) -> Path:
@@ -60,6 +61,10 @@ class BgpController:
         self.stopping = False
         self.dirty = asyncio.Event()
         self._disabled = self.disabled()
+        # One sync at a time, its desired state computed under the lock: an older sync half-way through its
+        # announcements could otherwise re-announce what a withdraw-first has just withdrawn.
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[int]] = set()
 
     @property
     def config(self) -> Config:
@@ -80,26 +85,43 @@ class BgpController:
         return desired_routes(config or self.config, self.source.health(), self.attached, self._disabled)
 
     async def sync(self, trigger: str) -> int:
-        if self.stopping:
-            return 0
-        return await self.announcer.sync(self.desired(), trigger)
+        async with self._lock:
+            if self.stopping:
+                return 0
+            return await self.announcer.sync(self.desired(), trigger)
 
     async def withdraw_early(self) -> None:
         """Before a health-driven ring rewrite (tens of ms of Maglev): withdraw what is no longer servable.
         Announcements wait for the rewrite, so a route never points at a ring that is not written yet."""
-        desired = self.desired()
-        now = self.announcer.announced
-        if not self.stopping and any(p not in desired for p in now):
-            with contextlib.suppress(BgpError):  # the controller's loop retries
-                await self.announcer.sync({p: r for p, r in now.items() if p in desired}, "health")
+        await self._withdraw_first(None, "health")
 
     async def withdraw_for(self, config: Config) -> None:
-        """Before a reload changes the maps: withdraw what the new config will not announce (a removed VIP's
-        route goes before its maps do, so routers never send it to a node that drops it)."""
-        keep = self.desired(config)
-        now = self.announcer.announced
-        if any(p not in keep for p in now):
-            await self.announcer.sync({p: r for p, r in now.items() if p in keep}, "reload")
+        """Before a reload or a drain changes the maps: withdraw what `config` will not announce (a removed
+        VIP's route goes before its maps do, so routers never send it to a node that drops it)."""
+        await self._withdraw_first(config, "reload or weight")
+
+    async def _withdraw_first(self, config: Config | None, trigger: str) -> None:
+        """Withdraw-only, waited for at most _FIRST_BOUND: a slow or restarting speaker must not hold a dead
+        backend in the ring. Past the bound the withdraw goes on in the background; what fails is retried by
+        the controller's loop."""
+        if self.stopping or all(p in self.desired(config) for p in self.announcer.announced):
+            return
+        task = asyncio.create_task(self._withdraw_locked(config, trigger))
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+        with contextlib.suppress(TimeoutError, BgpError):
+            await asyncio.wait_for(asyncio.shield(task), _FIRST_BOUND)
+
+    async def _withdraw_locked(self, config: Config | None, trigger: str) -> int:
+        async with self._lock:
+            if self.stopping:
+                return 0
+            return await self.announcer.withdraw(self.desired(config), trigger)
+
+    def _finished(self, task: asyncio.Task[int]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.poke()  # refused: the loop's next sync retries
 
     async def run(self) -> None:
         """Until cancelled: sync on every poke and whenever the disable switch or the attachment flips."""
@@ -136,7 +158,8 @@ class BgpController:
     async def withdraw_all(self) -> None:
         """Shutdown's first step: withdraw every route (the speaker keeps running until drained)."""
         self.stopping = True
-        await self.announcer.sync({}, "shutdown")
+        async with self._lock:
+            await self.announcer.sync({}, "shutdown")
 
     def status(self) -> dict[str, Any]:
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),

@@ -153,11 +153,19 @@ def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
 
 
 def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
-    cfg = config(tmp_path)
-    health = {(VipKey.of(cfg.vips[0]), B1): False}
+    """Before a rewrite: withdrawals only. A VIP that became servable, or a route left unsure by a speaker
+    restart, waits for the controller's sync after the rewrite."""
+    two = parse_config({
+        "node": {"interface": "eth0"},
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+                "peer": [{"address": "10.9.0.1", "as": 65000}]},
+        "vip": [{"address": f"10.200.1.{n}", "port": 80, "protocol": "tcp", "backend": [{"address": str(B1)}]}
+                for n in (1, 2)]})
+    one, other = ((VipKey.of(v), B1) for v in two.vips)
+    health = {one: True, other: False}
 
     class Source:
-        config = cfg
+        config = two
 
         def health(self) -> dict[Any, bool]:
             return health
@@ -167,15 +175,58 @@ def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
 
     async def main() -> None:
         await ctl.withdraw_early()
-        assert speaker.commands == [], "an announcement waits for the ring rewrite"
-        health[(VipKey.of(cfg.vips[0]), B1)] = True
+        assert speaker.commands == [], "a servable VIP is announced after the ring rewrite, not before"
+        health[other] = True
         await ctl.sync("after apply")
-        health[(VipKey.of(cfg.vips[0]), B1)] = False
+        ctl.restarted()  # both routes unsure now: a sync would send both again
+        health[one] = False
         await ctl.withdraw_early()
 
     asyncio.run(main())
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
+                                "announce route 10.200.1.2/32 next-hop self",
                                 "withdraw route 10.200.1.1/32 next-hop self"]
+
+
+def test_a_hung_speaker_does_not_hold_the_ring_rewrite(tmp_path: Path) -> None:
+    """The withdraw-first is waited for a bounded time; it completes in the background."""
+    cfg = config(tmp_path)
+    key = (VipKey.of(cfg.vips[0]), B1)
+    health = {key: True}
+    release = asyncio.Event()
+
+    class Source:
+        config = cfg
+
+        def health(self) -> dict[Any, bool]:
+            return health
+
+    class Slow(FakeSpeaker):
+        async def send(self, command: str) -> None:
+            if command.startswith("withdraw"):
+                await release.wait()
+            await super().send(command)
+
+    speaker = Slow()
+    ctl = BgpController(Source(), speaker)
+
+    async def main() -> float:
+        await ctl.sync("startup")
+        health[key] = False
+        began = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):  # a regression fails here instead of hanging
+            await ctl.withdraw_early()
+        waited = asyncio.get_running_loop().time() - began
+        release.set()
+        for _ in range(100):
+            if len(speaker.commands) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return waited
+
+    waited = asyncio.run(main())
+    assert waited < 2.0, f"the rewrite waited {waited:.2f} s for a hung speaker"
+    assert speaker.commands[-1] == "withdraw route 10.200.1.1/32 next-hop self", "and it went out later"
 
 
 def test_draining_the_last_backend_withdraws_before_the_ring_empties(tmp_path: Path) -> None:
