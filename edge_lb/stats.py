@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import re
-from pathlib import Path
 
-CONSTS_H = Path(__file__).resolve().parent.parent / "bpf" / "balancer_consts.h"
+from edge_lb.assets import asset_dir
+
+CONSTS_H = asset_dir("bpf") / "balancer_consts.h"
 
 
 @functools.cache

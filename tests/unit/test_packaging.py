@@ -23,17 +23,21 @@ def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
             src.mkdir(exist_ok=True)
             shutil.copy(ROOT / part, src / part)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=120)
+                    "--no-index", "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=120)
     (wheel,) = (tmp_path / "dist").glob("edge_lb-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("from edge_lb import assets, dataplane, decap, exabgp;"
+    probe = ("from edge_lb import assets, dataplane, decap, exabgp, stats;"
              "print(dataplane.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES,"
-             "      assets.asset_dir('benchmarks/reference'))")
+             "      assets.asset_dir('benchmarks/reference'), stats.CONSTS_H, len(stats.reason_names()))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
-    assert [Path(p) for p in out] == [site / "edge_lb/bpf", site / "edge_lb/bpf/decap.c",
-                                      site / "edge_lb/exabgp_conf", site / "edge_lb/benchmarks/reference"]
+    site = site.resolve()
+    assert [Path(p) for p in out[:-1]] == [
+        site / "edge_lb/bpf", site / "edge_lb/bpf/decap.c", site / "edge_lb/exabgp_conf",
+        site / "edge_lb/benchmarks/reference", site / "edge_lb/bpf/balancer_consts.h"]
+    assert int(out[-1]) > 10, "the counter names are read from the installed header"
     assert (site / "edge_lb/bpf/balancer.c").is_file() and (site / "edge_lb/bpf/balancer_consts.h").is_file()
     assert (site / "edge_lb/exabgp_conf/exabgp.conf.tmpl").is_file()
     assert (site / "edge_lb/benchmarks/reference/floor.c").is_file()
