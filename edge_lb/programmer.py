@@ -76,7 +76,11 @@ class Programmer:
             old = self.io.read_ring(num)
         changes = ring_changes(old, ring)
         if changes:
-            self.io.write_ring_slots(num, changes)
+            try:
+                self.io.write_ring_slots(num, changes)
+            except Exception:
+                self.rings.pop(num, None)  # a batch may be partly written: the next apply reads the map
+                raise
             report.ring_slots[num] = len(changes)
         self.rings[num] = ring
 

@@ -175,3 +175,28 @@ def test_a_number_new_to_us_is_diffed_against_the_map_not_zeros() -> None:
     assert set(io.rings[0]) == {0}
     maps.apply(cfg())
     assert set(io.rings[0]) == {1, 2, 3}
+
+
+def test_a_ring_batch_that_failed_half_way_is_rewritten_by_the_next_apply() -> None:
+    """A batch update may apply part of its slots before it fails: the rollback must not trust its cache."""
+
+    class HalfWrites(FakeMapIO):
+        fail_next = False
+
+        def write_ring_slots(self, vip_num: int, changes: Any) -> None:
+            if self.fail_next:
+                self.fail_next = False
+                super().write_ring_slots(vip_num, changes[: len(changes) // 2])
+                raise OSError("E2BIG half-way")
+            super().write_ring_slots(vip_num, changes)
+
+    io = HalfWrites(ring_size=RING)
+    maps = NodeMaps(io, cfg(), LINK, adopt=False)
+    maps.apply(cfg())
+    before = list(io.rings[0])
+    io.fail_next = True
+    with pytest.raises(OSError):
+        maps.apply(with_backends(1, 2))
+    assert io.rings[0] != before, "the failed batch left part of the new ring behind"
+    maps.apply(cfg())  # the rollback
+    assert io.rings[0] == before
