@@ -320,6 +320,14 @@ class Supervisor:
                    attached=self._looks_attached())
         return doc
 
+    async def _final_look(self) -> bool:
+        """The attachment now, not as last polled (up to a second old); the last poll if it cannot tell."""
+        try:
+            async with asyncio.timeout(_STEP_BOUND):
+                return await self._still_attached()
+        except Exception:
+            return self._looks_attached()
+
     def _looks_attached(self) -> bool:
         """As last looked: the BGP controller looks on its own (every 0.5 s), else _watch_attachment does."""
         return self.bgp.attached if self.bgp is not None else self.on_interface
@@ -350,7 +358,7 @@ class Supervisor:
                 events.emit("shutdown", logging.WARNING, phase="step failed", step=what, error=repr(exc))
         if self.dp is not None:
             self.dp.close()
-        if self.attached and not self._looks_attached():
+        if self.attached and not await self._final_look():
             events.emit("shutdown", phase="done", attached="no (detached from outside)", maps="pinned")
         elif self.attached:
             events.emit("shutdown", phase="done", attached="kept", maps="pinned")
