@@ -87,24 +87,39 @@ def _lowest_free(used: set[int], start: int, limit: int) -> int:
     raise ValueError(f"no free number below {limit}")
 
 
+TableCache = dict[tuple[object, ...], list[bytes | None]]  # (ring size, members) -> Maglev table
+
+
 def ring_for(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
-             healthy: Mapping[IPAddress, bool] | None = None) -> tuple[int, ...]:
-    """The VIP's Maglev ring as backend indexes. Unhealthy backends get no slots; weight 0 gets none."""
+             healthy: Mapping[IPAddress, bool] | None = None,
+             tables: TableCache | None = None) -> tuple[int, ...]:
+    """The VIP's Maglev ring as backend indexes. Unhealthy backends get no slots; weight 0 gets none.
+    `tables` shares Maglev builds between VIPs with the same members (a pool behind many VIPs)."""
     members = [maglev.Member(key=b.address.packed, weight=b.weight) for b in vip.backends
                if healthy is None or healthy.get(b.address, True)]
-    by_key = {b.address.packed: indexes[b.address] for b in vip.backends}
-    table = maglev.build_table(members, ring_size)
-    return tuple(0 if k is None else by_key[k] for k in table)
+    by_key: dict[bytes | None, int] = {b.address.packed: indexes[b.address] for b in vip.backends}
+    by_key[None] = 0  # an empty slot
+    table = _table(members, ring_size, {} if tables is None else tables)
+    return tuple(map(by_key.__getitem__, table))
+
+
+def _table(members: list[maglev.Member], ring_size: int, tables: TableCache) -> list[bytes | None]:
+    """The table depends only on the set of (key, weight) pairs (maglev.py), so equal sets share one."""
+    key = (ring_size, *sorted((m.key, m.weight) for m in members))
+    if key not in tables:
+        tables[key] = maglev.build_table(members, ring_size)
+    return tables[key]
 
 
 RingCache = dict[tuple[object, ...], tuple[int, ...]]
 
 
 def _cached_ring(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
-                 healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache) -> tuple[int, ...]:
+                 healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache,
+                 tables: TableCache) -> tuple[int, ...]:
     """A Maglev build costs tens of ms: reuse the ring when nothing that shapes it has changed."""
     key = (ring_size, *((b.address, b.weight, healthy[b.address], indexes[b.address]) for b in vip.backends))
-    ring = cache.get(key) or used.get(key) or ring_for(vip, indexes, ring_size, healthy)
+    ring = cache.get(key) or used.get(key) or ring_for(vip, indexes, ring_size, healthy, tables)
     used[key] = ring
     return ring
 
@@ -117,6 +132,7 @@ def desired_state(config: Config, alloc: Allocator,
     health = health or {}
     cache = ring_cache if ring_cache is not None else {}
     used: RingCache = {}
+    tables: TableCache = {}  # for this call only: the tables are large, the rings are what is kept
     vips: dict[VipKey, int] = {}
     backends: dict[int, BackendSlot] = {}
     rings: dict[int, tuple[int, ...]] = {}
@@ -132,7 +148,7 @@ def desired_state(config: Config, alloc: Allocator,
         healthy = {a: health.get((key, a), True) for a in indexes}
         for address, idx in indexes.items():
             backends[idx] = BackendSlot(num, address, up=healthy[address])
-        rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used)
+        rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used, tables)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
     port0 = sum(1 for k in vips if k.port == 0)
     cache.clear()

@@ -13,7 +13,7 @@ from edge_lb.config import Config, parse_config
 from edge_lb.mapio import FakeMapIO
 from edge_lb.node import Link, NodeMaps
 from edge_lb.programmer import ring_changes
-from edge_lb.state import VipKey
+from edge_lb.state import VipKey, ring_for
 
 RING = 1009
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
@@ -200,3 +200,26 @@ def test_a_ring_batch_that_failed_half_way_is_rewritten_by_the_next_apply() -> N
     assert io.rings[0] != before, "the failed batch left part of the new ring behind"
     maps.apply(cfg())  # the rollback
     assert io.rings[0] == before
+
+
+def test_vips_with_the_same_pool_share_one_maglev_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool behind many VIPs: one build per distinct member set, and each VIP's ring is still its own."""
+    pool = [{"address": f"10.0.0.{i}"} for i in (1, 2, 3)]
+    many = parse_config({**BASE, "dataplane": {**BASE["dataplane"], "max_vips": 8},
+                         "vip": [{"address": f"10.200.1.{n}", "port": 80, "protocol": "tcp", "backend": pool}
+                                 for n in range(1, 7)]})
+    builds: list[int] = []
+    real = maglev.build_table
+    monkeypatch.setattr(maglev, "build_table", lambda members, size: builds.append(1) or real(members, size))
+    io = FakeMapIO(ring_size=RING)
+    maps = NodeMaps(io, many, LINK, adopt=False)
+    maps.apply(many)
+    assert len(builds) == 1
+    for vip in many.vips:
+        num = maps.programmer.vips[VipKey.of(vip)]
+        indexes = {b.address: maps.alloc.backend_idx[(num, b.address)] for b in vip.backends}
+        assert tuple(io.rings[num]) == ring_for(vip, indexes, RING), "each ring names its own VIP's backends"
+    builds.clear()
+    dead = ipaddress.ip_address("10.0.0.2")
+    maps.apply(many, {(VipKey.of(v), dead): False for v in many.vips})
+    assert len(builds) == 1, "a backend of the pool died: one more build serves all six VIPs"
