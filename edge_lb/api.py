@@ -82,6 +82,31 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error_response(500, f"internal error: {exc.__class__.__name__}")
 
 
+def host_is_literal(host: str) -> bool:
+    """A Host header naming no DNS name: an IP literal or localhost, with or without a port."""
+    if host.startswith("["):  # [v6] or [v6]:port
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@web.middleware
+async def _literal_hosts_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """DNS rebinding guard for an API on loopback: a web page whose name an attacker re-points at 127.0.0.1
+    sends its own name as Host. Clients of a loopback API name it by address or as localhost."""
+    if not host_is_literal(request.host):
+        why = "this API is on loopback and answers only to an IP address or localhost (DNS rebinding guard)"
+        return _error_response(403, f"Host {request.host!r} refused: {why}", "Host")
+    return await handler(request)
+
+
 # -- path parts
 
 
@@ -278,12 +303,15 @@ class _Api:
 
 
 def make_app(ops: Operations, *, token: str | None, require_token: bool = True,
-             extra: Sequence[Callable[[web.Application], None]] = ()) -> web.Application:
+             extra: Sequence[Callable[[web.Application], None]] = (),
+             literal_hosts_only: bool = False) -> web.Application:
     """The API over ops. token: the bearer token mutations need (None or "": mutations answer 401) unless
     require_token is False. extra: callables adding their own routes (metrics, the dashboard); they find ops
-    at app[OPS]. Errors those routes raise as aiohttp HTTPExceptions are answered as JSON too."""
+    at app[OPS]. Errors those routes raise as aiohttp HTTPExceptions are answered as JSON too.
+    literal_hosts_only: 403 to a Host header that is a DNS name (for a site on loopback)."""
     api = _Api(ops, token, require_token)
-    app = web.Application(middlewares=[_json_errors], client_max_size=64 * 1024)
+    guards = [_literal_hosts_only] if literal_hosts_only else []
+    app = web.Application(middlewares=[*guards, _json_errors], client_max_size=64 * 1024)
     app[OPS] = ops
     vip = PREFIX + "/vips/{address}/{port}/{protocol}"
     backend = vip + "/backends/{backend}"

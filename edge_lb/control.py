@@ -4,7 +4,8 @@ two sites of the supervisor's event loop.
     /run/edge-lb/<instance>.sock   Unix socket, mode 0660 root: the CLI's way in; file permissions are its
                                    authentication, so mutations need no token here
     [api].listen (127.0.0.1:9100)  TCP: dashboard, metrics and reads for anyone who can reach it; mutations
-                                   need the bearer token ([api].token or token_file)
+                                   need the bearer token ([api].token or token_file). On loopback, a Host
+                                   header that is a DNS name gets 403 (DNS rebinding from a browser)
 
 A second supervisor for the same instance is refused (the socket is live); a stale socket is replaced.
 """
@@ -12,6 +13,7 @@ A second supervisor for the same instance is refused (the socket is live); a sta
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -83,7 +85,9 @@ class ControlServer:
     async def start_tcp(self, settings: Api) -> None:
         if not settings.enabled:
             return
-        app = api.make_app(self.ops, token=read_token(settings), require_token=True, extra=self.extra)
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+        app = api.make_app(self.ops, token=read_token(settings), require_token=True, extra=self.extra,
+                           literal_hosts_only=loopback)
         await self._serve(app, lambda runner: web.TCPSite(runner, settings.host, settings.port),
                           f"cannot listen on {settings.listen} ([api].listen)")
 

@@ -33,13 +33,15 @@ def node(dlab: DataplaneLab) -> DataplaneLab:
     return dlab
 
 
-def curl(d: DataplaneLab, method: str, path: str, token: str | None = None, body: str | None = None
-         ) -> tuple[int, str]:
+def curl(d: DataplaneLab, method: str, path: str, token: str | None = None, body: str | None = None,
+         host: str | None = None) -> tuple[int, str]:
     """HTTP from inside the LB namespace, where the API listens on 127.0.0.1:9100."""
     assert d.lb is not None
     argv = ["curl", "-s", "-m", "10", "-X", method, "-w", "\n%{http_code}", f"{API}{path}"]
     if token:
         argv += ["-H", f"Authorization: Bearer {token}"]
+    if host:
+        argv += ["-H", f"Host: {host}"]
     if body is not None:
         argv += ["-H", "Content-Type: application/json", "--data", body]
     out = d.lb.ns.run(argv).stdout
@@ -94,6 +96,7 @@ def test_api_metrics_cli_and_dashboard_on_a_real_node(node: DataplaneLab) -> Non
     drain = f"/api/v1/vips/{VIP}/80/tcp/backends/{b2}/drain"
     assert curl(dlab, "POST", drain)[0] == 401, "a mutation over TCP needs the token"
     assert curl(dlab, "POST", drain, token="wrong-token-0123456789")[0] == 401
+    assert curl(dlab, "GET", "/api/v1/node", host="rebound.example:9100")[0] == 403, "DNS rebinding guard"
     cli = subprocess.run([PY, "-m", "edge_lb", "drain", "-c", str(dlab.config_path), "--vip", VIP_NAME,
                           "--backend", b2], capture_output=True, text=True, timeout=30)
     assert cli.returncode == 0, cli.stderr

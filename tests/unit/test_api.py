@@ -339,3 +339,27 @@ def test_extra_routes_are_served_and_see_the_operations() -> None:
         assert resp.status == 200 and 'packets{reason="STAT_TX"} 10' in await resp.text()
 
     run(body, extra=[add_metrics])
+
+
+@pytest.mark.parametrize(("host", "literal"), [
+    ("127.0.0.1:9100", True), ("127.0.0.1", True), ("[::1]:9100", True), ("[::1]", True),
+    ("localhost:9100", True), ("LOCALHOST", True), ("10.0.0.5:9100", True),
+    ("evil.example:9100", False), ("evil.example", False), ("127.0.0.1.nip.io:9100", False),
+    ("[evil]:9100", False), ("", False),
+])
+def test_host_is_literal(host: str, literal: bool) -> None:
+    assert api.host_is_literal(host) is literal
+
+
+def test_on_loopback_a_dns_name_in_host_is_refused() -> None:
+    """DNS rebinding: a page served as evil.example, re-pointed at 127.0.0.1, still sends its own name."""
+    async def body(client: Client, ops: FakeOperations) -> None:
+        refused = await answer(client, "GET", "/api/v1/node", 403, headers={"Host": "evil.example:9100"})
+        assert refused["field"] == "Host" and "DNS rebinding" in refused["error"]
+        await answer(client, "POST", "/api/v1/node/disable", 403, headers={"Host": "evil.example"})
+        assert ops.doc["bgp"]["disabled"] is False, "nothing changed"
+        await answer(client, "GET", "/api/v1/node", 200, headers={"Host": "127.0.0.1:9100"})
+        await answer(client, "GET", "/api/v1/node", 200, headers={"Host": "localhost:9100"})
+
+    run(body, literal_hosts_only=True)
+    run(lambda client, ops: answer(client, "GET", "/api/v1/node", 200, headers={"Host": "lb1.example"}))
