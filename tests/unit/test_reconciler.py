@@ -126,6 +126,29 @@ def test_a_failing_backend_leaves_with_exactly_its_slots_rewritten() -> None:
     run(body)
 
 
+def test_a_health_rewrite_waits_for_before_apply_first() -> None:
+    """BGP's withdraw-first hook runs, and is awaited, while the ring still holds the failed backend."""
+    seen: list[bool] = []
+    armed = [False]
+
+    async def body(h: Harness) -> None:
+        async def before() -> None:
+            if not armed[0]:
+                return
+            await asyncio.sleep(0.05)  # a withdraw on the wire: the rewrite must not start meanwhile
+            seen.append(h.index(B2) in h.ring())
+
+        h.rec.before_apply = before
+        await h.start()
+        full = h.expected_ring(BASE, {B1, B2, B3})
+        await h.until(lambda: h.ring() == full, "all up")
+        armed[0] = True
+        h.set(B2, False)
+        await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B3}), "b2 out of the ring")
+        assert seen and seen[0] is True, "the hook ran before b2 left the ring"
+    run(body)
+
+
 def test_flapping_backend_does_not_flap_the_ring() -> None:
     async def body(h: Harness) -> None:
         await h.start()
