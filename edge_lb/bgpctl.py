@@ -39,11 +39,12 @@ def switch_path(disable_file: str | None, instance: str) -> Path:
 
 
 class Source(Protocol):
-    """What the controller reads on every sync, together: the running config and the backends' health."""
+    """What the controller reads on every sync, together: the running config, and which backends serve
+    (healthy, and written so into the maps: Reconciler.serving)."""
 
     config: Config
 
-    def health(self) -> Mapping[tuple[VipKey, IPAddress], bool]: ...
+    def serving(self) -> Mapping[tuple[VipKey, IPAddress], bool]: ...
 
 
 async def _always() -> bool:
@@ -82,7 +83,7 @@ class BgpController:
         self.poke()
 
     def desired(self, config: Config | None = None) -> dict[Prefix, Route]:
-        return desired_routes(config or self.config, self.source.health(), self.attached, self._disabled)
+        return desired_routes(config or self.config, self.source.serving(), self.attached, self._disabled)
 
     async def sync(self, trigger: str) -> int:
         async with self._lock:

@@ -86,6 +86,7 @@ class Reconciler:
         self.dirty = asyncio.Event()
         self.applies = 0
         self._ring_counts: dict[int, tuple[int, Counter[int]]] = {}
+        self._applied: dict[Pair, bool] = {}  # the health the maps were last written with
         self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
         self.before_apply: Callable[[], Awaitable[None]] = _nothing
         self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
@@ -100,6 +101,11 @@ class Reconciler:
 
     def health(self) -> dict[Pair, bool]:
         return {pair: self.health_of(pair).up for pair in self.keys}
+
+    def serving(self) -> dict[Pair, bool]:
+        """Up now and already in the maps: a backend whose rise was seen but not yet written is not serving
+        (BGP announces on this, so a route never leads to a ring that is still empty)."""
+        return {pair: up and self._applied.get(pair, False) for pair, up in self.health().items()}
 
     def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
         for (vip, address), k in self.keys.items():
@@ -197,13 +203,14 @@ class Reconciler:
     # -- maps
     def apply(self, trigger: str) -> ApplyReport:
         began = time.monotonic()
-        report = self.maps.apply(self.config, self.health())
+        health = self.health()
+        report = self.maps.apply(self.config, health)
+        self._applied = health
         self.applies += 1
         if report.ring_slots:
             self.observe(time.monotonic() - began, sum(report.ring_slots.values()))
         self.notify()
         names = {num: key for key, num in self.maps.programmer.vips.items()}
-        health = self.health() if report.ring_slots else {}
         for num, slots in report.ring_slots.items():
             vip = names.get(num)
             up = sum(1 for (v, _), ok in health.items() if v == vip and ok)

@@ -42,7 +42,7 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
     class Source:
         config = cfg
 
-        def health(self) -> dict[Any, bool]:
+        def serving(self) -> dict[Any, bool]:
             return health
 
     async def probe() -> bool:
@@ -113,7 +113,7 @@ def test_reload_withdraws_a_removed_vip_before_the_maps_change(tmp_path: Path) -
     class Source:
         config = cfg
 
-        def health(self) -> dict[Any, bool]:
+        def serving(self) -> dict[Any, bool]:
             return {(VipKey.of(cfg.vips[0]), B1): True}
 
     speaker = FakeSpeaker()
@@ -135,7 +135,7 @@ def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
     class Source:
         config = cfg
 
-        def health(self) -> dict[Any, bool]:
+        def serving(self) -> dict[Any, bool]:
             return {(VipKey.of(cfg.vips[0]), B1): True}
 
     speaker = FakeSpeaker(refuse=True)
@@ -167,7 +167,7 @@ def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
     class Source:
         config = two
 
-        def health(self) -> dict[Any, bool]:
+        def serving(self) -> dict[Any, bool]:
             return health
 
     speaker = FakeSpeaker()
@@ -198,7 +198,7 @@ def test_a_hung_speaker_does_not_hold_the_ring_rewrite(tmp_path: Path) -> None:
     class Source:
         config = cfg
 
-        def health(self) -> dict[Any, bool]:
+        def serving(self) -> dict[Any, bool]:
             return health
 
     class Slow(FakeSpeaker):

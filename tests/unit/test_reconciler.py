@@ -149,6 +149,25 @@ def test_a_health_rewrite_waits_for_before_apply_first() -> None:
     run(body)
 
 
+def test_serving_means_healthy_and_written_into_the_maps() -> None:
+    """What BGP announces on: a rise the maps have not taken yet does not count."""
+    async def main() -> None:
+        h = Harness(BASE)
+        try:
+            await h.rec.start({})  # no reconciler loop: nothing applies the rise
+            pair = (VIP, B1)
+            await h.until(lambda: h.rec.health()[pair], "b1 up by its checks")
+            assert h.rec.serving()[pair] is False, "up, but its ring slots are not written yet"
+            h.rec.apply("test")
+            assert h.rec.serving()[pair] is True
+            h.set(B1, False)
+            await h.until(lambda: not h.rec.health()[pair], "b1 down by its checks")
+            assert h.rec.serving()[pair] is False, "down counts at once, before the rewrite"
+        finally:
+            await h.stop()
+    asyncio.run(main())
+
+
 def test_flapping_backend_does_not_flap_the_ring() -> None:
     async def body(h: Harness) -> None:
         await h.start()
