@@ -69,7 +69,17 @@ static __always_inline __u32 flow_hash(const struct flow_key *f) {
   return jhash3(f->dst[2], f->dst[3] ^ f->proto, ports, h);
 }
 
+/* False: no VIP has this address (certain). True: one may (then the hash maps tell). */
+static __always_inline int maybe_vip(const __u32 *addr) {
+  __u32 bucket = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * VIP_FILTER_MULT) >> 16;
+  __u32 word = bucket >> 5;
+  __u32 *bits = vip_filter.lookup(&word);
+  return bits && (*bits & (1u << (bucket & 31)));
+}
+
 static __always_inline int is_vip_addr(const __u32 *addr, __u8 family) {
+  if (!maybe_vip(addr))
+    return 0;
   struct vip_key k = {};
   __builtin_memcpy(k.addr, addr, 16);
   k.family = family;
@@ -205,6 +215,8 @@ static __always_inline int parse_v6(void *data, void *data_end, struct packet *p
 }
 
 static __always_inline struct vip_meta *find_vip(struct packet *p, struct lb_ctl *ctl) {
+  if (!maybe_vip(p->flow.dst))
+    return NULL;
   struct vip_key k = {};
   __builtin_memcpy(k.addr, p->flow.dst, 16);
   k.port = p->flow.dport;

@@ -36,6 +36,13 @@
 #define LB_ICMP_FRAG_NEEDED 4
 #define LB_ICMPV6_PKT_TOOBIG 2
 
+/* VIP address prefilter: one bit per bucket of a hash of the destination address. A clear bit answers "no VIP
+ * has this address" with one array read instead of a hash-map lookup: the cheap path for the traffic we pass.
+ * bucket = ((xor of the 4 address words, as loaded) * VIP_FILTER_MULT) >> 16; edge_lb/state.py mirrors it. */
+#define VIP_FILTER_BITS 65536
+#define VIP_FILTER_WORDS (VIP_FILTER_BITS / 32)
+#define VIP_FILTER_MULT 0x9e3779b1u
+
 /* Address family tags in keys (not AF_*: these are part of the map ABI). */
 #define LB_FAMILY_V4 4
 #define LB_FAMILY_V6 6

@@ -20,6 +20,10 @@ LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
  * options, other protocols) to tell "to a VIP" from "to someone else". */
 LB_MAP("hash", struct vip_key, __u32, vip_addrs, MAX_VIPS, 0);
 
+/* The VIP address prefilter: bit (bucket & 31) of word (bucket >> 5) is set while some VIP's address falls in
+ * the bucket. The control plane sets bits before the VIPs they cover go in, and clears them after. */
+LB_MAP("array", __u32, __u32, vip_filter, VIP_FILTER_WORDS, 0);
+
 /* All Maglev rings, RING_SIZE slots per VIP number -> backend index (0 = none). */
 LB_MAP("array", __u32, __u32, rings, RINGS_ENTRIES, 0);
 

@@ -20,7 +20,7 @@ from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.config import IPAddress
 from edge_lb.errors import DataplaneError
 from edge_lb.mapio import Ctl
-from edge_lb.state import BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
+from edge_lb.state import VIP_FILTER_BITS, BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
 
 BPF_DIR = asset_dir("bpf")
 PIN_ROOT = Path("/sys/fs/bpf/edge_lb")
@@ -57,7 +57,8 @@ class MapSizes:
         return cls(s.ring_size, s.max_vips, s.max_backends, s.conn_table_size)
 
     def max_entries(self) -> dict[str, int]:
-        return {"vips": self.max_vips, "vip_addrs": self.max_vips, "rings": self.ring_size * self.max_vips,
+        return {"vips": self.max_vips, "vip_addrs": self.max_vips, "vip_filter": VIP_FILTER_BITS // 32,
+                "rings": self.ring_size * self.max_vips,
                 "backends": self.max_backends, "conn_table": self.conn_table_size, "ctl": 1,
                 "vip_stats": self.max_vips, "backend_stats": self.max_backends, "reason_stats": -1}
 
@@ -169,8 +170,8 @@ class BccMapIO:
 
     def __init__(self, bpf: Any, ring_size: int) -> None:
         self.t = {name: bpf[name.encode()] for name in
-                  ("vips", "vip_addrs", "rings", "backends", "ctl", "vip_stats", "backend_stats",
-                   "reason_stats", "conn_table")}
+                  ("vips", "vip_addrs", "vip_filter", "rings", "backends", "ctl", "vip_stats",
+                   "backend_stats", "reason_stats", "conn_table")}
         self.ring_size = ring_size
 
     # -- conversions -------------------------------------------------------------------------------------
@@ -206,7 +207,22 @@ class BccMapIO:
         return tuple(bpfsys.array_lookup_range(self.t["rings"].map_fd, vip_num * self.ring_size,
                                                self.ring_size))
 
+    def read_filter(self) -> dict[int, int]:
+        words = bpfsys.array_lookup_range(self.t["vip_filter"].map_fd, 0, VIP_FILTER_BITS // 32)
+        return {w: bits for w, bits in enumerate(words) if bits}
+
     # -- writes --------------------------------------------------------------------------------------------
+    def write_filter(self, words: Mapping[int, int]) -> None:
+        if not words:
+            return
+        t = self.t["vip_filter"]
+        keys = (t.Key * len(words))(*words)
+        values = (t.Leaf * len(words))(*words.values())
+        try:
+            t.items_update_batch(keys, values)
+        except Exception as exc:
+            raise DataplaneError(f"write {len(words)} words of the VIP prefilter: {exc}") from exc
+
     def write_ctl(self, ctl: Ctl) -> None:
         t = self.t["ctl"]
         leaf = t.Leaf()

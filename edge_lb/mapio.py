@@ -31,6 +31,10 @@ class MapIO(Protocol):
     def read_backends(self) -> dict[int, BackendSlot]: ...
     def read_vip_addrs(self) -> dict[IPAddress, int]: ...
     def read_ring(self, vip_num: int) -> tuple[int, ...]: ...
+    def read_filter(self) -> dict[int, int]:
+        """The VIP prefilter's non-zero words: word index -> bits."""
+    def write_filter(self, words: Mapping[int, int]) -> None:
+        """Set these prefilter words (0 clears one) in one batch."""
     def write_ctl(self, ctl: Ctl) -> None: ...
     def put_vips(self, vips: Mapping[VipKey, int]) -> None: ...
     def delete_vips(self, keys: Iterable[VipKey]) -> None: ...
@@ -54,6 +58,8 @@ class FakeMapIO:
     ctl: Ctl | None = None
     vips: dict[VipKey, int] = field(default_factory=dict)
     vip_addrs: dict[IPAddress, int] = field(default_factory=dict)
+    filter: dict[int, int] = field(default_factory=dict)  # the VIP prefilter's words
+    filter_batches: list[dict[int, int]] = field(default_factory=list)
     backends: dict[int, BackendSlot] = field(default_factory=dict)
     rings: dict[int, list[int]] = field(default_factory=dict)
     ring_batches: list[tuple[int, int]] = field(default_factory=list)  # (vip_num, slots in batch)
@@ -70,6 +76,14 @@ class FakeMapIO:
 
     def read_ring(self, vip_num: int) -> tuple[int, ...]:
         return tuple(self.rings.get(vip_num, [0] * self.ring_size))
+
+    def read_filter(self) -> dict[int, int]:
+        return {w: bits for w, bits in self.filter.items() if bits}
+
+    def write_filter(self, words: Mapping[int, int]) -> None:
+        self.filter.update(words)
+        self.filter = {w: bits for w, bits in self.filter.items() if bits}
+        self.filter_batches.append(dict(words))
 
     def write_ctl(self, ctl: Ctl) -> None:
         self.ctl = ctl

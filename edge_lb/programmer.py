@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edge_lb.config import IPAddress
 from edge_lb.mapio import MapIO
-from edge_lb.state import Allocator, BackendSlot, DesiredState, VipKey
+from edge_lb.state import Allocator, BackendSlot, DesiredState, VipKey, filter_words
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Programmer:
         self.backends: dict[int, BackendSlot] = {}
         self.rings: dict[int, tuple[int, ...]] = {}
         self.vip_addrs: dict[IPAddress, int] = {}
+        self.filter: dict[int, int] = {}  # the VIP prefilter's non-zero words, as written
 
     def adopt(self, alloc: Allocator) -> None:
         """Read what the (pinned) maps hold, so numbering and ring diffs continue from it."""
@@ -49,6 +50,7 @@ class Programmer:
         self.backends = self.io.read_backends()
         self.rings = {num: self.io.read_ring(num) for num in self.vips.values()}
         self.vip_addrs = self.io.read_vip_addrs()
+        self.filter = self.io.read_filter()
         alloc.vip_nums.update(self.vips)
         alloc.backend_idx.update({(s.vip_num, s.address): i for i, s in self.backends.items()})
 
@@ -60,9 +62,20 @@ class Programmer:
         self._write_backends(want, report)
         for num, ring in want.rings.items():
             self._write_ring(num, ring, report)
+        wanted = filter_words(a for a, _ in want.vip_addrs)
+        # The prefilter must never hide a VIP: bits for new addresses before their VIPs, stale bits after.
+        self._write_filter({w: self.filter.get(w, 0) | wanted.get(w, 0) for w in {*self.filter, *wanted}})
         self._write_vips(want, report)
         self._remove_stale(want, report)
+        self._write_filter(wanted)
         return report
+
+    def _write_filter(self, words: dict[int, int]) -> None:
+        every = {*self.filter, *words}
+        changed = {w: words.get(w, 0) for w in every if words.get(w, 0) != self.filter.get(w, 0)}
+        if changed:
+            self.io.write_filter(changed)
+            self.filter = {w: bits for w, bits in words.items() if bits}
 
     def _write_backends(self, want: DesiredState, report: ApplyReport) -> None:
         changed = {i: s for i, s in want.backends.items() if self.backends.get(i) != s}

@@ -7,7 +7,10 @@ keeps its number across reloads and restarts, because the connection table store
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import operator
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +54,28 @@ class DesiredState:
     rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
     vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> VIP count
     port0_vips: int = 0
+
+
+VIP_FILTER_BITS = 65536  # balancer_consts.h: the VIP address prefilter
+VIP_FILTER_MULT = 0x9E3779B1
+
+
+def filter_bucket(address: IPAddress) -> int:
+    """The prefilter bucket of an address, as bpf/balancer.c's maybe_vip computes it: the xor of the four
+    32-bit words of the 16-byte address as the CPU loads them, times VIP_FILTER_MULT, top 16 bits."""
+    raw = address.packed.ljust(16, b"\0")
+    words = (int.from_bytes(raw[i:i + 4], sys.byteorder) for i in (0, 4, 8, 12))
+    folded = functools.reduce(operator.xor, words)
+    return ((folded * VIP_FILTER_MULT) & 0xFFFFFFFF) >> 16
+
+
+def filter_words(addresses: Iterable[IPAddress]) -> dict[int, int]:
+    """The prefilter's non-zero words (word index -> bits) with a bit set for each address."""
+    words: dict[int, int] = {}
+    for address in addresses:
+        bucket = filter_bucket(address)
+        words[bucket >> 5] = words.get(bucket >> 5, 0) | 1 << (bucket & 31)
+    return words
 
 
 @dataclass

@@ -13,7 +13,7 @@ from edge_lb.config import Config, parse_config
 from edge_lb.mapio import FakeMapIO
 from edge_lb.node import Link, NodeMaps
 from edge_lb.programmer import ring_changes
-from edge_lb.state import VipKey, ring_for
+from edge_lb.state import VIP_FILTER_BITS, VipKey, filter_bucket, filter_words, ring_for
 
 RING = 1009
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
@@ -223,3 +223,48 @@ def test_vips_with_the_same_pool_share_one_maglev_build(monkeypatch: pytest.Monk
     dead = ipaddress.ip_address("10.0.0.2")
     maps.apply(many, {(VipKey.of(v), dead): False for v in many.vips})
     assert len(builds) == 1, "a backend of the pool died: one more build serves all six VIPs"
+
+
+def test_the_vip_prefilter_never_hides_a_vip() -> None:
+    """Its bits go in before the VIPs they cover and come out after them; adopting reads them back."""
+    ops: list[str] = []
+
+    class Logged(FakeMapIO):
+        def put_vips(self, vips: Any) -> None:
+            ops.append("put_vips")
+            super().put_vips(vips)
+
+        def delete_vips(self, keys: Any) -> None:
+            ops.append("delete_vips")
+            super().delete_vips(keys)
+
+        def write_filter(self, words: Any) -> None:
+            ops.append("filter+" if all(w & self.filter.get(i, 0) == self.filter.get(i, 0)
+                                        for i, w in words.items()) else "filter-")
+            super().write_filter(words)
+
+    io = Logged(ring_size=RING)
+    maps = NodeMaps(io, cfg(), LINK, adopt=False)
+    maps.apply(cfg())
+    assert ops == ["filter+", "put_vips"]
+    assert io.filter == filter_words([ipaddress.ip_address("10.200.1.1")])
+    moved = cfg(lambda d: d["vip"][0].update(address="10.200.9.9"))
+    ops.clear()
+    maps.apply(moved)
+    assert ops == ["filter+", "put_vips", "delete_vips", "filter-"]
+    assert io.filter == filter_words([ipaddress.ip_address("10.200.9.9")])
+    ops.clear()
+    NodeMaps(io, moved, LINK, adopt=True).apply(moved)
+    assert ops == [], "a restarted supervisor adopts the prefilter as it is"
+
+
+@pytest.mark.parametrize("address", ["10.200.1.1", "0.0.0.0", "255.255.255.255", "fd00:200::1", "::",
+                                     "2001:db8::10"])
+def test_prefilter_buckets_are_in_range_and_fold_the_whole_address(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    bucket = filter_bucket(ip)
+    assert 0 <= bucket < VIP_FILTER_BITS
+    assert filter_words([ip]) == {bucket >> 5: 1 << (bucket & 31)}
+    if ip.version == 6 and int(ip):
+        other = ipaddress.ip_address(int(ip) ^ (1 << 100))  # a bit in the second word
+        assert filter_bucket(other) != bucket or other == ip
