@@ -40,6 +40,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     from edge_lb.node import load_node
 
     cfg = load_config(args.config)
+    if _supervisor_running(cfg.dataplane.instance):
+        raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: it owns the maps "
+                          "(change the config and `edge-lb reload` instead)")
     dp, report = load_node(cfg, attach=not args.no_attach)
     dp.close()
     where = ("not attached" if args.no_attach

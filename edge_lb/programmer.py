@@ -74,7 +74,11 @@ class Programmer:
         every = {*self.filter, *words}
         changed = {w: words.get(w, 0) for w in every if words.get(w, 0) != self.filter.get(w, 0)}
         if changed:
-            self.io.write_filter(changed)
+            try:
+                self.io.write_filter(changed)
+            except Exception:
+                self.filter = self.io.read_filter()  # a batch may be partly written: trust the map, not us
+                raise
             self.filter = {w: bits for w, bits in words.items() if bits}
 
     def _write_backends(self, want: DesiredState, report: ApplyReport) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,20 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["load", "unload"])
+def test_load_and_unload_refuse_while_a_supervisor_owns_the_instance(
+        command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two writers of one instance's maps would undo each other (the prefilter, rings, numbering)."""
+    from edge_lb import control
+
+    monkeypatch.setattr(control, "RUN_DIR", tmp_path)
+    config = tmp_path / "lb.toml"
+    config.write_text(GOOD)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(control.socket_path("default")))
+        live.listen(1)
+        assert main([command, "-c", str(config)]) == 1
+    assert "a supervisor is running for instance default" in capsys.readouterr().err

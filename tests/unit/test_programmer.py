@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from edge_lb.config import Config, parse_config
 from edge_lb.mapio import FakeMapIO
 from edge_lb.node import Link, NodeMaps
 from edge_lb.programmer import ring_changes
-from edge_lb.state import VIP_FILTER_BITS, VipKey, filter_bucket, filter_words, ring_for
+from edge_lb.state import VIP_FILTER_BITS, VIP_FILTER_MULT, VipKey, filter_bucket, filter_words, ring_for
 
 RING = 1009
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
@@ -268,3 +270,36 @@ def test_prefilter_buckets_are_in_range_and_fold_the_whole_address(address: str)
     if ip.version == 6 and int(ip):
         other = ipaddress.ip_address(int(ip) ^ (1 << 100))  # a bit in the second word
         assert filter_bucket(other) != bucket or other == ip
+
+
+def test_a_prefilter_batch_that_failed_half_way_cannot_hide_a_vip_later() -> None:
+    """After a failed filter write the programmer trusts the map again, so the next apply sets every bit."""
+
+    class HalfFilter(FakeMapIO):
+        fail_next = False
+
+        def write_filter(self, words: Any) -> None:
+            if self.fail_next:
+                self.fail_next = False
+                super().write_filter(dict(list(words.items())[: len(words) // 2]))
+                raise OSError("E2BIG half-way")
+            super().write_filter(words)
+
+    io = HalfFilter(ring_size=RING)
+    maps = NodeMaps(io, cfg(), LINK, adopt=False)
+    extra = ["10.200.7.7", "10.200.8.8"]  # their bits sit in two different words
+    three = cfg(lambda d: d["vip"].extend({**d["vip"][0], "address": a} for a in extra))
+    maps.apply(three)
+    io.fail_next = True  # a reload removing both: its final clearing write fails after one of two words
+    with pytest.raises(OSError):
+        maps.apply(cfg())
+    maps.apply(three)  # the rollback puts both back
+    want = filter_words(ipaddress.ip_address(a) for a in ["10.200.1.1", *extra])
+    assert io.filter == want, "every VIP's bit is in the map again"
+
+
+def test_the_prefilter_constants_match_the_c_header() -> None:
+    header = (Path(__file__).resolve().parents[2] / "bpf" / "balancer_consts.h").read_text()
+    found = dict(re.findall(r"#define (VIP_FILTER_BITS|VIP_FILTER_MULT) (0x[0-9a-f]+u|\d+)", header))
+    assert int(found["VIP_FILTER_BITS"]) == VIP_FILTER_BITS
+    assert int(found["VIP_FILTER_MULT"].rstrip("u"), 16) == VIP_FILTER_MULT
