@@ -210,22 +210,22 @@ def test_a_hung_speaker_does_not_hold_the_ring_rewrite(tmp_path: Path) -> None:
     speaker = Slow()
     ctl = BgpController(Source(), speaker)
 
-    async def main() -> float:
+    async def main() -> list[str]:
         await ctl.sync("startup")
         health[key] = False
-        began = asyncio.get_running_loop().time()
         async with asyncio.timeout(5):  # a regression fails here instead of hanging
             await ctl.withdraw_early()
-        waited = asyncio.get_running_loop().time() - began
+        before_release = list(speaker.commands)
         release.set()
         for _ in range(100):
             if len(speaker.commands) == 2:
                 break
             await asyncio.sleep(0.01)
-        return waited
+        return before_release
 
-    waited = asyncio.run(main())
-    assert waited < 2.0, f"the rewrite waited {waited:.2f} s for a hung speaker"
+    before_release = asyncio.run(main())
+    assert before_release == ["announce route 10.200.1.1/32 next-hop self"], \
+        "withdraw_early returned while the speaker still held the withdraw"
     assert speaker.commands[-1] == "withdraw route 10.200.1.1/32 next-hop self", "and it went out later"
 
 
