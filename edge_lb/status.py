@@ -65,9 +65,25 @@ def document(rec: Reconciler, counters: Counters) -> Doc:
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
         vips.append({"vip": vip.name, "address": str(vip.address), "port": vip.port, "protocol": vip.protocol,
                      "healthy": sum(1 for r in rows if r["state"] != "down"),
-                     "in_ring": sum(1 for r in rows if r["ring_slots"]),
+                     "in_ring": sum(1 for r in rows if r["ring_slots"]), "min_healthy": vip.min_healthy,
                      "backends": rows, "packets": packets, "bytes": nbytes})
     return {"vips": vips, "ring_size": ring_size}
+
+
+def _route(vip: Doc, bgp: Doc, attached: bool | None) -> str:
+    """The VIP's /32 or /128 and, when it is not announced, the first reason why (as bgp.desired_routes)."""
+    prefix = f"{vip['address']}/{128 if ':' in vip['address'] else 32}"
+    if prefix in bgp.get("announced", []):
+        return f"{prefix} announced"
+    if bgp.get("disabled"):
+        why = "the node is disabled for maintenance"
+    elif attached is False:
+        why = "the XDP program is not attached"
+    elif vip.get("in_ring", 0) < vip.get("min_healthy", 1):
+        why = f"{vip.get('in_ring', 0)} backends take new flows, min_healthy is {vip.get('min_healthy', 1)}"
+    else:
+        why = "another VIP on its address is below its min_healthy, or BGP has not caught up (it retries)"
+    return f"{prefix} NOT announced: {why}"
 
 
 def _age(stamp: float | None, now: float) -> str:
@@ -96,6 +112,8 @@ def render(doc: Doc, now: float | None = None) -> str:
         lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} healthy, "
                      f"{vip.get('in_ring', 0)} in the ring  "
                      f"{vip['packets']} packets  {vip['bytes']} bytes")
+        if bgp:
+            lines.append(f"  route {_route(vip, bgp, doc.get('attached'))}")
         lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
                      f"{'BYTES':>12}  {'CHECKED':<11} REASON")
         for b in vip["backends"]:

@@ -95,7 +95,25 @@ def test_status_table_shows_every_column() -> None:
     assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "HTTP", "200"]
     assert "never" in text and "connect: refused" in text
     assert "NOT ATTACHED" not in text
+    assert "route " not in text, "no [bgp]: no route line"
     assert "XDP program NOT ATTACHED to eth0" in status.render({**doc, "attached": False}, now=100.0)
+
+
+@pytest.mark.parametrize(("bgp", "attached", "in_ring", "line"), [
+    ({"announced": ["10.0.0.1/32"]}, True, 2, "route 10.0.0.1/32 announced"),
+    ({"announced": [], "disabled": True}, True, 2, "NOT announced: the node is disabled for maintenance"),
+    ({"announced": []}, False, 2, "NOT announced: the XDP program is not attached"),
+    ({"announced": []}, True, 1, "NOT announced: 1 backends take new flows, min_healthy is 2"),
+])
+def test_status_says_why_a_route_is_not_announced(bgp: dict[str, Any], attached: bool, in_ring: int,
+                                                  line: str) -> None:
+    vip = {"vip": "10.0.0.1:80/tcp", "address": "10.0.0.1", "healthy": 2, "in_ring": in_ring,
+           "min_healthy": 2, "packets": 0, "bytes": 0, "backends": []}
+    bgp = {"peers": {"10.9.0.1": "up"}, "disable_file": "/x", "disabled": False, **bgp}
+    doc = {"instance": "default", "interface": "eth0", "phase": "running", "attached": attached, "bgp": bgp,
+           "vips": [vip]}
+    route = next(x for x in status.render(doc, now=0.0).splitlines() if x.startswith("  route "))
+    assert route.endswith(line)
 
 
 def test_log_lines_quote_what_needs_it() -> None:
