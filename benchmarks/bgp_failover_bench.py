@@ -21,13 +21,11 @@ of the check cycle. Figures are reported, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +34,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from killbench import BenchError, parse_args, spread
 
 from edge_lb import control
 from edge_lb.bgplab import FAST_CHECK, HTTP_PORT, VIP, BgpLab
@@ -60,10 +60,6 @@ STEPS = (  # name, from, to: the stamps of one node's round
 )
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ (event=.*)$")
 _MON_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6})\] (.*)$")
-
-
-class BenchError(Exception):
-    """A wait ran past its bound, or the lab failed: the benchmark cannot report figures."""
 
 
 def check_settings() -> dict[str, Any]:
@@ -214,18 +210,13 @@ def one_round(bl: BgpLab, monitor: subprocess.Popen[bytes], mon_path: Path, paus
                       for n, s in stamps.items()}}
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values),
-            "runs_ms": values}
-
-
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     nodes: dict[str, Any] = {}
     for n in NODES:
         runs = [r["nodes"][f"lb{n}"] | {"t0": 0.0} for r in rounds]
-        nodes[f"lb{n}"] = {name: spread([r[b] - r[a] for r in runs]) for name, a, b in STEPS}
+        nodes[f"lb{n}"] = {name: spread([r[b] - r[a] for r in runs], "ms") for name, a, b in STEPS}
     gone = [r["route_gone_ms"] for r in rounds if r["route_gone_ms"] is not None]
-    return {"nodes": nodes, "route_gone": spread(gone) if gone else None}
+    return {"nodes": nodes, "route_gone": spread(gone, "ms") if gone else None}
 
 
 def remove_speaker_dirs(bl: BgpLab) -> None:
@@ -285,13 +276,7 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON document")
-    parser.add_argument("--runs", type=int, default=10, help="kills (default 10)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random pauses")
-    args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    args = parse_args(__doc__.splitlines()[0], "kills")
     check = check_settings()
     try:
         rounds = measure(args.runs, random.Random(args.seed), check)

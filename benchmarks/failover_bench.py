@@ -13,15 +13,15 @@ asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from killbench import BenchError, parse_args, spread
 
 from edge_lb.errors import EdgeLbError
 from edge_lb.lab import DataplaneLab
@@ -44,10 +44,6 @@ PROFILES = (
     Profile("default", CheckSpec(kind="http")),
     Profile("fast", CheckSpec(kind="http", interval=0.5, fast_interval=0.1, timeout=0.25, fall=2, rise=2)),
 )
-
-
-class BenchError(Exception):
-    """A wait ran past its bound, or the lab failed: the benchmark cannot report figures."""
 
 
 def check_lines(spec: CheckSpec) -> str:
@@ -109,10 +105,6 @@ def cycle(d: DataplaneLab, spec: CheckSpec, rng: random.Random) -> tuple[float, 
     return out, back
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values)}
-
-
 def measure(profile: Profile, runs: int, rng: random.Random) -> dict[str, Any]:
     with Lab(prefix="fbench") as lab:
         d = DataplaneLab(lab)
@@ -130,7 +122,7 @@ def measure(profile: Profile, runs: int, rng: random.Random) -> dict[str, Any]:
     return {"profile": profile.name, "runs": runs,
             "check": {"type": spec.kind, "interval": spec.interval, "fast_interval": spec.fast_interval,
                       "timeout": spec.timeout, "fall": spec.fall, "rise": spec.rise, "jitter": spec.jitter},
-            "out": spread(outs) | {"runs_s": outs}, "back": spread(backs) | {"runs_s": backs},
+            "out": spread(outs, "s"), "back": spread(backs, "s"),
             "bounds": bounds(spec)}
 
 
@@ -155,13 +147,7 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON document")
-    parser.add_argument("--runs", type=int, default=10, help="kills per profile (default 10)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random pauses")
-    args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    args = parse_args(__doc__.splitlines()[0], "kills per profile")
     rng = random.Random(args.seed)
     try:
         results = [measure(profile, args.runs, rng) for profile in PROFILES]
