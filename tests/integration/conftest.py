@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -30,16 +30,22 @@ def lab(require_root: None) -> Iterator[Lab]:
                 print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-_LOG_TAIL:]}")
 
 
-@pytest.fixture
-def dlab(lab: Lab) -> Iterator[DataplaneLab]:
-    """The data-plane lab built and ready (backends answering); its supervisor's log shown on teardown."""
+def ready_lab(lab: Lab, prepare: Callable[[DataplaneLab], object]) -> Iterator[DataplaneLab]:
+    """The data-plane lab built, its LB prepared by `prepare`, backends answering; closed afterwards, with
+    its supervisor's log shown if one ran."""
     d = DataplaneLab(lab)
     try:
         d.build()
-        d.prepare_lb()
+        prepare(d)
         d.wait_ready()
         yield d
     finally:
         if d.supervisor is not None:
             print(f"--- supervisor.log ---\n{d.supervisor_log()[-6000:]}")
         d.close()
+
+
+@pytest.fixture
+def dlab(lab: Lab) -> Iterator[DataplaneLab]:
+    """Ready for `edge-lb run`: the router-side XDP peer and neighbour entry in place, no balancer yet."""
+    yield from ready_lab(lab, DataplaneLab.prepare_lb)

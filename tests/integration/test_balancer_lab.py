@@ -9,6 +9,8 @@ import pytest
 from edge_lb.lab import DataplaneLab
 from edge_lb.netns import Lab
 
+from .conftest import ready_lab
+
 pytestmark = pytest.mark.root
 
 REQUESTS = 300
@@ -16,14 +18,8 @@ REQUESTS = 300
 
 @pytest.fixture
 def dlab(lab: Lab) -> Iterator[DataplaneLab]:
-    d = DataplaneLab(lab)
-    try:
-        d.build()
-        d.load_balancer()
-        d.wait_ready()
-        yield d
-    finally:
-        d.close()
+    """Loaded with `edge-lb load`: the program attached, no supervisor."""
+    yield from ready_lab(lab, DataplaneLab.load_balancer)
 
 
 def test_fresh_requests_spread_and_replies_bypass_the_lb(dlab: DataplaneLab) -> None:
