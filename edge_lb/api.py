@@ -155,6 +155,7 @@ def _node(doc: Doc) -> Doc:
             "attached": doc.get("attached"), "uptime": doc.get("uptime"), "pid": doc["pid"],
             "config": doc.get("config"), "gateway_mac": doc.get("gateway_mac"),
             "bgp": None if bgp is None else {"peers": dict(bgp["peers"]), "announced": list(bgp["announced"]),
+                                             "withheld": dict(bgp.get("withheld", {})),
                                              "disabled": bool(bgp["disabled"]),
                                              "disable_file": str(bgp["disable_file"])}}
 

@@ -34,22 +34,30 @@ def host_prefix(address: IPAddress) -> Prefix:
     return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
 
 
-def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
-                   disabled: bool) -> dict[Prefix, Route]:
-    """An address is announced while the program is attached, the node is not disabled, and every VIP on
-    that address has at least min_healthy backends that can take new flows (healthy and weight > 0)."""
-    if not attached or disabled:
-        return {}
-    able: dict[IPAddress, bool] = {}
+def withheld(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
+             disabled: bool) -> dict[Prefix, str | None]:
+    """Each VIP address's prefix -> None when it is to be announced, else why not. An address is announced
+    while the program is attached, the node is not disabled, and every VIP on that address has at least
+    min_healthy backends that can take new flows (healthy and weight > 0)."""
+    node = "the node is disabled for maintenance" if disabled else (
+        None if attached else "the XDP program is not attached")
+    why: dict[Prefix, str | None] = {}
     for vip in config.vips:
+        prefix = host_prefix(vip.address)
         key = VipKey.of(vip)
         count = sum(1 for b in vip.backends if b.weight > 0 and healthy.get((key, b.address), False))
-        able[vip.address] = able.get(vip.address, True) and count >= vip.min_healthy
-    routes = {}
-    for vip in config.vips:
-        if able[vip.address]:
-            routes[host_prefix(vip.address)] = Route(host_prefix(vip.address), vip.route)
-    return routes
+        short = None if count >= vip.min_healthy else (
+            f"{vip.name}: {count} backends take new flows, min_healthy is {vip.min_healthy}")
+        why[prefix] = node or why.get(prefix) or short
+    return why
+
+
+def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
+                   disabled: bool) -> dict[Prefix, Route]:
+    """The routes to announce: every VIP address nothing withholds (see `withheld`)."""
+    why = withheld(config, healthy, attached, disabled)
+    return {host_prefix(v.address): Route(host_prefix(v.address), v.route) for v in config.vips
+            if why[host_prefix(v.address)] is None}
 
 
 def render(action: str, route: Route) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_lb import events
-from edge_lb.bgp import Announcer, Prefix, Route, Speaker, desired_routes
+from edge_lb.bgp import Announcer, Prefix, Route, Speaker, desired_routes, withheld
 from edge_lb.config import Config, IPAddress
 from edge_lb.errors import BgpError
 from edge_lb.overrides import STATE_DIR
@@ -163,7 +163,9 @@ class BgpController:
             await self.announcer.sync({}, "shutdown")
 
     def status(self) -> dict[str, Any]:
+        why = withheld(self.config, self.source.serving(), self.attached, self._disabled)
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
+                "withheld": {str(p): reason for p, reason in sorted(why.items()) if reason is not None},
                 "disabled": self._disabled, "disable_file": str(disable_path(self.config))}
 
 

@@ -50,6 +50,9 @@ _SCHEMAS: Doc = {
         "peers": {"type": "object", "additionalProperties": _TEXT,
                   "description": 'peer address -> session state ("up", "down", "connected", "unknown")'},
         "announced": {"type": "array", "items": _TEXT, "description": "prefixes sent to the BGP speaker"},
+        "withheld": {"type": "object", "additionalProperties": _TEXT,
+                     "description": "prefix -> why this node does not announce it (disabled, detached, a VIP "
+                                    "below its min_healthy)"},
         "disabled": {"type": "boolean", "description": "the maintenance switch: every VIP withdrawn"},
         "disable_file": {**_TEXT, "description": "the file whose presence keeps the node disabled"}}),
     "Node": _object({

@@ -52,7 +52,7 @@ class FakeOperations:
         "phase": "running", "instance": "fake", "interface": "eth0", "pid": 1, "uptime": 1.0,
         "config": "/etc/edge-lb.toml", "gateway_mac": "02:00:00:00:00:02", "applies": 1, "attached": True,
         "ring_size": 65537,
-        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "disabled": False,
+        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "withheld": {}, "disabled": False,
                 "disable_file": "/var/lib/edge-lb/fake.disabled"},
         "vips": [{"vip": "10.0.0.1:80/tcp", "address": "10.0.0.1", "port": 80, "protocol": "tcp",
                   "healthy": 2, "in_ring": 2, "packets": 0, "bytes": 0,

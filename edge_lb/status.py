@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from typing import Any
 
 from edge_lb import events
+from edge_lb.bgp import host_prefix
 from edge_lb.mapio import MapIO
 from edge_lb.reconciler import Reconciler
 from edge_lb.state import VipKey
@@ -65,24 +67,17 @@ def document(rec: Reconciler, counters: Counters) -> Doc:
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
         vips.append({"vip": vip.name, "address": str(vip.address), "port": vip.port, "protocol": vip.protocol,
                      "healthy": sum(1 for r in rows if r["state"] != "down"),
-                     "in_ring": sum(1 for r in rows if r["ring_slots"]), "min_healthy": vip.min_healthy,
+                     "in_ring": sum(1 for r in rows if r["ring_slots"]),
                      "backends": rows, "packets": packets, "bytes": nbytes})
     return {"vips": vips, "ring_size": ring_size}
 
 
-def _route(vip: Doc, bgp: Doc, attached: bool | None) -> str:
-    """The VIP's /32 or /128 and, when it is not announced, the first reason why (as bgp.desired_routes)."""
-    prefix = f"{vip['address']}/{128 if ':' in vip['address'] else 32}"
+def _route(vip: Doc, bgp: Doc) -> str:
+    """The VIP's /32 or /128: announced, or why not (bgp.withheld, worked out beside the announce policy)."""
+    prefix = str(host_prefix(ipaddress.ip_address(vip["address"])))
     if prefix in bgp.get("announced", []):
         return f"{prefix} announced"
-    if bgp.get("disabled"):
-        why = "the node is disabled for maintenance"
-    elif attached is False:
-        why = "the XDP program is not attached"
-    elif vip.get("in_ring", 0) < vip.get("min_healthy", 1):
-        why = f"{vip.get('in_ring', 0)} backends take new flows, min_healthy is {vip.get('min_healthy', 1)}"
-    else:
-        why = "another VIP on its address is below its min_healthy, or BGP has not caught up (it retries)"
+    why = bgp.get("withheld", {}).get(prefix, "BGP has not caught up yet (it retries every second)")
     return f"{prefix} NOT announced: {why}"
 
 
@@ -113,7 +108,7 @@ def render(doc: Doc, now: float | None = None) -> str:
                      f"{vip.get('in_ring', 0)} in the ring  "
                      f"{vip['packets']} packets  {vip['bytes']} bytes")
         if bgp:
-            lines.append(f"  route {_route(vip, bgp, doc.get('attached'))}")
+            lines.append(f"  route {_route(vip, bgp)}")
         lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
                      f"{'BYTES':>12}  {'CHECKED':<11} REASON")
         for b in vip["backends"]:

@@ -67,8 +67,8 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
         assert node == {"phase": "running", "instance": "fake", "interface": "eth0", "attached": True,
                         "uptime": 1.0, "pid": 1, "config": "/etc/edge-lb.toml",
                         "gateway_mac": "02:00:00:00:00:02",
-                        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "disabled": False,
-                                "disable_file": "/var/lib/edge-lb/fake.disabled"}}
+                        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "withheld": {},
+                                "disabled": False, "disable_file": "/var/lib/edge-lb/fake.disabled"}}
 
     run(body)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edge_lb.bgp import Announcer, FakeSpeaker, Route, desired_routes, host_prefix, render
+from edge_lb.bgp import Announcer, FakeSpeaker, Route, desired_routes, host_prefix, render, withheld
 from edge_lb.config import Config, parse_config
 from edge_lb.configbgp import Bgp, Peer, RouteAttrs
 from edge_lb.errors import BgpError, ConfigError
@@ -160,3 +160,12 @@ def test_bgp_config_problems(bgp: dict[str, Any], vip: dict[str, Any], problem: 
     with pytest.raises(ConfigError) as caught:
         config(bgp, **vip)
     assert problem in caught.value.problems
+
+
+def test_withheld_says_why_per_address() -> None:
+    healthy = up((80, "10.0.0.1"), (80, "10.0.0.2"), (80, "fd01::1"))  # 443 on the V4 address has none
+    why = withheld(config(), healthy, True, False)
+    assert why[host_prefix(V6)] is None
+    assert why[host_prefix(V4)] == "10.200.1.1:443/tcp: 0 backends take new flows, min_healthy is 1"
+    assert set(withheld(config(), healthy, False, False).values()) == {"the XDP program is not attached"}
+    assert set(withheld(config(), healthy, True, True).values()) == {"the node is disabled for maintenance"}
