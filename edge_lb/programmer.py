@@ -56,9 +56,11 @@ class Programmer:
 
     def apply(self, want: DesiredState) -> ApplyReport:
         report = ApplyReport()
-        reused = {n for n in want.vips.values() if n not in self.vips.values()}
+        # A number that names another VIP than before (new, or freed and taken in this same apply) starts
+        # counting from 0.
+        reused = {n for k, n in want.vips.items() if self.vips.get(k) != n}
         if reused:
-            self.io.zero_counters("vip_stats", reused)  # a new VIP starts counting from 0
+            self.io.zero_counters("vip_stats", reused)
         self._write_backends(want, report)
         for num, ring in want.rings.items():
             self._write_ring(num, ring, report)
@@ -83,7 +85,9 @@ class Programmer:
 
     def _write_backends(self, want: DesiredState, report: ApplyReport) -> None:
         changed = {i: s for i, s in want.backends.items() if self.backends.get(i) != s}
-        fresh = [i for i in changed if i not in self.backends]
+        fresh = [i for i, s in changed.items()  # another backend than before under this index
+                 if i not in self.backends or (self.backends[i].vip_num, self.backends[i].address)
+                 != (s.vip_num, s.address)]
         if fresh:
             self.io.zero_counters("backend_stats", fresh)
         if changed:

@@ -165,6 +165,21 @@ def test_a_reused_backend_index_and_vip_number_start_counting_from_zero(
     assert 0 not in io.counters["vip_stats"]
 
 
+def test_numbers_freed_and_taken_in_one_apply_start_counting_from_zero(
+        node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """One reload swaps a VIP and a backend for new ones: they take the freed numbers in the same apply."""
+    io, maps = node
+    index = maps.alloc.backend_idx[(0, ipaddress.ip_address("10.0.0.3"))]
+    io.counters = {"backend_stats": {index: (50, 5000), 1: (7, 700)}, "vip_stats": {0: (57, 5700)}}
+    maps.apply(with_backends(1, 2, 4))  # 10.0.0.4 replaces 10.0.0.3 in one reload
+    assert maps.alloc.backend_idx[(0, ipaddress.ip_address("10.0.0.4"))] == index
+    assert index not in io.counters["backend_stats"]
+    assert io.counters["backend_stats"][1] == (7, 700)
+    maps.apply(cfg(lambda d: d["vip"][0].update(port=443)))  # the old VIP removed in the same apply
+    assert maps.programmer.vips[VipKey(ipaddress.ip_address("10.200.1.1"), 443, 6)] == 0
+    assert 0 not in io.counters["vip_stats"]
+
+
 def test_a_number_new_to_us_is_diffed_against_the_map_not_zeros() -> None:
     """A crash between a VIP's delete and its ring's zeroing leaves a ring under a free number: the VIP
     that gets the number next must overwrite every slot that differs, not only those that differ from 0."""
