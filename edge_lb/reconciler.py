@@ -86,7 +86,6 @@ class Reconciler:
         self.dirty = asyncio.Event()
         self.applies = 0
         self._ring_counts: dict[int, tuple[int, Counter[int]]] = {}
-        self._applied: dict[Pair, bool] = {}  # the health the maps were last written with
         self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
         self.before_apply: Callable[[], Awaitable[None]] = _nothing
         self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
@@ -105,7 +104,13 @@ class Reconciler:
     def serving(self) -> dict[Pair, bool]:
         """Up now and already in the maps: a backend whose rise was seen but not yet written is not serving
         (BGP announces on this, so a route never leads to a ring that is still empty)."""
-        return {pair: up and self._applied.get(pair, False) for pair, up in self.health().items()}
+        return {pair: up and self._written_up(pair) for pair, up in self.health().items()}
+
+    def _written_up(self, pair: Pair) -> bool:
+        """The maps' own word: the backend's slot as last written carries the UP flag."""
+        index = self.backend_index(pair)
+        slot = None if index is None else self.maps.programmer.backends.get(index)
+        return slot is not None and slot.up
 
     def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
         for (vip, address), k in self.keys.items():
@@ -205,7 +210,6 @@ class Reconciler:
         began = time.monotonic()
         health = self.health()
         report = self.maps.apply(self.config, health)
-        self._applied = health
         self.applies += 1
         if report.ring_slots:
             self.observe(time.monotonic() - began, sum(report.ring_slots.values()))
