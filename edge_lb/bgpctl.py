@@ -105,7 +105,8 @@ class BgpController:
         """Withdraw-only, waited for at most _FIRST_BOUND: a slow or restarting speaker must not hold a dead
         backend in the ring. Past the bound the withdraw goes on in the background; what fails is retried by
         the controller's loop."""
-        if self.stopping or all(p in self.desired(config) for p in self.announcer.announced):
+        keep = self.desired(config)
+        if self.stopping or keep.keys() >= self.announcer.announced.keys():
             return
         task = asyncio.create_task(self._withdraw_locked(config, trigger))
         self._background.add(task)
