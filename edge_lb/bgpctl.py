@@ -38,6 +38,18 @@ def switch_path(disable_file: str | None, instance: str) -> Path:
     return Path(disable_file) if disable_file else STATE_DIR / f"{instance}.disabled"
 
 
+def set_switch(path: Path, disabled: bool, by: str) -> None:
+    """Create (disable) or remove (enable) the maintenance switch; BgpError saying which file failed."""
+    try:
+        if disabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"disabled {by}\n")
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise BgpError(f"maintenance switch {path}: {exc.strerror or exc}") from exc
+
+
 class Source(Protocol):
     """What the controller reads on every sync, together: the running config, and which backends serve
     (healthy, and written so into the maps: Reconciler.serving)."""

@@ -151,17 +151,14 @@ def cmd_weight(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     """Maintenance. Through the running supervisor when there is one; otherwise the switch file directly
     (it works either way, and survives a restart of either)."""
-    from edge_lb.bgpctl import switch_path
+    from edge_lb.bgpctl import set_switch, switch_path
     from edge_lb.config import disable_file_of, instance_of
 
     path = switch_path(disable_file_of(args.config), instance_of(args.config))
     if _supervisor_running(instance_of(args.config)):
         _check(*_call(args, "POST", f"/api/v1/node/{args.command}"), args.command)
-    elif args.command == "disable":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("disabled by edge-lb disable\n")
     else:
-        path.unlink(missing_ok=True)
+        set_switch(path, args.command == "disable", "by edge-lb disable")
     if args.command == "disable":
         print(f"disabled: {path} exists; the supervisor withdraws every VIP of this node within a second "
               "(the data plane keeps serving flows that still arrive)")

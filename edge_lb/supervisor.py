@@ -22,7 +22,7 @@ from typing import Any
 
 from edge_lb import control, events, netinfo, overrides, status
 from edge_lb.bgp import Speaker
-from edge_lb.bgpctl import BgpController, disable_path, drain
+from edge_lb.bgpctl import BgpController, disable_path, drain, set_switch
 from edge_lb.config import Config, load_config
 from edge_lb.dataplane import Dataplane
 from edge_lb.errors import BgpError, ConfigError, EdgeLbError, SupervisorError
@@ -287,14 +287,7 @@ class Supervisor:
         if self.rec is None or self.rec.config.bgp is None:
             raise SupervisorError("this node has no [bgp] table: nothing is announced, nothing to disable")
         path = disable_path(self.rec.config)
-        try:
-            if disabled:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("disabled through the API\n")
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise SupervisorError(f"maintenance switch {path}: {exc.strerror or exc}") from exc
+        set_switch(path, disabled, "through the API")
         if self.bgp is not None:
             self.bgp.poke()
         return {"disabled": disabled, "disable_file": str(path)}
