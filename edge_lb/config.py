@@ -251,14 +251,15 @@ def _listen(value: Any) -> str:
     return text
 
 
-def _token(value: Any) -> str:
+def check_token(value: Any) -> str:
+    """An [api] token, inline or from token_file: Invalid unless 16 characters or more without spaces."""
     token = text(value)
     if len(token) < 16 or " " in token:
         raise Invalid("must be at least 16 characters without spaces")
     return token
 
 
-_API = {"enabled": boolean, "listen": _listen, "token": _token, "token_file": file_path}
+_API = {"enabled": boolean, "listen": _listen, "token": check_token, "token_file": file_path}
 
 
 def _api(table: Table) -> Api:

@@ -24,7 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from edge_lb import api, dashboard
-from edge_lb.config import Api
+from edge_lb.config import Api, check_token
+from edge_lb.configtools import Invalid
 from edge_lb.errors import SupervisorError
 from edge_lb.operations import Operations
 
@@ -53,9 +54,10 @@ def read_token(settings: Api) -> str | None:
         token = Path(settings.token_file).read_text().strip()
     except OSError as exc:
         raise SupervisorError(f"api.token_file {settings.token_file}: {exc.strerror or exc}") from exc
-    if len(token) < 16:
-        raise SupervisorError(f"api.token_file {settings.token_file}: needs a token of 16 characters or more")
-    return token
+    try:
+        return check_token(token)
+    except Invalid as exc:
+        raise SupervisorError(f"api.token_file {settings.token_file}: the token {exc}") from exc
 
 
 class ControlServer:

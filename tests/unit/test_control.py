@@ -68,6 +68,9 @@ def test_token_file_is_read_and_checked(tmp_path: Path) -> None:
     (tmp_path / "short").write_text("x\n")
     with pytest.raises(SupervisorError, match="16 characters"):
         control.read_token(Api(token_file=str(tmp_path / "short")))
+    (tmp_path / "spaced").write_text("0123456789 abcdef token\n")
+    with pytest.raises(SupervisorError, match="without spaces"):  # the same rule as an inline token
+        control.read_token(Api(token_file=str(tmp_path / "spaced")))
     with pytest.raises(SupervisorError, match=r"api\.token_file"):
         control.read_token(Api(token_file=str(tmp_path / "missing")))
 
