@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_lb.configbgp import BGP, Bgp, RouteAttrs, check_families, file_path, parse_bgp, parse_route
+from edge_lb.configbgp import BGP, Bgp, RouteAttrs, check_families, parse_bgp, parse_route
 from edge_lb.configtools import (
     Invalid,
     Table,
@@ -24,6 +24,7 @@ from edge_lb.configtools import (
     boolean,
     choice,
     dns_name,
+    file_path,
     integer,
     mac,
     network,

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_lb.configtools import Invalid, IPAddress, Table, address, integer, number, string
+from edge_lb.configtools import Invalid, IPAddress, Table, address, file_path, integer, number, string
 
 _COMMUNITY = re.compile(r"(\d{1,5}):(\d{1,5})")
 _ASN = integer(1, 4294967295)
@@ -73,13 +73,6 @@ def _communities(value: Any) -> tuple[str, ...]:
         if not match or any(int(part) > 65535 for part in match.groups()):
             raise Invalid(f'{community!r} is not "ASN:VALUE" with both parts 0..65535')
     return tuple(items)
-
-
-def file_path(value: Any) -> str:
-    text = string(value)
-    if not text.startswith("/") or not text.isprintable() or text.endswith("/"):
-        raise Invalid("must be an absolute path to a file")
-    return text
 
 
 BGP = {"local_as": _ASN, "router_id": _router_id, "drain_time": number(0, 60),  # below systemd's stop timeout

@@ -185,6 +185,13 @@ def dns_name(value: Any) -> str:
     return str(value)
 
 
+def file_path(value: Any) -> str:
+    text = string(value)
+    if not text.startswith("/") or not text.isprintable() or text.endswith("/"):
+        raise Invalid("must be an absolute path to a file")
+    return text
+
+
 def url_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or not value.isprintable() or " " in value:
         raise Invalid("must be a URL path starting with '/', without spaces or control characters")
