@@ -19,6 +19,7 @@ from edge_lb.lab import PY, DataplaneLab, wait_for
 pytestmark = pytest.mark.root
 
 INTERVAL, FAST, FALL, RISE = 1.0, 0.25, 2, 2
+COUNTERS_EVERY = 1.0  # status.Counters: the per-CPU maps are summed once a second
 CHECK = (f'  type = "http"\n  interval = {INTERVAL}\n  fast_interval = {FAST}\n  timeout = 0.5\n'
          f'  fall = {FALL}\n  rise = {RISE}\n')
 
@@ -164,8 +165,12 @@ def test_failed_backend_loses_its_flows_and_drained_backend_keeps_them(dlab: Dat
 
     (flags / f"up-{dlab.server('b2').address}").unlink()
     wait_for(lambda: dlab.backend_states()["b2"] == ("down", 0), INTERVAL * FALL + 1, "b2 out")
-    b2_packets = _packets(dlab, "b2")
+    # The counters are read from the maps once a second: let one read pass the first round's last packets,
+    # and after the round wait until a read includes it (b1 and b3 moved), or the comparison proves nothing.
+    time.sleep(COUNTERS_EVERY + 0.2)
+    b2_packets, others = _packets(dlab, "b2"), _packets(dlab, "b1") + _packets(dlab, "b3")
     after = held.round()
+    wait_for(lambda: _packets(dlab, "b1") + _packets(dlab, "b3") > others, 5, "the round in the counters")
     assert _packets(dlab, "b2") == b2_packets, "the LB sent none of b2's held flows to b2"
     for was, now in zip(before, after, strict=True):
         if was == "b2":
