@@ -161,7 +161,7 @@ def test_scrapes_render_the_snapshot_without_reading_the_maps(ops: CountingOpera
 def test_own_registry_not_the_global_one(ops: CountingOperations) -> None:
     registry = CollectorRegistry()
     Metrics(ops)
-    Metrics(ops)  # a second instance does not clash: each has its own registry
+    Metrics(ops)  # a second instance does not clash (prometheus_client raises on a duplicate in one registry)
     metrics = Metrics(ops, registry=registry)
     assert metrics.registry is registry
     assert registry.get_sample_value("edge_lb_vip_packets_total", {"vip": VIP}) == 300
@@ -174,19 +174,29 @@ def test_interval_must_be_positive(ops: CountingOperations) -> None:
 
 def test_run_refreshes_on_a_timer_and_survives_a_failed_read(ops: CountingOperations) -> None:
     class Flaky(CountingOperations):
+        failing = True
+
         def counters(self) -> Doc:
-            if self.reads == 2:
+            if self.failing and self.reads > 1:
                 raise OSError("map read failed")
             return super().counters()
 
     flaky = Flaky(doc=ops.doc)
 
+    async def until(reads: int) -> None:
+        async with asyncio.timeout(5):
+            while flaky.reads < reads:
+                await asyncio.sleep(0.005)
+
     async def main() -> None:
         metrics = Metrics(flaky, interval=0.01)
+        first = metrics.refresh()
         task = asyncio.create_task(metrics.run())
-        async with asyncio.timeout(5):
-            while flaky.reads < 4:
-                await asyncio.sleep(0.005)
+        await until(3)  # two refreshes failed
+        assert metrics.snapshot() is first, "a failed read keeps the last snapshot"
+        flaky.failing = False
+        await until(flaky.reads + 1)  # a refresh is synchronous: once counted, it has replaced the snapshot
+        assert metrics.snapshot() is not first, "the timer refreshes once reads work again"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
