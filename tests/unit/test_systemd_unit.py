@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge_lb import bgpctl, supervisor
+from edge_lb.configbgp import Bgp
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "edge-lb@.service"
 EDGE_LB = Path(sys.executable).parent / "edge-lb"
 
@@ -32,7 +35,8 @@ def test_systemd_verifies_the_unit_without_a_warning(tmp_path: Path) -> None:
 def test_stop_reaches_the_supervisor_alone_and_reload_is_sighup() -> None:
     unit = service()
     assert unit["KillMode"] == "mixed", "ExaBGP must outlive the SIGTERM until the VIPs are withdrawn"
-    assert int(unit["TimeoutStopSec"]) >= 10 + 2 + 15, "withdraw bound + default drain_time + shutdown steps"
+    steps = 3 * supervisor._STEP_BOUND  # control socket, gateway watcher, health checks
+    assert int(unit["TimeoutStopSec"]) >= bgpctl._WITHDRAW_BOUND + Bgp(local_as=1, peers=()).drain_time + steps
     assert unit["ExecStart"].split()[1:] == ["run", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecStartPre"].split()[1:] == ["check", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
