@@ -36,7 +36,8 @@ def test_stop_reaches_the_supervisor_alone_and_reload_is_sighup() -> None:
     unit = service()
     assert unit["KillMode"] == "mixed", "ExaBGP must outlive the SIGTERM until the VIPs are withdrawn"
     steps = 3 * supervisor._STEP_BOUND  # control socket, gateway watcher, health checks
-    assert int(unit["TimeoutStopSec"]) >= bgpctl._WITHDRAW_BOUND + Bgp(local_as=1, peers=()).drain_time + steps
+    drain = Bgp(local_as=1, peers=()).drain_time  # the default
+    assert int(unit["TimeoutStopSec"]) >= bgpctl._WITHDRAW_BOUND + drain + steps
     assert unit["ExecStart"].split()[1:] == ["run", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecStartPre"].split()[1:] == ["check", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
