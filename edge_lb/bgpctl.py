@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,18 +59,17 @@ class Source(Protocol):
     def serving(self) -> Mapping[tuple[VipKey, IPAddress], bool]: ...
 
 
-async def _always() -> bool:
+def _always() -> bool:
     return True
 
 
 class BgpController:
     def __init__(self, source: Source, speaker: Speaker,
-                 attached: Callable[[], Awaitable[bool]] = _always) -> None:
+                 attached: Callable[[], bool] = _always) -> None:
         self.source = source
         self.speaker = speaker
-        self.probe_attached = attached
+        self.attached = attached  # the supervisor's view of the interface (it looks, and pokes on a change)
         self.announcer = Announcer(speaker)
-        self.attached = True
         self.stopping = False
         self.dirty = asyncio.Event()
         self._disabled = self.disabled()
@@ -95,7 +94,7 @@ class BgpController:
         self.poke()
 
     def desired(self, config: Config | None = None) -> dict[Prefix, Route]:
-        return desired_routes(config or self.config, self.source.serving(), self.attached, self._disabled)
+        return desired_routes(config or self.config, self.source.serving(), self.attached(), self._disabled)
 
     async def sync(self, trigger: str) -> int:
         async with self._lock:
@@ -152,21 +151,11 @@ class BgpController:
                 self.dirty.set()
 
     async def _look(self, trigger: str) -> str:
-        """The two switches no event announces: the disable file, and the program still being attached."""
+        """The switch no event announces: the disable file (the attachment is read on every sync)."""
         if self.disabled() != self._disabled:
             self._disabled = not self._disabled
             events.emit("maintenance", disabled=self._disabled, file=disable_path(self.config))
             trigger = "disable" if self._disabled else "enable"
-        try:
-            attached = await self.probe_attached()
-        except Exception as exc:  # cannot tell: keep the last answer, say so
-            events.emit("bgp", logging.WARNING, check="attachment", error=exc)
-            attached = self.attached
-        if attached != self.attached:
-            self.attached = attached
-            events.emit("bgp", logging.WARNING if not attached else logging.INFO, check="attachment",
-                        attached=attached, interface=self.config.node.interface)
-            trigger = "attachment"
         return trigger
 
     async def withdraw_all(self) -> None:
@@ -176,7 +165,7 @@ class BgpController:
             await self.announcer.sync({}, "shutdown")
 
     def status(self) -> dict[str, Any]:
-        why = withheld(self.config, self.source.serving(), self.attached, self._disabled)
+        why = withheld(self.config, self.source.serving(), self.attached(), self._disabled)
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
                 "withheld": {str(p): reason for p, reason in sorted(why.items()) if reason is not None},
                 "disabled": self._disabled, "disable_file": str(disable_path(self.config))}

@@ -34,7 +34,7 @@ from edge_lb.stats import reason_names
 from healthchecks.factory import make_checker
 
 _STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
-_ATTACH_POLL = 1.0  # seconds between looks at the interface's XDP program on a node without BGP
+_ATTACH_POLL = 0.5  # seconds between looks at the interface's XDP program (BGP withdraws on a detach)
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -127,7 +127,7 @@ class Supervisor:
         assert self.rec is not None
         self.speaker = self.make_speaker(config, self._bgp_restarted)
         await self.speaker.start()
-        self.bgp = BgpController(self.rec, self.speaker, self._still_attached)
+        self.bgp = BgpController(self.rec, self.speaker, lambda: self.on_interface)
         self.rec.notify = self.bgp.poke
         self.rec.before_apply = self.bgp.withdraw_early
         try:
@@ -185,9 +185,8 @@ class Supervisor:
         if self.counters_cache is not None:
             workers.append(asyncio.create_task(self.counters_cache.run(), name="counters"))
         if self.bgp is not None:
-            workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))  # it watches the attachment
-        else:
-            workers.append(asyncio.create_task(self._watch_attachment(), name="attachment"))
+            workers.append(asyncio.create_task(self.bgp.run(), name="bgp"))
+        workers.append(asyncio.create_task(self._watch_attachment(), name="attachment"))
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):
@@ -199,8 +198,8 @@ class Supervisor:
                 raise EdgeLbError(f"{task.get_name()} stopped: {task.exception()}")
 
     async def _watch_attachment(self) -> None:
-        """Without BGP nothing else looks: report a program detached or replaced behind our back (it is
-        not put back: whoever removed it may have meant it; `edge-lb run` again attaches it)."""
+        """Report a program detached or replaced behind our back, and have BGP withdraw at once (it is not
+        put back: whoever removed it may have meant it; `edge-lb run` again attaches it)."""
         assert self.rec is not None
         error = ""
         while True:
@@ -217,6 +216,8 @@ class Supervisor:
                 self.on_interface = now
                 events.emit("dataplane", logging.INFO if now else logging.WARNING, check="attachment",
                             attached=now, interface=self.rec.config.node.interface)
+                if self.bgp is not None:
+                    self.bgp.poke()
 
     def _gateway_changed(self, mac: str) -> None:
         assert self.maps is not None and self.rec is not None
@@ -310,7 +311,7 @@ class Supervisor:
                    uptime=time.time() - self.started, config=self.config_path,
                    gateway_mac=self.maps.link.gw_mac, applies=self.rec.applies,
                    bgp=self.bgp.status() if self.bgp is not None else None,
-                   attached=self._looks_attached())
+                   attached=self.on_interface)
         return doc
 
     async def _final_look(self) -> bool:
@@ -319,11 +320,7 @@ class Supervisor:
             async with asyncio.timeout(_STEP_BOUND):
                 return await self._still_attached()
         except Exception:
-            return self._looks_attached()
-
-    def _looks_attached(self) -> bool:
-        """As last looked: the BGP controller looks on its own (every 0.5 s), else _watch_attachment does."""
-        return self.bgp.attached if self.bgp is not None else self.on_interface
+            return self.on_interface
 
     # -- shutdown
     async def shutdown(self) -> None:

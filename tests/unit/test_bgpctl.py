@@ -45,10 +45,7 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
         def serving(self) -> dict[Any, bool]:
             return health
 
-    async def probe() -> bool:
-        return attached[0]
-
-    ctl = BgpController(Source(), speaker, probe)
+    ctl = BgpController(Source(), speaker, lambda: attached[0])
     announce = "announce route 10.200.1.1/32 next-hop self"
     withdraw = announce.replace("announce", "withdraw")
 
