@@ -14,10 +14,10 @@ import statistics
 import time
 
 from edge_lb.config import Config, parse_config
-from edge_lb.maglev import DEFAULT_RING_SIZE
-from edge_lb.mapio import FakeMapIO
-from edge_lb.node import Link, NodeMaps
-from edge_lb.state import VipKey
+from edge_lb.dataplane.desired import VipKey
+from edge_lb.dataplane.maglev import DEFAULT_RING_SIZE
+from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.node import Link, NodeMaps
 
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
 

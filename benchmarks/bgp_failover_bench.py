@@ -1,6 +1,6 @@
 """BGP failover timeline: `python benchmarks/bgp_failover_bench.py [--runs N] [--json] [--seed S]`.
 
-Needs root, BIRD 2 and ExaBGP. Builds the BGP lab (edge_lb.bgplab: a BIRD router doing ECMP, LB nodes lb1
+Needs root, BIRD 2 and ExaBGP. Builds the BGP lab (edge_lb.lab.bgplab: a BIRD router doing ECMP, LB nodes lb1
 and lb2 each running the real supervisor and its ExaBGP, backends b1-b3). Both nodes get the same config:
 the lab's HTTP VIP checked with bgplab.FAST_CHECK and `min_healthy = 3` on its 3 backends, so the death of
 any one backend takes every node below min_healthy and every node withdraws the VIP. Then `--runs` times:
@@ -37,10 +37,10 @@ from typing import Any
 
 from killbench import BenchError, parse_args, spread
 
-from edge_lb import control
-from edge_lb.bgplab import FAST_CHECK, HTTP_PORT, VIP, BgpLab
+from edge_lb.api import sockets
 from edge_lb.errors import EdgeLbError
-from edge_lb.netns import Lab
+from edge_lb.lab.bgplab import FAST_CHECK, HTTP_PORT, VIP, BgpLab
+from edge_lb.lab.netns import Lab
 from healthchecks.spec import CheckSpec
 
 VICTIM = "b2"
@@ -223,7 +223,7 @@ def remove_speaker_dirs(bl: BgpLab) -> None:
     """ExaBGP's run directory of each node (/run/edge-lb/INSTANCE.bgp: its config and log), which neither
     BgpLab.close nor the Lab removes. Runs as a Lab cleanup: after every process has stopped."""
     for lb in bl.nodes.values():
-        shutil.rmtree(control.RUN_DIR / f"{lb.instance}.bgp", ignore_errors=True)
+        shutil.rmtree(sockets.RUN_DIR / f"{lb.instance}.bgp", ignore_errors=True)
 
 
 def measure(runs: int, rng: random.Random, check: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """Where bpf/balancer.c's time goes: `sudo .venv/bin/python benchmarks/dataplane_breakdown.py [--repeats 3]`.
 
 A lookup's marginal cost is measured by doing it twice: each variant is a copy of bpf/ with one patch,
-benched by `edge-lb bench`'s own method (edge_lb.bench.measure: bpf_stats, repeat=1 loop, pinned CPU, pass.c
-and floor.c in the same run). Variants run interleaved, `--repeats` times each. A shared VM's load moves
+benched by `edge-lb bench`'s own method (edge_lb.dataplane.bench.measure: bpf_stats, repeat=1 loop, pinned
+CPU, pass.c and floor.c in the same run). Variants run interleaved, `--repeats` times each.
+A shared VM's load moves
 absolute figures by tens of percent between runs, so each figure is taken as a ratio to floor.c's cost in its
 own run; the table shows the medians of those ratios and their difference to base.
 
@@ -20,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from edge_lb import bench, dataplane
+from edge_lb.dataplane import bench, loader
 
 COUNT = "static __always_inline void count(__u32 idx, __u64 bytes) {"
 COUNT_IN = "static __always_inline void count_in(void *map_lookup_result, __u64 bytes) {"
@@ -39,7 +40,7 @@ SHOWN = ["tcp_established", "tcp_syn_new_flow", "tcp_ipv6_vip", "udp_vip", "non_
 def variant_dir(root: Path, name: str) -> Path:
     """A copy of bpf/ with the variant's patches; each patch must apply exactly once."""
     where = root / name
-    shutil.copytree(dataplane.BPF_DIR, where)
+    shutil.copytree(loader.BPF_DIR, where)
     source = where / "balancer.c"
     text = source.read_text()
     for old, new in VARIANTS[name]:
@@ -56,20 +57,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--packets", type=int, default=5000, help="test runs per case and round")
     args = parser.parse_args()
-    original = dataplane.BPF_DIR
+    original = loader.BPF_DIR
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="edge-lb-breakdown-") as tmp:
         dirs = {name: variant_dir(Path(tmp), name) for name in VARIANTS}
         try:
             for _ in range(args.repeats):
                 for name, where in dirs.items():
-                    dataplane.BPF_DIR = where
+                    loader.BPF_DIR = where
                     cases, _cpu = bench.measure(args.packets)
                     floor = cases["floor"]["ns_per_packet"]
                     for case, figures in cases.items():
                         samples[name].setdefault(case, []).append(figures["ns_per_packet"] / floor)
         finally:
-            dataplane.BPF_DIR = original
+            loader.BPF_DIR = original
     med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in samples.items()}
     print(f"cost as a multiple of floor.c's in the same run, median of {args.repeats} runs per variant "
           f"({args.packets} packets x {bench.ROUNDS} rounds each); in brackets: the difference to base")

@@ -1,6 +1,6 @@
 """Backend death -> out of the ring, and back: `python benchmarks/failover_bench.py [--json] [--runs N]`.
 
-Needs root. For each check profile it builds the data-plane lab (edge_lb.lab: client, router, LB, b1-b3),
+Needs root. For each check profile it builds the data-plane lab (edge_lb.lab.labs: client, router, LB, b1-b3),
 runs the real supervisor, and then, `--runs` times: kills b2's HTTP server and times until the supervisor's
 status shows b2 "down" with 0 ring slots; restarts the server and times until b2 is "up" with slots again;
 pauses a random 0..interval so that the next kill lands at a random phase of the check cycle.
@@ -24,8 +24,8 @@ from typing import Any
 from killbench import BenchError, parse_args, spread
 
 from edge_lb.errors import EdgeLbError
-from edge_lb.lab import DataplaneLab
-from edge_lb.netns import Lab
+from edge_lb.lab.labs import DataplaneLab
+from edge_lb.lab.netns import Lab
 from healthchecks.spec import CheckSpec
 
 VICTIM = "b2"

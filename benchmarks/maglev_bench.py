@@ -1,4 +1,5 @@
-"""Time edge_lb.maglev.build_table for 10, 100 and 1000 members: `python benchmarks/maglev_bench.py [--json]`.
+"""Time edge_lb.dataplane.maglev.build_table for 10, 100 and 1000 members:
+`python benchmarks/maglev_bench.py [--json]`.
 
 Reports the best and median of several runs (a loaded VM adds noise upward, never downward).
 """
@@ -11,7 +12,7 @@ import json
 import statistics
 import time
 
-from edge_lb.maglev import DEFAULT_RING_SIZE, Member, build_table
+from edge_lb.dataplane.maglev import DEFAULT_RING_SIZE, Member, build_table
 
 
 def members(count: int, weighted: bool) -> list[Member]:

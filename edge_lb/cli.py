@@ -28,7 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edge_lb.config import load_config
-    from edge_lb.simulate import simulate
+    from edge_lb.dataplane.simulate import simulate
 
     cfg = load_config(args.config)
     simulate(cfg, Path(args.pcap_in), Path(args.pcap_out) if args.pcap_out else None, sys.stdout)
@@ -37,7 +37,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from edge_lb.config import load_config
-    from edge_lb.node import load_node
+    from edge_lb.dataplane.node import load_node
 
     cfg = load_config(args.config)
     if _supervisor_running(cfg.dataplane.instance):
@@ -54,7 +54,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_unload(args: argparse.Namespace) -> int:
     from edge_lb.config import load_config
-    from edge_lb.dataplane import Dataplane, remove_pins
+    from edge_lb.dataplane.loader import Dataplane, remove_pins
 
     cfg = load_config(args.config)
     if _supervisor_running(cfg.dataplane.instance):
@@ -67,18 +67,18 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_lb.supervisor import run
+    from edge_lb.control.supervisor import run
 
     return run(args.config)
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    from edge_lb import control
+    from edge_lb.api import sockets
     from edge_lb.config import instance_of
 
     if getattr(args, "socket", None):
         return Path(args.socket)
-    return control.socket_path(instance_of(args.config))
+    return sockets.socket_path(instance_of(args.config))
 
 
 def _call(args: argparse.Namespace, method: str, url: str, body: dict[str, Any] | None = None
@@ -86,9 +86,9 @@ def _call(args: argparse.Namespace, method: str, url: str, body: dict[str, Any] 
     """The running supervisor's REST API, over its Unix socket."""
     import asyncio
 
-    from edge_lb import control
+    from edge_lb.api import sockets
 
-    return asyncio.run(control.request(_socket(args), method, url, body))
+    return asyncio.run(sockets.request(_socket(args), method, url, body))
 
 
 def _check(code: int, doc: Any, what: str) -> Any:
@@ -116,9 +116,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from edge_lb import control, status
+    from edge_lb.api import sockets
+    from edge_lb.control import status
 
-    doc = asyncio.run(control.status_doc(_socket(args)))
+    doc = asyncio.run(sockets.status_doc(_socket(args)))
     print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="" if not args.json else "\n")
     return 0
 
@@ -151,7 +152,7 @@ def cmd_weight(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     """Maintenance. Through the running supervisor when there is one; otherwise the switch file directly
     (it works either way, and survives a restart of either)."""
-    from edge_lb.bgpctl import set_switch, switch_path
+    from edge_lb.bgp.controller import set_switch, switch_path
     from edge_lb.config import disable_file_of, instance_of
 
     path = switch_path(disable_file_of(args.config), instance_of(args.config))
@@ -168,25 +169,25 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 
 def _supervisor_running(instance: str) -> bool:
-    from edge_lb import control
+    from edge_lb.api import sockets
 
-    return control.listening(control.socket_path(instance))
+    return sockets.listening(sockets.socket_path(instance))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edge_lb.bench import main as bench_main
+    from edge_lb.dataplane.bench import main as bench_main
 
     return bench_main(json_out=args.json, packets=args.packets)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_lb.demo import main as demo_main
+    from edge_lb.lab.demo import main as demo_main
 
     return demo_main()
 
 
 def cmd_decap(args: argparse.Namespace) -> int:
-    from edge_lb import decap
+    from edge_lb.dataplane import decap
 
     return decap.main(args.decap_args)
 
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         config=False)
     sp = add("decap", cmd_decap, "backend side: attach|detach --interface IF [--address A] [--mode M]",
              config=False)
-    sp.add_argument("decap_args", nargs=argparse.REMAINDER, help="see `python -m edge_lb.decap --help`")
+    sp.add_argument("decap_args", nargs=argparse.REMAINDER,
+                    help="see `python -m edge_lb.dataplane.decap --help`")
     return p
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edge_lb.config import Config, parse_config
-from edge_lb.simulate import Simulator
+from edge_lb.dataplane.simulate import Simulator
 
 OWN_MAC, GW_MAC = "02:00:00:00:00:01", "00:00:de:ad:be:af"
 

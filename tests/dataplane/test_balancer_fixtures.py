@@ -12,8 +12,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
 
-from edge_lb.simulate import Simulator
-from edge_lb.state import filter_bucket
+from edge_lb.dataplane.desired import filter_bucket
+from edge_lb.dataplane.simulate import Simulator
 
 from .conftest import GW_MAC, OWN_MAC, needs_root
 
@@ -201,7 +201,7 @@ CASES = [
 
 
 def reasons(sim: Simulator) -> dict[str, int]:
-    from edge_lb.stats import reason_names
+    from edge_lb.dataplane.counters import reason_names
 
     names = reason_names()
     return {names[i]: pk for i, (pk, _) in sim.dp.io.read_counters("reason_stats").items()}

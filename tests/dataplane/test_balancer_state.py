@@ -11,10 +11,10 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
-from edge_lb.dataplane import Dataplane, pin_dir, remove_pins
-from edge_lb.node import NodeMaps, simulate_link
-from edge_lb.simulate import Simulator
-from edge_lb.testrun import run_xdp
+from edge_lb.dataplane.loader import Dataplane, pin_dir, remove_pins
+from edge_lb.dataplane.node import NodeMaps, simulate_link
+from edge_lb.dataplane.simulate import Simulator
+from edge_lb.dataplane.testrun import run_xdp
 
 from .conftest import make_config, needs_root
 from .test_balancer_fixtures import CLIENT4, CLIENT6, eth, tcp4, tcp6

@@ -14,8 +14,8 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
-from edge_lb import decap
-from edge_lb.testrun import run_xdp
+from edge_lb.dataplane import decap
+from edge_lb.dataplane.testrun import run_xdp
 
 pytestmark = [
     pytest.mark.root,

@@ -11,8 +11,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap, wrpcap
 
-from edge_lb import dataplane
 from edge_lb.cli import main
+from edge_lb.dataplane import loader
 
 from .conftest import needs_root
 
@@ -58,8 +58,8 @@ def test_simulate_pcap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_python_flag_mirrors_match_the_c_header() -> None:
-    consts = (dataplane.BPF_DIR / "balancer_consts.h").read_text()
+    consts = (loader.BPF_DIR / "balancer_consts.h").read_text()
     flags = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (BACKEND_F_\w+) \(1u << (\d+)\)", consts)}
-    assert flags == {"BACKEND_F_IPV6": dataplane.BACKEND_F_IPV6, "BACKEND_F_UP": dataplane.BACKEND_F_UP}
+    assert flags == {"BACKEND_F_IPV6": loader.BACKEND_F_IPV6, "BACKEND_F_UP": loader.BACKEND_F_UP}
     tags = dict(re.findall(r"#define LB_FAMILY_V(\d) (\d+)", consts))
-    assert {int(k): int(v) for k, v in tags.items()} == dataplane.FAMILY_TAG
+    assert {int(k): int(v) for k, v in tags.items()} == loader.FAMILY_TAG

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from edge_lb.lab import DataplaneLab
-from edge_lb.netns import Lab
+from edge_lb.lab.labs import DataplaneLab
+from edge_lb.lab.netns import Lab
 
 _LOG_TAIL = 4000  # characters of each lab log shown with a failure
 

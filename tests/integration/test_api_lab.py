@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_lb import openapi
-from edge_lb.lab import PY, VIP, DataplaneLab, wait_for
+from edge_lb.api import openapi
+from edge_lb.lab.labs import PY, VIP, DataplaneLab, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge_lb.lab import DataplaneLab
-from edge_lb.netns import Lab
+from edge_lb.lab.labs import DataplaneLab
+from edge_lb.lab.netns import Lab
 
 from .conftest import ready_lab
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge_lb.bgplab import BgpLab
-from edge_lb.lab import PY, wait_for
-from edge_lb.netns import Lab
+from edge_lb.lab.bgplab import BgpLab
+from edge_lb.lab.labs import PY, wait_for
+from edge_lb.lab.netns import Lab
 
 pytestmark = pytest.mark.root
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_lb.bgplab import ROUTER_AS, VIP, BgpLab
-from edge_lb.lab import PY, wait_for
-from edge_lb.netns import Lab
+from edge_lb.lab.bgplab import ROUTER_AS, VIP, BgpLab
+from edge_lb.lab.labs import PY, wait_for
+from edge_lb.lab.netns import Lab
 
 pytestmark = pytest.mark.root
 

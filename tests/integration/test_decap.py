@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge_lb.netns import Lab, Netns
+from edge_lb.lab.netns import Lab, Netns
 
 pytestmark = pytest.mark.root
 
@@ -87,7 +87,7 @@ def link(ns: Netns, ifname: str) -> dict[str, Any]:
 
 
 def decap_cli(ns: Netns, *argv: str) -> None:
-    ns.run([sys.executable, "-m", "edge_lb.decap", *argv], timeout=60)
+    ns.run([sys.executable, "-m", "edge_lb.dataplane.decap", *argv], timeout=60)
 
 
 def probe(
@@ -147,7 +147,7 @@ def test_detach(pair: Pair) -> None:
 
 
 def test_attach_to_missing_interface_fails_clearly(pair: Pair) -> None:
-    argv = [sys.executable, "-m", "edge_lb.decap", "attach", "--interface", "nope0"]
+    argv = [sys.executable, "-m", "edge_lb.dataplane.decap", "attach", "--interface", "nope0"]
     proc = pair.backend.run(argv, check=False)
     assert proc.returncode == 1
     assert "nope0" in proc.stderr
@@ -169,7 +169,7 @@ def wait_http(ns: Netns, url: str, deadline_s: float = 10.0) -> str:
 def test_labhttp_answers_with_its_name_v4_and_v6(pair: Pair, lab: Lab) -> None:
     for bind, name in ((VIP4, "be-v4"), (VIP6, "be-v6")):
         pair.backend.spawn(
-            [sys.executable, "-m", "edge_lb.labhttp", "--bind", bind, "--port", "8080", "--name", name],
+            [sys.executable, "-m", "edge_lb.lab.labhttp", "--bind", bind, "--port", "8080", "--name", name],
             lab.tmpdir / f"{name}.log",
         )
     pair.client.route(VIP4, via=BACKEND4)
@@ -180,7 +180,7 @@ def test_labhttp_answers_with_its_name_v4_and_v6(pair: Pair, lab: Lab) -> None:
 
 def test_labhttp_exits_cleanly_on_sigterm(pair: Pair, lab: Lab) -> None:
     proc = pair.backend.spawn(
-        [sys.executable, "-m", "edge_lb.labhttp", "--bind", VIP4, "--port", "8081", "--name", "x"],
+        [sys.executable, "-m", "edge_lb.lab.labhttp", "--bind", VIP4, "--port", "8081", "--name", "x"],
         lab.tmpdir / "x.log",
     )
     wait_http(pair.backend, f"http://{VIP4}:8081/")

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from edge_lb.lab import PY
+from edge_lb.lab.labs import PY
 
 pytestmark = pytest.mark.root
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_lb.netns import Lab, Netns
+from edge_lb.lab.netns import Lab, Netns
 
 LB4, RT4, LB6, RT6 = "10.81.1.2", "10.81.1.1", "fd81:1::2", "fd81:1::1"
 VIP4, VIP6 = "10.81.100.1", "fd81:100::1"
@@ -62,10 +62,10 @@ protocol bgp lb6 from lbpeer {{
 DRIVER = r"""
 import asyncio, ipaddress, json, logging, sys, time
 from pathlib import Path
-from edge_lb.bgp import Route, render
+from edge_lb.bgp.policy import Route, render
 from edge_lb.configbgp import Bgp, Peer
 from edge_lb.errors import BgpError
-from edge_lb.exabgp import ExaBgpSpeaker
+from edge_lb.bgp.exabgp import ExaBgpSpeaker
 
 run_dir, events_path, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,

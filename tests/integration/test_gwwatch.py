@@ -1,4 +1,5 @@
-"""edge_lb.gwwatch: the gateway MAC followed from the kernel. The root tests run the watcher inside a "lb"
+"""edge_lb.control.gwwatch: the gateway MAC followed from the kernel.
+The root tests run the watcher inside a "lb"
 namespace whose default route goes through a "router" namespace, and change the router's MAC under it. The
 others (no root) cover the pure parts and the watcher's state machine with a fake resolver."""
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_lb import gwwatch, netinfo
+from edge_lb import netlink
+from edge_lb.control import gwwatch
+from edge_lb.control.gwwatch import GatewayWatcher, is_relevant, usable_mac
 from edge_lb.errors import NetlinkError
-from edge_lb.gwwatch import GatewayWatcher, is_relevant, usable_mac
-from edge_lb.netns import Lab, Netns
+from edge_lb.lab.netns import Lab, Netns
 
 LB4, RT4, NOBODY4 = "10.79.1.2", "10.79.1.1", "10.79.1.99"
 LB_IF, RT_IF = "lb-r", "r-lb"
@@ -32,7 +34,7 @@ NO_INTERFACE = "gwtest-none0"  # exists nowhere: unit tests drive the watcher by
 WATCH = r"""
 import asyncio, logging, os, sys, time
 from edge_lb.errors import NetlinkError
-from edge_lb.gwwatch import GatewayWatcher
+from edge_lb.control.gwwatch import GatewayWatcher
 
 ifname, events_path, stop_path = sys.argv[1:4]
 logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -218,22 +220,22 @@ def test_start_gives_up_when_the_gateway_never_answers(gw: GwLab) -> None:
 @pytest.mark.parametrize(
     ("state", "lladdr", "usable"),
     [
-        (netinfo.NUD_REACHABLE, "02:00:00:00:00:01", True),
-        (netinfo.NUD_STALE, "02:00:00:00:00:01", True),
-        (netinfo.NUD_DELAY, "02:00:00:00:00:01", True),
-        (netinfo.NUD_PROBE, "02:00:00:00:00:01", True),
-        (netinfo.NUD_PERMANENT, "02:00:00:00:00:01", True),
-        (netinfo.NUD_INCOMPLETE, "02:00:00:00:00:01", False),
-        (netinfo.NUD_FAILED, "02:00:00:00:00:01", False),
-        (netinfo.NUD_NOARP, "02:00:00:00:00:01", False),
+        (netlink.NUD_REACHABLE, "02:00:00:00:00:01", True),
+        (netlink.NUD_STALE, "02:00:00:00:00:01", True),
+        (netlink.NUD_DELAY, "02:00:00:00:00:01", True),
+        (netlink.NUD_PROBE, "02:00:00:00:00:01", True),
+        (netlink.NUD_PERMANENT, "02:00:00:00:00:01", True),
+        (netlink.NUD_INCOMPLETE, "02:00:00:00:00:01", False),
+        (netlink.NUD_FAILED, "02:00:00:00:00:01", False),
+        (netlink.NUD_NOARP, "02:00:00:00:00:01", False),
         (0, "02:00:00:00:00:01", False),
-        (netinfo.NUD_REACHABLE, None, False),
-        (netinfo.NUD_REACHABLE, "", False),
-        (netinfo.NUD_STALE, "00:00:00:00:00:00", False),
+        (netlink.NUD_REACHABLE, None, False),
+        (netlink.NUD_REACHABLE, "", False),
+        (netlink.NUD_STALE, "00:00:00:00:00:00", False),
     ],
 )
 def test_which_neighbour_entries_count(state: int, lladdr: str | None, usable: bool) -> None:
-    assert netinfo.usable_neighbour(state, lladdr) is usable
+    assert netlink.usable_neighbour(state, lladdr) is usable
 
 
 def test_usable_mac() -> None:

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from edge_lb import control
-from edge_lb.dataplane import pin_dir
-from edge_lb.lab import PY, DataplaneLab, wait_for
+from edge_lb.api import sockets
+from edge_lb.dataplane.loader import pin_dir
+from edge_lb.lab.labs import PY, DataplaneLab, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -124,7 +124,7 @@ def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab)
     dlab.supervisor.send_signal(signal.SIGTERM)
     assert dlab.supervisor.wait(timeout=15) == 0
     assert "event=shutdown phase=done attached=kept" in dlab.supervisor_log()
-    assert not control.socket_path(dlab.instance).exists()
+    assert not sockets.socket_path(dlab.instance).exists()
     assert held.round() == before, "a stopped supervisor leaves the data plane serving"
     assert "xdp" in dlab.lb.ns.ip("link", "show", "eth0").stdout
     dlab.lb.ns.run([PY, "-m", "edge_lb", "unload", "-c", str(dlab.config_path)], host_mounts=True)

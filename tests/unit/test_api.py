@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge_lb import api, openapi
-from edge_lb.operations import FakeOperations
+from edge_lb.api import openapi, rest
+from edge_lb.control.operations import FakeOperations
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -36,7 +36,7 @@ def run(body: Body, ops: FakeOperations | None = None, **options: Any) -> None:
     options.setdefault("token", TOKEN)
 
     async def main() -> None:
-        async with TestClient(TestServer(api.make_app(fake, **options))) as client:
+        async with TestClient(TestServer(rest.make_app(fake, **options))) as client:
             await body(client, fake)
 
     asyncio.run(main())
@@ -328,7 +328,7 @@ def test_unknown_routes_and_methods_answer_json() -> None:
 
 def test_extra_routes_are_served_and_see_the_operations() -> None:
     async def metrics(request: web.Request) -> web.Response:
-        reasons = request.app[api.OPS].counters()["reasons"]
+        reasons = request.app[rest.OPS].counters()["reasons"]
         return web.Response(text="".join(f'packets{{reason="{k}"}} {v}\n' for k, v in reasons.items()))
 
     def add_metrics(app: web.Application) -> None:
@@ -348,7 +348,7 @@ def test_extra_routes_are_served_and_see_the_operations() -> None:
     ("[evil]:9100", False), ("", False),
 ])
 def test_host_is_literal(host: str, literal: bool) -> None:
-    assert api.host_is_literal(host) is literal
+    assert rest.host_is_literal(host) is literal
 
 
 def test_on_loopback_a_dns_name_in_host_is_refused() -> None:

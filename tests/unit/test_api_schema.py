@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core import NOT_SET
 
-from edge_lb import api, openapi
+from edge_lb.api import openapi, rest
+from edge_lb.control.operations import Doc, FakeOperations
 from edge_lb.errors import BgpError, DataplaneError
-from edge_lb.operations import Doc, FakeOperations
 
 TOKEN = "schema-test-token"
 
@@ -52,7 +52,7 @@ def serving(app: web.Application) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    with serving(api.make_app(FakeOperations(), token=TOKEN)) as url:
+    with serving(rest.make_app(FakeOperations(), token=TOKEN)) as url:
         yield url
 
 
@@ -74,7 +74,7 @@ def test_the_live_api_matches_its_openapi_document(case: schemathesis.Case[Any],
 
 
 def test_the_served_document_is_the_one_checked(base_url: str) -> None:
-    served = requests.get(f"{base_url}{api.PREFIX}/openapi.json", timeout=10)
+    served = requests.get(f"{base_url}{rest.PREFIX}/openapi.json", timeout=10)
     assert served.headers["Content-Type"].startswith("application/json")
     assert served.json() == openapi.document()
 
@@ -90,15 +90,15 @@ class _Refusing(FakeOperations):
 
 
 _BACKEND = {"address": "10.0.0.1", "port": 80, "protocol": "tcp", "backend": "10.1.0.1"}
-_BACKEND_PATH = api.PREFIX + "/vips/{address}/{port}/{protocol}/backends/{backend}"
+_BACKEND_PATH = rest.PREFIX + "/vips/{address}/{port}/{protocol}/backends/{backend}"
 
 
 @pytest.mark.parametrize(("token", "method", "path", "parameters", "body", "status"), [
-    (TOKEN, "POST", api.PREFIX + "/reload", {}, None, 422),
-    (TOKEN, "POST", api.PREFIX + "/node/disable", {}, None, 503),
+    (TOKEN, "POST", rest.PREFIX + "/reload", {}, None, 422),
+    (TOKEN, "POST", rest.PREFIX + "/node/disable", {}, None, 503),
     (TOKEN, "PUT", _BACKEND_PATH + "/weight", _BACKEND, {"weight": 3}, 503),
     (TOKEN, "POST", _BACKEND_PATH + "/drain", _BACKEND, None, 503),
-    (None, "POST", api.PREFIX + "/node/enable", {}, None, 401),
+    (None, "POST", rest.PREFIX + "/node/enable", {}, None, 401),
 ])
 def test_answers_the_fake_never_gives_match_the_document(
         token: str | None, method: str, path: str, parameters: dict[str, Any], body: Any,
@@ -107,7 +107,7 @@ def test_answers_the_fake_never_gives_match_the_document(
     operation = schema[path][method]
     case = operation.Case(path_parameters=parameters, headers={"Authorization": f"Bearer {TOKEN}"},
                           body=NOT_SET if body is None else body)
-    with serving(api.make_app(ops, token=token)) as url:
+    with serving(rest.make_app(ops, token=token)) as url:
         response = case.call(base_url=url)
     assert response.status_code == status, response.text
     assert str(status) in openapi.document()["paths"][path][method.lower()]["responses"]
@@ -115,7 +115,7 @@ def test_answers_the_fake_never_gives_match_the_document(
 
 
 def test_every_route_is_described_and_every_description_routed() -> None:
-    app = api.make_app(FakeOperations(), token=TOKEN)
+    app = rest.make_app(FakeOperations(), token=TOKEN)
     routed = {(route.method.lower(), route.resource.canonical) for route in app.router.routes()
               if route.method != "HEAD" and route.resource is not None}
     described = {(method, path) for path, item in openapi.document()["paths"].items()

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from edge_lb import bench
+from edge_lb.dataplane import bench
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")]

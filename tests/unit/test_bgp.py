@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from edge_lb.bgp import Announcer, FakeSpeaker, Route, desired_routes, host_prefix, render, withheld
+from edge_lb.bgp.policy import Announcer, FakeSpeaker, Route, desired_routes, host_prefix, render, withheld
 from edge_lb.config import Config, parse_config
 from edge_lb.configbgp import Bgp, Peer, RouteAttrs
+from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError, ConfigError
-from edge_lb.state import VipKey
 
 V4, V6 = ipaddress.ip_address("10.200.1.1"), ipaddress.ip_address("fd00::1")
 

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 
 from edge_lb import cli
-from edge_lb.bgp import FakeSpeaker
-from edge_lb.bgpctl import BgpController, drain
+from edge_lb.bgp.controller import BgpController, drain
+from edge_lb.bgp.policy import FakeSpeaker
 from edge_lb.config import Config, parse_config
+from edge_lb.control.reconciler import Reconciler
+from edge_lb.control.supervisor import Supervisor
+from edge_lb.dataplane.desired import VipKey
+from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.node import Link, NodeMaps
 from edge_lb.errors import BgpError
-from edge_lb.mapio import FakeMapIO
-from edge_lb.node import Link, NodeMaps
-from edge_lb.reconciler import Reconciler
-from edge_lb.state import VipKey
-from edge_lb.supervisor import Supervisor
 from healthchecks.fake import FakeChecker
 
 B1 = ipaddress.ip_address("10.0.0.1")

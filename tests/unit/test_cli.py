@@ -81,7 +81,7 @@ def test_simulate_rejects_a_non_pcap_before_loading(tmp_path: Path,
 
 
 def test_simulate_needs_macs_in_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_lb.pcap import write_frames
+    from edge_lb.dataplane.pcap import write_frames
 
     pcap = tmp_path / "in.pcap"
     write_frames(pcap, [b"\x00" * 60])
@@ -103,13 +103,13 @@ def test_load_and_unload_refuse_while_a_supervisor_owns_the_instance(
         command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """Two writers of one instance's maps would undo each other (the prefilter, rings, numbering)."""
-    from edge_lb import control
+    from edge_lb.api import sockets
 
-    monkeypatch.setattr(control, "RUN_DIR", tmp_path)
+    monkeypatch.setattr(sockets, "RUN_DIR", tmp_path)
     config = tmp_path / "lb.toml"
     config.write_text(GOOD)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
-        live.bind(str(control.socket_path("default")))
+        live.bind(str(sockets.socket_path("default")))
         live.listen(1)
         assert main([command, "-c", str(config)]) == 1
     assert "a supervisor is running for instance default" in capsys.readouterr().err

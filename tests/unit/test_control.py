@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
-from edge_lb import cli, control, events, status
+from edge_lb import cli, events
+from edge_lb.api import sockets
 from edge_lb.config import Api
+from edge_lb.control import status
+from edge_lb.control.operations import FakeOperations
 from edge_lb.errors import SupervisorError
-from edge_lb.operations import FakeOperations
 
 
 def serve(path: Path, body: Any) -> FakeOperations:
@@ -20,7 +22,7 @@ def serve(path: Path, body: Any) -> FakeOperations:
     ops = FakeOperations(reload_problems=["vip[0].port: must be an integer 0..65535"])
 
     async def main() -> None:
-        server = control.ControlServer(ops, [])
+        server = sockets.ControlServer(ops, [])
         await server.start(path)
         try:
             await body(server)
@@ -35,13 +37,13 @@ def serve(path: Path, body: Any) -> FakeOperations:
 def test_the_cli_socket_serves_the_api_without_a_token(tmp_path: Path) -> None:
     path = tmp_path / "lb.sock"
 
-    async def body(server: control.ControlServer) -> None:
-        doc = await control.status_doc(path)
+    async def body(server: sockets.ControlServer) -> None:
+        doc = await sockets.status_doc(path)
         assert doc["instance"] == "fake" and doc["vips"][0]["vip"] == "10.0.0.1:80/tcp"
-        code, rejected = await control.request(path, "POST", "/api/v1/reload")
+        code, rejected = await sockets.request(path, "POST", "/api/v1/reload")
         assert code == 422 and rejected["problems"] == ["vip[0].port: must be an integer 0..65535"]
         url = "/api/v1/vips/10.0.0.1/80/tcp/backends/10.1.0.1/drain"
-        code, drained = await control.request(path, "POST", url)
+        code, drained = await sockets.request(path, "POST", url)
         assert (code, drained["weight"]) == (200, 0), "the Unix socket's permissions are its authentication"
         assert oct(path.stat().st_mode & 0o777) == "0o660"
 
@@ -54,8 +56,8 @@ def test_a_second_supervisor_is_refused_and_a_stale_socket_replaced(tmp_path: Pa
     stale.bind(str(path))  # left behind by a killed supervisor: nobody listens
     stale.close()
 
-    async def body(server: control.ControlServer) -> None:
-        second = control.ControlServer(FakeOperations(), [])
+    async def body(server: sockets.ControlServer) -> None:
+        second = sockets.ControlServer(FakeOperations(), [])
         with pytest.raises(SupervisorError, match="another supervisor is running"):
             await second.start(path)
 
@@ -64,15 +66,15 @@ def test_a_second_supervisor_is_refused_and_a_stale_socket_replaced(tmp_path: Pa
 
 def test_token_file_is_read_and_checked(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("0123456789abcdef-token\n")
-    assert control.read_token(Api(token_file=str(tmp_path / "token"))) == "0123456789abcdef-token"
+    assert sockets.read_token(Api(token_file=str(tmp_path / "token"))) == "0123456789abcdef-token"
     (tmp_path / "short").write_text("x\n")
     with pytest.raises(SupervisorError, match="16 characters"):
-        control.read_token(Api(token_file=str(tmp_path / "short")))
+        sockets.read_token(Api(token_file=str(tmp_path / "short")))
     (tmp_path / "spaced").write_text("0123456789 abcdef token\n")
     with pytest.raises(SupervisorError, match="without spaces"):  # the same rule as an inline token
-        control.read_token(Api(token_file=str(tmp_path / "spaced")))
+        sockets.read_token(Api(token_file=str(tmp_path / "spaced")))
     with pytest.raises(SupervisorError, match=r"api\.token_file"):
-        control.read_token(Api(token_file=str(tmp_path / "missing")))
+        sockets.read_token(Api(token_file=str(tmp_path / "missing")))
 
 
 def test_cli_without_a_supervisor_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,7 +129,7 @@ def test_log_lines_quote_what_needs_it() -> None:
 
 def test_reload_refuses_api_changes_that_need_a_restart() -> None:
     from edge_lb.config import parse_config
-    from edge_lb.supervisor import restart_only
+    from edge_lb.control.supervisor import restart_only
 
     old = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-old"}})
     new = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-new"}})
@@ -147,12 +149,12 @@ def test_failures_are_json_with_the_right_status(tmp_path: Path) -> None:
     path = tmp_path / "lb.sock"
 
     async def main() -> None:
-        server = control.ControlServer(BrokenOperations(), [])
+        server = sockets.ControlServer(BrokenOperations(), [])
         await server.start(path)
         try:
-            code, doc = await control.request(path, "POST", "/api/v1/node/disable")
+            code, doc = await sockets.request(path, "POST", "/api/v1/node/disable")
             assert (code, doc) == (500, {"error": "internal error: RuntimeError"})
-            code, doc = await control.request(path, "POST", "/api/v1/reload")
+            code, doc = await sockets.request(path, "POST", "/api/v1/reload")
             assert code == 503 and "still starting" in doc["error"]
         finally:
             await server.stop()

@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from edge_lb import dashboard
-from edge_lb.operations import FakeOperations
+from edge_lb.api import dashboard
+from edge_lb.control.operations import FakeOperations
 
 VIP = "10.0.0.1:80/tcp"
 BACKENDS = ("10.1.0.1", "10.1.0.2")

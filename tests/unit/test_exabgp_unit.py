@@ -1,4 +1,5 @@
-"""edge_lb.exabgp and edge_lb.exabgp_bridge without root: the config, the notification parser, the API channel
+"""edge_lb.bgp.exabgp and edge_lb.bgp.exabgp_bridge without root:
+the config, the notification parser, the API channel
 against a fake bridge, the real bridge against a fake supervisor, and the speaker running a fake ExaBGP."""
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from typing import Any, ClassVar
 
 import pytest
 
-from edge_lb import exabgp
+from edge_lb.bgp import exabgp
+from edge_lb.bgp.exabgp import ExaBgpSpeaker, default_router_id, exabgp_environment, render_config
+from edge_lb.bgp.exabgp_api import ApiChannel, PeerChange, parse_notification
 from edge_lb.configbgp import Bgp, Peer
 from edge_lb.errors import BgpError
-from edge_lb.exabgp import ExaBgpSpeaker, default_router_id, exabgp_environment, render_config
-from edge_lb.exabgp_api import ApiChannel, PeerChange, parse_notification
 
 PEER4, PEER6 = "10.81.1.1", "fd81:1::1"
 LOCAL = {PEER4: "10.81.1.2", PEER6: "fd81:1::2"}
-BRIDGE = ["/usr/bin/python3", "-m", "edge_lb.exabgp_bridge", "--socket", "/run/edge-lb/t.bgp/api.sock"]
+BRIDGE = ["/usr/bin/python3", "-m", "edge_lb.bgp.exabgp_bridge", "--socket", "/run/edge-lb/t.bgp/api.sock"]
 
 
 def _bgp(*peers: Peer, router_id: str | None = None) -> Bgp:
@@ -298,7 +299,7 @@ def test_send_fails_fast_without_a_bridge_and_when_the_bridge_goes(tmp_path: Pat
 @pytest.mark.parametrize("closing", ["supervisor", "exabgp"])
 def test_bridge_relays_both_ways_and_exits_when_either_side_closes(tmp_path: Path, closing: str) -> None:
     path = tmp_path / "api.sock"
-    argv = [sys.executable, "-m", "edge_lb.exabgp_bridge", "--socket", str(path)]
+    argv = [sys.executable, "-m", "edge_lb.bgp.exabgp_bridge", "--socket", str(path)]
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(path))
         server.listen(1)
@@ -325,7 +326,7 @@ def test_bridge_relays_both_ways_and_exits_when_either_side_closes(tmp_path: Pat
 
 
 def test_bridge_gives_up_when_nobody_listens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_lb import exabgp_bridge
+    from edge_lb.bgp import exabgp_bridge
 
     monkeypatch.setattr(exabgp_bridge, "CONNECT_WINDOW", 0.3)
     began = time.monotonic()

@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from edge_lb import maglev
-from edge_lb.maglev import Member, build_table, diff
+from edge_lb.dataplane import maglev
+from edge_lb.dataplane.maglev import Member, build_table, diff
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = 1009  # a prime ring size that keeps the reference implementation fast
@@ -128,7 +128,7 @@ _GROUP = [("10.0.0.1", 1), ("10.0.0.2", 2), ("fd00::7", 1), ("192.168.1.9", 3), 
 _CHILD = textwrap.dedent(
     f"""
     import ipaddress
-    from edge_lb.maglev import Member, build_table
+    from edge_lb.dataplane.maglev import Member, build_table
     from tests.unit.test_maglev import table_digest
     group = [Member(ipaddress.ip_address(a).packed, w) for a, w in {_GROUP!r}]
     print(table_digest(build_table(group)))

@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_lb import stats
-from edge_lb.metrics import Metrics, reason_label
-from edge_lb.operations import Doc, FakeOperations
+from edge_lb.api.metrics import Metrics, reason_label
+from edge_lb.control.operations import Doc, FakeOperations
+from edge_lb.dataplane import counters
 
 VIP = "10.0.0.1:80/tcp"
 B1, B2 = "10.1.0.1", "10.1.0.2"
@@ -94,7 +94,7 @@ def test_serving_states_and_an_unknown_state(state: str, up: int) -> None:
 
 def test_reasons_named_from_the_c_enum(ops: CountingOperations) -> None:
     s = scrape(Metrics(ops))
-    assert names(s, "edge_lb_packets_total", "reason") == {reason_label(n) for n in stats.reason_names()}
+    assert names(s, "edge_lb_packets_total", "reason") == {reason_label(n) for n in counters.reason_names()}
     assert {"tx", "ct_hit", "ct_miss", "pass_not_vip", "drop_fragment"} <= names(s, "edge_lb_packets_total",
                                                                                     "reason")
     assert value(s, "edge_lb_packets_total", reason="tx") == 10

@@ -10,12 +10,19 @@ from typing import Any
 
 import pytest
 
-from edge_lb import maglev
 from edge_lb.config import Config, parse_config
-from edge_lb.mapio import FakeMapIO
-from edge_lb.node import Link, NodeMaps
-from edge_lb.programmer import ring_changes
-from edge_lb.state import VIP_FILTER_BITS, VIP_FILTER_MULT, VipKey, filter_bucket, filter_words, ring_for
+from edge_lb.dataplane import maglev
+from edge_lb.dataplane.desired import (
+    VIP_FILTER_BITS,
+    VIP_FILTER_MULT,
+    VipKey,
+    filter_bucket,
+    filter_words,
+    ring_for,
+)
+from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.node import Link, NodeMaps
+from edge_lb.dataplane.programmer import ring_changes
 
 RING = 1009
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)

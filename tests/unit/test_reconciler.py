@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from edge_lb import status
 from edge_lb.config import Config, parse_config
+from edge_lb.control import status
+from edge_lb.control.reconciler import Reconciler
+from edge_lb.dataplane.desired import VipKey, ring_for
+from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.node import Link, NodeMaps
+from edge_lb.dataplane.programmer import ring_changes
 from edge_lb.errors import DataplaneError
-from edge_lb.mapio import FakeMapIO
-from edge_lb.node import Link, NodeMaps
-from edge_lb.programmer import ring_changes
-from edge_lb.reconciler import Reconciler
-from edge_lb.state import VipKey, ring_for
 from healthchecks.fake import FakeChecker
 from healthchecks.spec import CheckSpec
 

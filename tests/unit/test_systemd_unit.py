@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_lb import bgpctl, supervisor
+from edge_lb.bgp import controller
 from edge_lb.configbgp import Bgp
+from edge_lb.control import supervisor
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "edge-lb@.service"
 EDGE_LB = Path(sys.executable).parent / "edge-lb"
@@ -37,7 +38,7 @@ def test_stop_reaches_the_supervisor_alone_and_reload_is_sighup() -> None:
     assert unit["KillMode"] == "mixed", "ExaBGP must outlive the SIGTERM until the VIPs are withdrawn"
     steps = 3 * supervisor._STEP_BOUND  # control socket, gateway watcher, health checks
     drain = Bgp(local_as=1, peers=()).drain_time  # the default
-    assert int(unit["TimeoutStopSec"]) >= bgpctl._WITHDRAW_BOUND + drain + steps
+    assert int(unit["TimeoutStopSec"]) >= controller._WITHDRAW_BOUND + drain + steps
     assert unit["ExecStart"].split()[1:] == ["run", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecStartPre"].split()[1:] == ["check", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"

@@ -1,0 +1,212 @@
+"""The REST API's OpenAPI 3.1 document, served at /api/v1/openapi.json
+(routes and handlers: edge_lb.api.rest).
+
+Built in Python rather than kept as a JSON file so each shape is written once and reused. Kept true by
+tests/unit/test_api_schema.py, which checks the live API against it with schemathesis, and checks that every
+/api/v1 route is described and every described operation is routed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+Doc = dict[str, Any]
+
+MAX_WEIGHT = 1000  # a backend's weight, as in the config: 0..1000
+MAX_EVENTS = 1000  # the most events one GET /api/v1/events returns
+DEFAULT_EVENTS = 100
+
+
+def _ref(name: str) -> Doc:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _or_null(schema: Doc) -> Doc:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _object(properties: Doc, *, optional: tuple[str, ...] = (), closed: bool = True, **extra: Any) -> Doc:
+    required = [name for name in properties if name not in optional]
+    return {"type": "object", "properties": properties, "required": required,
+            "additionalProperties": not closed, **extra}
+
+
+def _json(description: str, schema: Doc, headers: Doc | None = None) -> Doc:
+    response: Doc = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+_TEXT = {"type": "string"}
+
+_SCHEMAS: Doc = {
+    "Error": _object({"error": {**_TEXT, "description": "what is wrong, for people"},
+                      "field": {**_TEXT, "description": "the input at fault: a path part, a query parameter, "
+                                                        "or the body's key(s)"}},
+                     optional=("field",)),
+    "Bgp": _object({
+        "peers": {"type": "object", "additionalProperties": _TEXT,
+                  "description": 'peer address -> session state ("up", "down", "connected", "unknown")'},
+        "announced": {"type": "array", "items": _TEXT, "description": "prefixes sent to the BGP speaker"},
+        "withheld": {"type": "object", "additionalProperties": _TEXT,
+                     "description": "prefix -> why this node does not announce it (disabled, detached, a VIP "
+                                    "below its min_healthy)"},
+        "disabled": {"type": "boolean", "description": "the maintenance switch: every VIP withdrawn"},
+        "disable_file": {**_TEXT, "description": "the file whose presence keeps the node disabled"}}),
+    "Node": _object({
+        "phase": {"type": "string", "enum": ["starting", "running", "stopping"]},
+        "instance": _or_null(_TEXT),
+        "interface": _or_null({**_TEXT, "description": "where the XDP program attaches"}),
+        "attached": _or_null({"type": "boolean", "description": "the XDP program is attached"}),
+        "uptime": _or_null({"type": "number", "minimum": 0, "description": "seconds"}),
+        "pid": {"type": "integer"},
+        "config": _or_null({**_TEXT, "description": "the config file's path"}),
+        "gateway_mac": _or_null(_TEXT),
+        "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"}},
+        description="Null fields are not known yet (phase starting)."),
+    "Backend": _object({
+        "address": _TEXT,
+        "state": {"type": "string", "enum": ["up", "down", "drained", "unchecked"],
+                  "description": "drained: weight 0, keeps its flows; unchecked: health check type none"},
+        "reason": _or_null({**_TEXT, "description": "the last check's result"}),
+        "last_check": _or_null({"type": "number", "description": "epoch seconds; null: never checked"}),
+        "latency": _or_null({"type": "number", "minimum": 0, "description": "the last check's, seconds"}),
+        "check": _or_null({**_TEXT, "description": "the health check type"}),
+        "weight": {"type": "integer", "minimum": 0, "description": "in effect (runtime, else the config's)"},
+        "config_weight": _or_null({"type": "integer", "minimum": 0, "description": "the config's weight"}),
+        "ring_slots": _COUNT,
+        "ring_share": {"type": "number", "minimum": 0, "maximum": 1},
+        "packets": _COUNT,
+        "bytes": _COUNT}),
+    "Vip": _object({
+        "vip": {**_TEXT, "examples": ["10.0.0.1:80/tcp", "[fd00::1]:443/tcp"]},
+        "address": _TEXT,
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535, "description": "0: every port"},
+        "protocol": {"type": "string", "enum": ["tcp", "udp"]},
+        "healthy": {**_COUNT, "description": "backends not down"},
+        "in_ring": {**_COUNT, "description": "backends holding ring slots"},
+        "packets": _COUNT,
+        "bytes": _COUNT,
+        "backends": {"type": "array", "items": _ref("Backend")}}),
+    "Event": {"type": "object", "required": ["time", "event"], "additionalProperties": True,
+              "properties": {"time": {"type": "number", "description": "epoch seconds"}, "event": _TEXT},
+              "description": "one structured event; other keys depend on the event"},
+    "WeightRequest": _object({"weight": {"type": "integer", "minimum": 0, "maximum": MAX_WEIGHT,
+                                         "examples": [5], "description": "0 drains the backend"}}),
+    "WeightResult": _object({"vip": _TEXT, "backend": _TEXT, "weight": {"type": "integer", "minimum": 0}}),
+    "Disabled": _object({"disabled": {"type": "boolean"}}),
+    "ReloadApplied": _object({"ok": {"const": True}, "config": _or_null(_TEXT),
+                              "changes": {"type": "object", "description": "what the reload changed"}}),
+    "ReloadRejected": _object({"ok": {"const": False}, "config": _or_null(_TEXT),
+                               "problems": {"type": "array", "items": _TEXT, "minItems": 1,
+                                            "description": '"key.path: what is wrong", in file order'}}),
+}
+
+_PARAMETERS: Doc = {
+    "address": {"name": "address", "in": "path", "required": True, "example": "10.0.0.1",
+                "description": "the VIP's address, IPv6 without brackets",
+                "schema": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}},
+    "port": {"name": "port", "in": "path", "required": True, "example": 80,
+             "schema": {"type": "integer", "minimum": 0, "maximum": 65535}},
+    "protocol": {"name": "protocol", "in": "path", "required": True, "example": "tcp",
+                 "schema": {"type": "string", "enum": ["tcp", "udp"]}},
+    "backend": {"name": "backend", "in": "path", "required": True, "example": "10.1.0.1",
+                "description": "the backend's address",
+                "schema": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}},
+    "limit": {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_EVENTS, "default": DEFAULT_EVENTS}},
+}
+
+_ERROR = _ref("Error")
+_RESPONSES: Doc = {
+    "BadRequest": _json("A malformed query or body; `field` names the input at fault", _ERROR),
+    "NotFound": _json("No such VIP or backend, or a malformed path part (named in `field`)", _ERROR),
+    "Unauthorized": _json("No bearer token, a wrong one, or none configured on this node", _ERROR,
+                          {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}}),
+    "Unavailable": _json("The node could not carry out the change (e.g. the BGP speaker refused it)", _ERROR),
+    "ReloadRejected": _json("The config is invalid; the running one stays", _ref("ReloadRejected")),
+}
+
+_VIP_PATH = "/api/v1/vips/{address}/{port}/{protocol}"
+_BACKEND_PATH = _VIP_PATH + "/backends/{backend}"
+_VIP_PARAMS = [{"$ref": f"#/components/parameters/{name}"} for name in ("address", "port", "protocol")]
+_BACKEND_PARAMS = [*_VIP_PARAMS, {"$ref": "#/components/parameters/backend"}]
+
+
+def _response(name: str) -> Doc:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def _read(operation_id: str, summary: str, ok: Doc, *errors: tuple[str, str], **more: Any) -> Doc:
+    """A GET; errors are (status, component response name)."""
+    responses: Doc = {"200": ok} | {status: _response(name) for status, name in errors}
+    return {"get": {"operationId": operation_id, "summary": summary, "responses": responses, **more}}
+
+
+def _mutation(method: str, operation_id: str, summary: str, ok: Doc, *errors: tuple[str, str],
+              body: Doc | None = None) -> Doc:
+    """A change: bearer token (401 without), 503 when the node cannot carry it out."""
+    responses: Doc = {"200": ok, "401": _response("Unauthorized"), "503": _response("Unavailable")}
+    responses |= {status: _response(name) for status, name in errors}
+    operation: Doc = {"operationId": operation_id, "summary": summary, "security": [{"bearer": []}],
+                      "responses": responses}
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return {method: operation}
+
+
+def _paths() -> Doc:
+    weight = _json("The backend's weight now", _ref("WeightResult"))
+    disabled = _json("The maintenance switch now", _ref("Disabled"))
+    backend = {"parameters": _BACKEND_PARAMS}
+    missing = ("404", "NotFound")
+    return {
+        "/api/v1/node": _read("getNode", "The node: phase, data plane, BGP peers and announcements",
+                              _json("The node", _ref("Node"))),
+        "/api/v1/vips": _read("listVips", "Every VIP with its backends",
+                              _json("The VIPs", {"type": "array", "items": _ref("Vip")})),
+        _VIP_PATH: {"parameters": _VIP_PARAMS, **_read("getVip", "One VIP", _json("The VIP", _ref("Vip")),
+                                                       missing)},
+        _BACKEND_PATH: {**backend, **_read("getBackend", "One backend of one VIP",
+                                           _json("The backend", _ref("Backend")), missing)},
+        _BACKEND_PATH + "/drain": {**backend, **_mutation(
+            "post", "drainBackend", "Weight 0: existing flows stay, new ones go elsewhere", weight, missing)},
+        _BACKEND_PATH + "/undrain": {**backend, **_mutation(
+            "post", "undrainBackend", "Back to the config's weight", weight, missing)},
+        _BACKEND_PATH + "/weight": {**backend, **_mutation(
+            "put", "setWeight", "A runtime weight, kept across restarts", weight, missing,
+            ("400", "BadRequest"), body=_ref("WeightRequest"))},
+        "/api/v1/events": _read("listEvents", "The most recent structured events, newest last",
+                                _json("The events", {"type": "array", "items": _ref("Event")}),
+                                ("400", "BadRequest"),
+                                parameters=[{"$ref": "#/components/parameters/limit"}]),
+        "/api/v1/node/disable": _mutation("post", "disableNode", "Withdraw every VIP (maintenance)",
+                                          disabled),
+        "/api/v1/node/enable": _mutation("post", "enableNode", "Announce the healthy VIPs again", disabled),
+        "/api/v1/reload": _mutation("post", "reload", "Re-read the config file and apply it",
+                                    _json("The config was applied", _ref("ReloadApplied")),
+                                    ("422", "ReloadRejected")),
+        "/api/v1/openapi.json": _read("getOpenapi", "This document",
+                                      _json("The OpenAPI document", {"type": "object"})),
+    }
+
+
+def document() -> Doc:
+    """The whole OpenAPI document (a new one on each call: callers may change it)."""
+    return copy.deepcopy({
+        "openapi": "3.1.0",
+        "info": {"title": "edge-lb", "version": "1",
+                 "description": "A node of the edge-lb XDP load balancer: status, VIPs, backends, events; "
+                                "drain, weights, maintenance switch, reload. Mutations need a bearer token."},
+        "paths": _paths(),
+        "components": {
+            "schemas": _SCHEMAS,
+            "parameters": _PARAMETERS,
+            "responses": _RESPONSES,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "the token from the config or its token file"}},
+        },
+    })

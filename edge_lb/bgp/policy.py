@@ -1,0 +1,177 @@
+"""BGP, the pure part: which VIP routes this node should announce, and the ExaBGP API commands for them.
+
+    desired_routes(config, serving, attached, disabled) -> {prefix: Route}      (policy)
+    render("announce" | "withdraw", route) -> "announce route 10.0.0.1/32 next-hop self med 10"
+    Announcer(speaker).sync(desired)                                               (diff -> commands)
+
+The speaker (edge_lb.bgp.exabgp.ExaBgpSpeaker, or FakeSpeaker in tests) carries the commands to the routers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edge_lb import events
+from edge_lb.config import Config, IPAddress
+from edge_lb.configbgp import RouteAttrs
+from edge_lb.dataplane.desired import VipKey
+from edge_lb.errors import BgpError
+
+Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: Prefix
+    attrs: RouteAttrs = field(default_factory=RouteAttrs)
+
+
+def host_prefix(address: IPAddress) -> Prefix:
+    return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+
+
+def withheld(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
+             disabled: bool) -> dict[Prefix, str | None]:
+    """Each VIP address's prefix -> None when it is to be announced, else why not. An address is announced
+    while the program is attached, the node is not disabled, and every VIP on that address has at least
+    min_healthy backends that can take new flows (healthy and weight > 0)."""
+    node = "the node is disabled for maintenance" if disabled else (
+        None if attached else "the XDP program is not attached")
+    why: dict[Prefix, str | None] = {}
+    for vip in config.vips:
+        prefix = host_prefix(vip.address)
+        key = VipKey.of(vip)
+        count = sum(1 for b in vip.backends if b.weight > 0 and healthy.get((key, b.address), False))
+        short = None if count >= vip.min_healthy else (
+            f"{vip.name}: {count} backends take new flows, min_healthy is {vip.min_healthy}")
+        why[prefix] = node or why.get(prefix) or short
+    return why
+
+
+def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
+                   disabled: bool) -> dict[Prefix, Route]:
+    """The routes to announce: every VIP address nothing withholds (see `withheld`)."""
+    why = withheld(config, healthy, attached, disabled)
+    return {host_prefix(v.address): Route(host_prefix(v.address), v.route) for v in config.vips
+            if why[host_prefix(v.address)] is None}
+
+
+def render(action: str, route: Route) -> str:
+    """One ExaBGP 5 API command. Anything that could end a line early or inject a second command is
+    refused, whatever its source."""
+    if action not in ("announce", "withdraw"):
+        raise ValueError(f"unknown BGP action {action!r}")
+    parts = [action, "route", str(route.prefix), "next-hop", route.attrs.next_hop]
+    if route.attrs.med is not None:
+        parts += ["med", str(route.attrs.med)]
+    if route.attrs.communities:
+        parts += ["community", "[" + " ".join(route.attrs.communities) + "]"]
+    command = " ".join(parts)
+    if not command.isprintable() or ";" in command:
+        raise ValueError(f"refusing a BGP command with control characters: {command!r}")
+    return command
+
+
+class Speaker(Protocol):
+    """Carries API commands to a BGP daemon. send() has one command in flight and returns once the daemon
+    acknowledged it; BgpError when it answered "error" or is not running."""
+
+    async def start(self) -> None: ...
+
+    async def send(self, command: str) -> None: ...
+
+    def peers(self) -> dict[str, str]:
+        """Peer address -> session state ("up", "down", "connected", ...), as last reported."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+class Announcer:
+    """Keeps what was announced equal to what should be; every step idempotent.
+
+    `announced` errs on the side of "maybe announced": an announce counts from the moment it is sent (its ack
+    may be lost while ExaBGP took it), and a withdraw only once acknowledged. What is `unsure` (a failed
+    announce, or everything after the speaker reconnected) is sent again; ExaBGP answers "done" to a repeated
+    announce and to withdrawing a route it does not have, so re-sending is safe.
+    """
+
+    def __init__(self, speaker: Speaker) -> None:
+        self.speaker = speaker
+        self.announced: dict[Prefix, Route] = {}
+        self.unsure: set[Prefix] = set()
+
+    def forget(self) -> None:
+        """The speaker reconnected (maybe restarted with an empty RIB): re-send everything."""
+        self.unsure = set(self.announced)
+
+    async def sync(self, desired: Mapping[Prefix, Route], trigger: str) -> int:
+        """Withdraw what should not be announced, then announce what is missing, changed or unsure. Each
+        route is tried on its own; BgpError at the end if any was refused. Returns the commands acked."""
+        failed: list[str] = []
+        sent = await self._withdraw(desired, trigger, failed)
+        for prefix, route in desired.items():
+            if self.announced.get(prefix) != route or prefix in self.unsure:
+                self.announced[prefix] = route
+                if await self._send("announce", route, trigger, failed):
+                    self.unsure.discard(prefix)
+                    sent += 1
+                else:
+                    self.unsure.add(prefix)
+        if failed:
+            raise BgpError(f"{len(failed)} BGP command(s) failed, first: {failed[0]}")
+        return sent
+
+    async def withdraw(self, keep: Mapping[Prefix, Route], trigger: str) -> int:
+        """Only the withdrawals of sync: what is announced and not in `keep` goes; nothing is announced."""
+        failed: list[str] = []
+        sent = await self._withdraw(keep, trigger, failed)
+        if failed:
+            raise BgpError(f"{len(failed)} BGP withdraw(s) failed, first: {failed[0]}")
+        return sent
+
+    async def _withdraw(self, keep: Mapping[Prefix, Route], trigger: str, failed: list[str]) -> int:
+        sent = 0
+        for prefix in [p for p in self.announced if p not in keep]:
+            if await self._send("withdraw", self.announced[prefix], trigger, failed):
+                self.announced.pop(prefix, None)
+                self.unsure.discard(prefix)
+                sent += 1
+        return sent
+
+    async def _send(self, action: str, route: Route, trigger: str, failed: list[str]) -> bool:
+        try:
+            await self.speaker.send(render(action, route))
+        except BgpError as exc:
+            events.emit("bgp", logging.ERROR, action=action, prefix=route.prefix, result="failed", error=exc)
+            failed.append(str(exc))
+            return False
+        events.emit("bgp", action=action, prefix=route.prefix, trigger=trigger)
+        return True
+
+
+@dataclass
+class FakeSpeaker:
+    """In-memory twin: records every command; `refuse` makes the next sends fail."""
+
+    commands: list[str] = field(default_factory=list)
+    refuse: bool = False
+    sessions: dict[str, str] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        self.commands.append("<started>")
+
+    async def send(self, command: str) -> None:
+        if self.refuse:
+            raise BgpError(f"error: {command}")
+        self.commands.append(command)
+
+    def peers(self) -> dict[str, str]:
+        return dict(self.sessions)
+
+    async def stop(self) -> None:
+        self.commands.append("<stopped>")

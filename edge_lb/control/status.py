@@ -1,0 +1,119 @@
+"""`edge-lb status`: the supervisor's view as a JSON document, and that document as a table."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from edge_lb import events
+from edge_lb.bgp.policy import host_prefix
+from edge_lb.control.reconciler import Reconciler
+from edge_lb.dataplane.desired import VipKey
+from edge_lb.dataplane.mapio import MapIO
+
+Doc = dict[str, Any]
+
+
+class Counters:
+    """The data plane's per-CPU counters, summed on a timer (each second), never per request: however often
+    the API, the dashboard or Prometheus ask, the maps are read once a second."""
+
+    def __init__(self, io: MapIO, interval: float = 1.0) -> None:
+        self.io = io
+        self.interval = interval
+        self.vips: dict[int, tuple[int, int]] = {}
+        self.backends: dict[int, tuple[int, int]] = {}
+        self.reasons: dict[int, tuple[int, int]] = {}
+
+    def refresh(self) -> None:
+        self.vips = self.io.read_counters("vip_stats")
+        self.backends = self.io.read_counters("backend_stats")
+        self.reasons = self.io.read_counters("reason_stats")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.refresh()
+            except Exception as exc:  # keep the last figures; the next tick tries again
+                events.emit("counters", logging.WARNING, error=repr(exc))
+
+
+def document(rec: Reconciler, counters: Counters) -> Doc:
+    """VIPs and backends with health, last reason, weight, ring share and traffic counters."""
+    vip_counts = counters.vips
+    backend_counts = counters.backends
+    ring_size = rec.maps.programmer.ring_size
+    vips = []
+    configured = {(v.name, b.address): b.weight for v in rec.base.vips for b in v.backends}
+    for vip in rec.config.vips:
+        key = VipKey.of(vip)
+        num = rec.maps.programmer.vips.get(key)
+        counts = rec.ring_counts(key)
+        rows = []
+        for b in vip.backends:
+            view = rec.view(key, b.address, b.weight)
+            slots = counts.get(view.index, 0) if view.index is not None else 0
+            packets, nbytes = backend_counts.get(view.index, (0, 0)) if view.index is not None else (0, 0)
+            rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,
+                         "config_weight": configured.get((vip.name, b.address), b.weight),
+                         "reason": view.reason, "last_check": view.checked_at, "latency": view.latency,
+                         "check": b.healthcheck.kind,
+                         "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
+                         "bytes": nbytes})
+        packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
+        vips.append({"vip": vip.name, "address": str(vip.address), "port": vip.port, "protocol": vip.protocol,
+                     "healthy": sum(1 for r in rows if r["state"] != "down"),
+                     "in_ring": sum(1 for r in rows if r["ring_slots"]),
+                     "backends": rows, "packets": packets, "bytes": nbytes})
+    return {"vips": vips, "ring_size": ring_size}
+
+
+def _route(vip: Doc, bgp: Doc) -> str:
+    """The VIP's /32 or /128: announced, or why not (bgp.withheld, worked out beside the announce policy)."""
+    prefix = str(host_prefix(ipaddress.ip_address(vip["address"])))
+    if prefix in bgp.get("announced", []):
+        return f"{prefix} announced"
+    why = bgp.get("withheld", {}).get(prefix, "BGP has not caught up yet (it retries every second)")
+    return f"{prefix} NOT announced: {why}"
+
+
+def _age(stamp: float | None, now: float) -> str:
+    return "never" if stamp is None else f"{max(now - stamp, 0):.1f}s ago"
+
+
+def render(doc: Doc, now: float | None = None) -> str:
+    """A fixed-width table: one block per VIP, one row per backend."""
+    now = time.time() if now is None else now
+    if doc.get("phase") == "starting":
+        return f"edge-lb (pid {doc.get('pid', '?')}) is starting: loading the data plane\n"
+    head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
+    lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
+             f"config {doc.get('config', '?')}", ""]
+    if doc.get("attached") is False:
+        lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
+                        "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
+    bgp = doc.get("bgp")
+    if bgp:
+        peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"
+        lines += [f"BGP peers: {peers}",
+                  f"announced (sent to ExaBGP): {', '.join(bgp['announced']) or 'nothing'}"
+                  + ("  (DISABLED for maintenance: " + bgp["disable_file"] + ")" if bgp["disabled"] else ""),
+                  ""]
+    for vip in doc["vips"]:
+        lines.append(f"VIP {vip['vip']}  {vip['healthy']}/{len(vip['backends'])} healthy, "
+                     f"{vip.get('in_ring', 0)} in the ring  "
+                     f"{vip['packets']} packets  {vip['bytes']} bytes")
+        if bgp:
+            lines.append(f"  route {_route(vip, bgp)}")
+        lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
+                     f"{'BYTES':>12}  {'CHECKED':<11} REASON")
+        for b in vip["backends"]:
+            checked = _age(b["last_check"], now)
+            lines.append(f"  {b['address']:<26} {b['state']:<9} {b['weight']:>6} {b['ring_share']:>7.1%} "
+                         f"{b['packets']:>10} {b['bytes']:>12}  {checked:<11} {b['reason']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,235 @@
+"""Loader of bpf/decap.c, the backends' XDP decapsulator (IPIP, IP6IP6, 4in6 -> inner packet, XDP_PASS).
+
+A backend behind edge-lb needs the balancer's outer header removed before its kernel sees the packet. A kernel
+`ipip`/`ip6tnl` device does that on ordinary hosts; this program does it where those modules are missing (the
+lab machines) or where a tunnel device per address family is unwanted.
+
+    attach("eth0")                   # decapsulate packets to any address of eth0, native XDP
+    detach("eth0")
+
+The program stays attached after this process exits (netlink attachment, no bpf_link), together with its
+address map: to change the addresses, attach again (it replaces the old program).
+
+Run inside a namespace:
+`ip netns exec NS python -m edge_lb.dataplane.decap attach --interface IF [--address A ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from edge_lb.assets import asset_dir
+from edge_lb.errors import DataplaneError, NetlinkError
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Mode = Literal["native", "generic"]
+
+SOURCE = asset_dir("bpf") / "decap.c"
+PROGRAM = "xdp_decap"
+DEFAULT_MAX_ADDRS = 64
+_MAX_ADDRS_LIMIT = 4096  # a host with more addresses than this is not a plausible backend
+
+# XDP attach flags from include/uapi/linux/if_link.h.
+_XDP_FLAGS: dict[str, int] = {"generic": 1 << 1, "native": 1 << 2}  # SKB_MODE, DRV_MODE
+
+
+class DecapProgram(NamedTuple):
+    """A loaded (not attached) decap program: the bcc module and its XDP function. Unpacks as (bpf, fn)."""
+
+    bpf: Any
+    fn: Any
+
+    @property
+    def prog_fd(self) -> int:
+        return int(self.fn.fd)
+
+    def close(self) -> None:
+        """Release this process's file descriptors (an attached program stays attached)."""
+        self.bpf.cleanup()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecapStats:
+    """Counters of struct decap_stats, summed over CPUs."""
+
+    decap_v4: int  # decapsulated, outer IPv4 (IPIP)
+    decap_v6: int  # decapsulated, outer IPv6 (IP6IP6, 4in6)
+    passed: int  # passed untouched
+
+
+def load(max_addrs: int = DEFAULT_MAX_ADDRS) -> DecapProgram:
+    """Compile bpf/decap.c and load its XDP function into the kernel (nothing attached)."""
+    # Validated here because it is pasted into the compiler's command line (-D).
+    if type(max_addrs) is not int or not 1 <= max_addrs <= _MAX_ADDRS_LIMIT:
+        raise DataplaneError(
+            f"{PROGRAM}: max_addrs must be an integer in 1..{_MAX_ADDRS_LIMIT}: {max_addrs!r}"
+        )
+    from bcc import BPF  # imported here: compiling needs root and LLVM; importing this module must not
+
+    try:
+        bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-DDECAP_MAX_ADDRS={max_addrs}"])
+    except Exception as exc:  # bcc raises bare Exception; the compiler's message went to stderr
+        raise DataplaneError(f"{PROGRAM}: compiling {SOURCE} failed: {exc}") from exc
+    try:
+        fn = bpf.load_func(PROGRAM.encode(), BPF.XDP)
+    except Exception as exc:
+        bpf.cleanup()
+        raise DataplaneError(f"{PROGRAM}: the kernel refused the program: {exc}") from exc
+    return DecapProgram(bpf=bpf, fn=fn)
+
+
+def load_for_test(addresses: Iterable[IPAddress] = (), max_addrs: int = DEFAULT_MAX_ADDRS) -> DecapProgram:
+    """Load the program and fill its address map, for BPF_PROG_TEST_RUN (see edge_lb.dataplane.testrun)."""
+    program = load(max_addrs)
+    set_addresses(program.bpf, addresses)
+    return program
+
+
+def set_addresses(bpf: Any, addresses: Iterable[IPAddress]) -> None:
+    """Replace the contents of decap_addrs with `addresses`."""
+    table = bpf["decap_addrs"]
+    wanted = {ipaddress.ip_address(a) for a in addresses}
+    if len(wanted) > table.max_entries:
+        raise DataplaneError(f"{PROGRAM}: {len(wanted)} addresses, decap_addrs holds {table.max_entries}")
+    try:
+        table.clear()
+        for address in sorted(wanted, key=lambda a: (a.version, a.packed)):
+            table[_address_key(table, address)] = table.Leaf(1)
+    except Exception as exc:
+        raise DataplaneError(f"{PROGRAM}: writing decap_addrs failed: {exc}") from exc
+
+
+def _address_key(table: Any, address: IPAddress) -> Any:
+    # decap_addr_key: addr is the address in network order, IPv4 in the first 4 bytes; the rest stays zero.
+    raw = address.packed.ljust(16, b"\0")
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return table.Key(addr=(ctypes.c_ubyte * 16)(*raw), family=family)
+
+
+def read_stats(bpf: Any) -> DecapStats:
+    """Sum the per-CPU counters of a loaded program."""
+    table = bpf["decap_stats"]
+    per_cpu = table[table.Key(0)]
+    return DecapStats(
+        decap_v4=sum(c.decap_v4 for c in per_cpu),
+        decap_v6=sum(c.decap_v6 for c in per_cpu),
+        passed=sum(c.passed for c in per_cpu),
+    )
+
+
+def interface_addresses(ifname: str) -> list[IPAddress]:
+    """Every address configured on `ifname` in the current network namespace."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            indexes = ipr.link_lookup(ifname=ifname)
+            if not indexes:
+                raise NetlinkError(f"interface {ifname!r}: not found")
+            messages = ipr.get_addr(index=indexes[0])
+    except NetlinkError:
+        raise
+    except Exception as exc:  # pyroute2's NetlinkError, OSError
+        raise NetlinkError(f"interface {ifname!r}: reading addresses failed: {exc}") from exc
+    addresses: list[IPAddress] = []
+    for msg in messages:
+        # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours whenever present.
+        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if text:
+            addresses.append(ipaddress.ip_address(text))
+    return addresses
+
+
+def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode = "native") -> None:
+    """Load the program, fill its addresses (default: every address of `ifname`) and attach it to `ifname`.
+
+    Replaces any XDP program already attached in the same mode.
+    """
+    flags = _mode_flags(mode)
+    wanted = list(addresses) if addresses is not None else interface_addresses(ifname)
+    if not wanted:
+        raise DataplaneError(f"{PROGRAM} on {ifname}: no addresses to decapsulate for")
+    program = load(max(DEFAULT_MAX_ADDRS, len(wanted)))
+    try:
+        set_addresses(program.bpf, wanted)
+        from bcc import BPF
+
+        try:
+            BPF.attach_xdp(ifname.encode(), program.fn, flags)
+        except Exception as exc:
+            raise DataplaneError(f"{PROGRAM}: attaching to {ifname} ({mode} mode) failed: {exc}") from exc
+    finally:
+        # Closes our file descriptors only: the attachment keeps the program and its map alive.
+        program.close()
+    log.info(
+        "%s attached to %s (%s), decapsulating for %s",
+        PROGRAM,
+        ifname,
+        mode,
+        ", ".join(str(a) for a in wanted),
+    )
+
+
+def detach(ifname: str, mode: Mode | None = None) -> None:
+    """Remove the XDP program of `ifname` (of both modes when `mode` is None). No program is not an error."""
+    from bcc import BPF
+
+    modes: list[Mode] = [mode] if mode is not None else ["generic", "native"]
+    for each in modes:
+        try:
+            BPF.remove_xdp(ifname.encode(), _mode_flags(each))
+        except Exception as exc:
+            raise DataplaneError(f"{PROGRAM}: detaching from {ifname} ({each} mode) failed: {exc}") from exc
+
+
+def _mode_flags(mode: str) -> int:
+    if mode not in _XDP_FLAGS:
+        raise DataplaneError(f"XDP mode must be one of {sorted(_XDP_FLAGS)}, got {mode!r}")
+    return _XDP_FLAGS[mode]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-lb decap", description="Backend-side XDP decapsulator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    att = sub.add_parser("attach", help="attach the decapsulator to an interface")
+    att.add_argument("--interface", required=True)
+    att.add_argument(
+        "--address",
+        action="append",
+        type=ipaddress.ip_address,
+        default=None,
+        help="outer destination to decapsulate for (repeatable; default: every address of the interface)",
+    )
+    att.add_argument("--mode", choices=sorted(_XDP_FLAGS), default="native")
+    det = sub.add_parser("detach", help="remove the XDP program of an interface")
+    det.add_argument("--interface", required=True)
+    det.add_argument("--mode", choices=sorted(_XDP_FLAGS), default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "attach":
+            attach(args.interface, args.address, args.mode)
+        else:
+            detach(args.interface, args.mode)
+    except (DataplaneError, NetlinkError) as exc:
+        print(f"edge-lb decap: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Desired data-plane state, computed purely from config (+ health later): no kernel, no I/O.
+
+The data plane keys VIPs by (address, port, protocol) and numbers them (ring and counters); each
+(VIP, backend address) pair gets a backend index. Numbers are allocated stably: an existing VIP or backend
+keeps its number across reloads and restarts, because the connection table stores backend indexes.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import operator
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from edge_lb.config import Config, IPAddress, Vip, vip_name
+from edge_lb.dataplane import maglev
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+
+
+@dataclass(frozen=True, order=True)
+class VipKey:
+    """What the data plane matches: address, port (0 = every port) and IP protocol number."""
+
+    address: IPAddress
+    port: int
+    proto: int
+
+    @classmethod
+    def of(cls, vip: Vip) -> VipKey:
+        return cls(vip.address, vip.port, PROTOCOLS[vip.protocol])
+
+    @property
+    def name(self) -> str:
+        protocol = next((n for n, p in PROTOCOLS.items() if p == self.proto), str(self.proto))
+        return vip_name(self.address, self.port, protocol)
+
+
+@dataclass(frozen=True)
+class BackendSlot:
+    """One (VIP, backend) pair as the backends map holds it."""
+
+    vip_num: int
+    address: IPAddress
+    up: bool = True  # may carry existing flows (healthy or drained)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    vips: Mapping[VipKey, int]  # VIP -> vip_num
+    backends: Mapping[int, BackendSlot]  # index -> slot (index 0 is never used)
+    rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
+    vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> VIP count
+    port0_vips: int = 0
+
+
+VIP_FILTER_BITS = 65536  # balancer_consts.h: the VIP address prefilter
+VIP_FILTER_MULT = 0x9E3779B1
+
+
+def filter_bucket(address: IPAddress) -> int:
+    """The prefilter bucket of an address, as bpf/balancer.c's maybe_vip computes it: the xor of the four
+    32-bit words of the 16-byte address as the CPU loads them, times VIP_FILTER_MULT, top 16 bits."""
+    raw = address.packed.ljust(16, b"\0")
+    words = (int.from_bytes(raw[i:i + 4], sys.byteorder) for i in (0, 4, 8, 12))
+    folded = functools.reduce(operator.xor, words)
+    return ((folded * VIP_FILTER_MULT) & 0xFFFFFFFF) >> 16
+
+
+def filter_words(addresses: Iterable[IPAddress]) -> dict[int, int]:
+    """The prefilter's non-zero words (word index -> bits) with a bit set for each address."""
+    words: dict[int, int] = {}
+    for address in addresses:
+        bucket = filter_bucket(address)
+        words[bucket >> 5] = words.get(bucket >> 5, 0) | 1 << (bucket & 31)
+    return words
+
+
+@dataclass
+class Allocator:
+    """Stable numbering of VIPs and (VIP, backend) pairs; seeded from what the maps already hold."""
+
+    max_vips: int
+    max_backends: int
+    vip_nums: dict[VipKey, int] = field(default_factory=dict)
+    backend_idx: dict[tuple[int, IPAddress], int] = field(default_factory=dict)
+
+    def vip_num(self, key: VipKey) -> int:
+        if key not in self.vip_nums:
+            self.vip_nums[key] = _lowest_free(set(self.vip_nums.values()), 0, self.max_vips)
+        return self.vip_nums[key]
+
+    def backend(self, vip_num: int, address: IPAddress) -> int:
+        pair = (vip_num, address)
+        if pair not in self.backend_idx:
+            self.backend_idx[pair] = _lowest_free(set(self.backend_idx.values()), 1, self.max_backends)
+        return self.backend_idx[pair]
+
+    def retain(self, vips: Iterable[VipKey], pairs: Iterable[tuple[int, IPAddress]]) -> None:
+        """Forget numbers of VIPs and backends no longer wanted, so they can be reused."""
+        keep_v, keep_b = set(vips), set(pairs)
+        self.vip_nums = {k: n for k, n in self.vip_nums.items() if k in keep_v}
+        self.backend_idx = {p: i for p, i in self.backend_idx.items() if p in keep_b}
+
+
+def _lowest_free(used: set[int], start: int, limit: int) -> int:
+    for n in range(start, limit):
+        if n not in used:
+            return n
+    raise ValueError(f"no free number below {limit}")
+
+
+TableCache = dict[tuple[object, ...], list[bytes | None]]  # (ring size, members) -> Maglev table
+
+
+def ring_for(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
+             healthy: Mapping[IPAddress, bool] | None = None,
+             tables: TableCache | None = None) -> tuple[int, ...]:
+    """The VIP's Maglev ring as backend indexes. Unhealthy backends get no slots; weight 0 gets none.
+    `tables` shares Maglev builds between VIPs with the same members (a pool behind many VIPs)."""
+    members = [maglev.Member(key=b.address.packed, weight=b.weight) for b in vip.backends
+               if healthy is None or healthy.get(b.address, True)]
+    by_key: dict[bytes | None, int] = {b.address.packed: indexes[b.address] for b in vip.backends}
+    by_key[None] = 0  # an empty slot
+    table = _table(members, ring_size, {} if tables is None else tables)
+    return tuple(map(by_key.__getitem__, table))
+
+
+def _table(members: list[maglev.Member], ring_size: int, tables: TableCache) -> list[bytes | None]:
+    """The table depends only on the set of (key, weight) pairs (maglev.py), so equal sets share one."""
+    key = (ring_size, *sorted((m.key, m.weight) for m in members))
+    if key not in tables:
+        tables[key] = maglev.build_table(members, ring_size)
+    return tables[key]
+
+
+RingCache = dict[tuple[object, ...], tuple[int, ...]]
+
+
+def _cached_ring(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
+                 healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache,
+                 tables: TableCache) -> tuple[int, ...]:
+    """A Maglev build costs tens of ms: reuse the ring when nothing that shapes it has changed."""
+    key = (ring_size, *((b.address, b.weight, healthy[b.address], indexes[b.address]) for b in vip.backends))
+    ring = cache.get(key) or used.get(key) or ring_for(vip, indexes, ring_size, healthy, tables)
+    used[key] = ring
+    return ring
+
+
+def desired_state(config: Config, alloc: Allocator,
+                  health: Mapping[tuple[VipKey, IPAddress], bool] | None = None,
+                  ring_cache: RingCache | None = None) -> DesiredState:
+    """Config (+ health) -> what the maps should hold. Health defaults to every backend up. A ring_cache
+    keeps the rings built here for the next call (and only those)."""
+    health = health or {}
+    cache = ring_cache if ring_cache is not None else {}
+    used: RingCache = {}
+    tables: TableCache = {}  # for this call only: the tables are large, the rings are what is kept
+    vips: dict[VipKey, int] = {}
+    backends: dict[int, BackendSlot] = {}
+    rings: dict[int, tuple[int, ...]] = {}
+    vip_addrs: dict[tuple[IPAddress, int], int] = {}
+    wanted = [VipKey.of(v) for v in config.vips]
+    # Free what the config no longer wants first, so a swap at capacity fits.
+    alloc.retain(wanted, [(alloc.vip_nums[k], b.address) for k, v in zip(wanted, config.vips, strict=True)
+                          if k in alloc.vip_nums for b in v.backends])
+    for vip in config.vips:
+        key = VipKey.of(vip)
+        num = vips[key] = alloc.vip_num(key)
+        indexes = {b.address: alloc.backend(num, b.address) for b in vip.backends}
+        healthy = {a: health.get((key, a), True) for a in indexes}
+        for address, idx in indexes.items():
+            backends[idx] = BackendSlot(num, address, up=healthy[address])
+        rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used, tables)
+        vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
+    port0 = sum(1 for k in vips if k.port == 0)
+    cache.clear()
+    cache.update(used)
+    return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0)
+
+
+def encap_masks_v4(net: ipaddress.IPv4Network) -> tuple[bytes, bytes]:
+    """(prefix, host mask) as 4 network-order bytes each: outer source = prefix | (flow hash & mask)."""
+    return net.network_address.packed, net.hostmask.packed
+
+
+def encap_masks_v6(net: ipaddress.IPv6Network) -> tuple[bytes, bytes]:
+    """(16-byte prefix, 4-byte host mask of the last word): the data plane varies the last 32 bits only."""
+    return net.network_address.packed, net.hostmask.packed[12:]

@@ -1,0 +1,98 @@
+"""Bring one LB node's data plane to the config: load or adopt, resolve MACs, write the maps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from edge_lb import netlink
+from edge_lb.config import Config, IPAddress
+from edge_lb.dataplane.desired import Allocator, RingCache, VipKey, desired_state
+from edge_lb.dataplane.loader import Dataplane
+from edge_lb.dataplane.mapio import Ctl, MapIO
+from edge_lb.dataplane.programmer import ApplyReport, Programmer
+from edge_lb.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Link:
+    """Layer-2 facts the data plane needs: from config, or from the kernel in run mode."""
+
+    own_mac: str
+    gw_mac: str
+    mtu: int
+
+
+def simulate_link(config: Config) -> Link:
+    """simulate never reads the kernel: MACs must be in config; MTU defaults to 1500."""
+    missing = [f"node.{k}: required by simulate" for k in ("mac", "gateway_mac")
+               if getattr(config.node, k) is None]
+    if missing:
+        raise ConfigError(missing)
+    assert config.node.mac and config.node.gateway_mac
+    return Link(config.node.mac, config.node.gateway_mac, config.node.mtu or 1500)
+
+
+def kernel_link(config: Config) -> Link:
+    """Run mode: defaults from the interface and the default gateway's neighbour entry."""
+    n = config.node
+    return Link(n.mac or netlink.interface_mac(n.interface),
+                n.gateway_mac or netlink.gateway_mac(n.interface),
+                n.mtu or netlink.interface_mtu(n.interface))
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def ctl_for(config: Config, link: Link, port0_vips: int) -> Ctl:
+    d = config.dataplane
+    return Ctl(own_mac=_mac(link.own_mac), gw_mac=_mac(link.gw_mac), mtu=link.mtu, port0_vips=port0_vips,
+               encap_v4=d.encap_src_v4, encap_v6=d.encap_src_v6)
+
+
+class NodeMaps:
+    """Keeps one node's maps equal to a config: stable numbering across applies, ring diffs only."""
+
+    def __init__(self, io: MapIO, config: Config, link: Link, adopt: bool) -> None:
+        d = config.dataplane
+        self.io = io
+        self.link = link
+        self.alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
+        self.programmer = Programmer(io, d.ring_size)
+        self.ring_cache: RingCache = {}
+        if adopt:
+            self.programmer.adopt(self.alloc)
+
+    def adopted_up(self) -> dict[tuple[VipKey, IPAddress], bool]:
+        """What the maps say of each (VIP, backend): may it carry flows? Read once after adopting."""
+        nums = {num: key for key, num in self.programmer.vips.items()}
+        return {(nums[s.vip_num], s.address): s.up for s in self.programmer.backends.values()
+                if s.vip_num in nums}
+
+    def apply(self, config: Config,
+              health: Mapping[tuple[VipKey, IPAddress], bool] | None = None) -> ApplyReport:
+        """Numbering changes are kept only if the maps took them: a failed apply leaves it as it was."""
+        saved = (dict(self.alloc.vip_nums), dict(self.alloc.backend_idx))
+        try:
+            want = desired_state(config, self.alloc, health, self.ring_cache)
+            self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
+            return self.programmer.apply(want)
+        except Exception:
+            self.alloc.vip_nums, self.alloc.backend_idx = saved
+            raise
+
+
+def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:
+    """Write the whole desired state; with adopt, continue from what pinned maps already hold."""
+    return NodeMaps(io, config, link, adopt).apply(config)
+
+
+def load_node(config: Config, attach: bool = True) -> tuple[Dataplane, ApplyReport]:
+    """Load or adopt the pinned data plane, program it, and attach it (atomically replacing an older one)."""
+    link = kernel_link(config)
+    dp = Dataplane.load(config.dataplane, pin=True)
+    report = program_maps(dp.io, config, link, adopt=True)
+    if attach:
+        dp.attach(config.node.interface, config.dataplane.xdp_mode)
+    return dp, report

@@ -1,0 +1,65 @@
+"""`edge-lb simulate`: run every frame of a pcap through the real, unattached program, in order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from edge_lb.config import Config
+from edge_lb.dataplane.loader import Dataplane
+from edge_lb.dataplane.node import NodeMaps, simulate_link
+from edge_lb.dataplane.pcap import read_frames, write_frames
+from edge_lb.dataplane.testrun import run_xdp
+
+VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
+_WITH_FRAME = {"XDP_TX", "XDP_PASS"}
+
+
+class Simulator:
+    """A private (unpinned) data plane programmed from config; connection state carries across frames."""
+
+    def __init__(self, config: Config) -> None:
+        link = simulate_link(config)
+        self.dp = Dataplane.load(config.dataplane, pin=False)
+        self.maps = NodeMaps(self.dp.io, config, link, adopt=False)
+        self.maps.apply(config)
+
+    def reprogram(self, config: Config) -> None:
+        """Apply another config to the same maps, as a reload would (the connection table stays)."""
+        self.maps.apply(config)
+
+    def run(self, frame: bytes) -> tuple[str, bytes]:
+        code, out = run_xdp(self.dp.prog_fd, frame, len(frame) + 256)
+        return VERDICTS.get(code, f"XDP_{code}"), out
+
+    def results(self, frames: Iterator[bytes]) -> Iterator[dict[str, object]]:
+        for index, frame in enumerate(frames):
+            verdict, out = self.run(frame)
+            line: dict[str, object] = {"index": index, "verdict": verdict}
+            if verdict in _WITH_FRAME:
+                line["frame"] = out.hex()
+            yield line
+
+    def close(self) -> None:
+        self.dp.close()
+
+
+def simulate(config: Config, pcap_in: Path, pcap_out: Path | None, out: TextIO) -> int:
+    """Print one JSON object a line per frame; write XDP_TX / XDP_PASS frames to pcap_out.
+
+    Returns frames seen."""
+    frames = list(read_frames(pcap_in))  # read fully first: a bad file changes nothing and prints nothing
+    sim = Simulator(config)
+    written: list[bytes] = []
+    try:
+        for line in sim.results(iter(frames)):
+            out.write(json.dumps(line) + "\n")
+            if "frame" in line:
+                written.append(bytes.fromhex(str(line["frame"])))
+    finally:
+        sim.close()
+    if pcap_out is not None:
+        write_frames(pcap_out, written)
+    return len(frames)
