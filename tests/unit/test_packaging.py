@@ -31,7 +31,8 @@ def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
     probe = ("from edge_lb import assets; from edge_lb.bgp import exabgp;"
              "from edge_lb.dataplane import counters, decap, loader;"
              "print(loader.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES,"
-             "      assets.asset_dir('benchmarks/reference'), counters.CONSTS_H, len(counters.reason_names()))")
+             "      assets.asset_dir('benchmarks/reference'), counters.CONSTS_H,"
+             "      len(counters.reason_names()))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
     site = site.resolve()
