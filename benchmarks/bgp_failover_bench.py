@@ -37,7 +37,7 @@ from typing import Any
 
 from killbench import BenchError, parse_args, spread
 
-from edge_lb.api import sockets
+from edge_lb import paths
 from edge_lb.errors import EdgeLbError
 from edge_lb.lab.bgplab import FAST_CHECK, HTTP_PORT, VIP, BgpLab
 from edge_lb.lab.netns import Lab
@@ -223,7 +223,7 @@ def remove_speaker_dirs(bl: BgpLab) -> None:
     """ExaBGP's run directory of each node (/run/edge-lb/INSTANCE.bgp: its config and log), which neither
     BgpLab.close nor the Lab removes. Runs as a Lab cleanup: after every process has stopped."""
     for lb in bl.nodes.values():
-        shutil.rmtree(sockets.RUN_DIR / f"{lb.instance}.bgp", ignore_errors=True)
+        shutil.rmtree(paths.exabgp_run(lb.instance), ignore_errors=True)
 
 
 def measure(runs: int, rng: random.Random, check: dict[str, Any]) -> list[dict[str, Any]]:

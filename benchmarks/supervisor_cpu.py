@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_lb import paths
 from edge_lb.api import sockets
 from edge_lb.dataplane.maglev import is_prime
 from edge_lb.errors import EdgeLbError
@@ -196,7 +197,7 @@ class CpuLab:
         return self.supervisor.pid
 
     def status(self) -> dict[str, Any]:
-        return asyncio.run(sockets.request(sockets.socket_path(self.instance), "GET", "/v1/status", 30))
+        return asyncio.run(sockets.request(paths.socket(self.instance), "GET", "/v1/status", 30))
 
     def wait_all_up(self) -> float:
         """Seconds from start until status shows every backend up."""
@@ -204,7 +205,7 @@ class CpuLab:
         while time.monotonic() - start < UP_BOUND:
             self.check_alive()
             with contextlib.suppress(EdgeLbError):
-                if sockets.socket_path(self.instance).exists() and all_up(self.status()):
+                if paths.socket(self.instance).exists() and all_up(self.status()):
                     return time.monotonic() - start
             time.sleep(1.0)
         raise BenchError(f"not every backend up within {UP_BOUND:g} s")

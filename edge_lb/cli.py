@@ -73,12 +73,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    from edge_lb.api import sockets
+    from edge_lb import paths
     from edge_lb.config import instance_of
 
     if getattr(args, "socket", None):
         return Path(args.socket)
-    return sockets.socket_path(instance_of(args.config))
+    return paths.socket(instance_of(args.config))
 
 
 def _call(args: argparse.Namespace, method: str, url: str, body: dict[str, Any] | None = None
@@ -169,9 +169,10 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 
 def _supervisor_running(instance: str) -> bool:
+    from edge_lb import paths
     from edge_lb.api import sockets
 
-    return sockets.listening(sockets.socket_path(instance))
+    return sockets.listening(paths.socket(instance))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

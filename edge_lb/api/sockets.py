@@ -29,12 +29,7 @@ from edge_lb.configtools import Invalid
 from edge_lb.control.operations import Operations
 from edge_lb.errors import SupervisorError
 
-RUN_DIR = Path("/run/edge-lb")
 Doc = dict[str, Any]
-
-
-def socket_path(instance: str) -> Path:
-    return RUN_DIR / f"{instance}.sock"
 
 
 def listening(path: Path) -> bool:

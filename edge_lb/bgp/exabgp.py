@@ -43,11 +43,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from edge_lb import events
+from edge_lb import events, netlink
 from edge_lb.assets import asset_dir
 from edge_lb.bgp.exabgp_api import ACK_TIMEOUT, ApiChannel
 from edge_lb.configbgp import Bgp
-from edge_lb.errors import BgpError
+from edge_lb.errors import BgpError, NetlinkError
 
 log = logging.getLogger("edge_lb.bgp.exabgp")
 
@@ -116,19 +116,15 @@ def render_config(bgp: Bgp, router_id: str, local_addresses: Mapping[str, str],
 
 
 def source_address(peer: str) -> str:
-    """The kernel's source address towards `peer` (route get -> RTA_PREFSRC). Blocking: run it in a thread,
-    pyroute2's sync IPRoute runs its own event loop."""
-    from pyroute2 import IPRoute
-
+    """The kernel's source address towards `peer` (netlink.source_address), BgpError if it has none. Blocking:
+    run it in a thread, pyroute2's sync IPRoute runs its own event loop."""
     try:
-        with IPRoute() as ipr:
-            routes = list(ipr.route("get", dst=peer))
-    except Exception as exc:  # pyroute2's NetlinkError (no route), OSError
+        src = netlink.source_address(peer)
+    except NetlinkError as exc:  # no route
         raise BgpError(f"peer {peer}: no route to it to take the local address from ({exc}); "
                        "set bgp.peer.local_address") from exc
-    for route in routes:
-        if src := route.get_attr("RTA_PREFSRC"):
-            return str(src)
+    if src is not None:
+        return src
     raise BgpError(f"peer {peer}: the kernel has no source address towards it; set bgp.peer.local_address")
 
 

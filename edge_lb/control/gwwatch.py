@@ -5,8 +5,8 @@
     ...                           # on_change(new_mac) runs in this loop whenever the MAC changes
     await watcher.stop()
 
-Events come from an AsyncIPRoute bound to the link, neighbour and IPv4/IPv6 route groups, read by a task in
-the caller's loop (no thread to stop). An event only wakes the resolver: the answer is always read afresh
+Events come from netlink.NetlinkEvents (link, neighbour and IPv4/IPv6 route groups), read by a task in the
+caller's loop (no thread to stop). An event only wakes the resolver: the answer is always read afresh
 from the kernel (netlink.gateway_mac: default route, then the gateway's neighbour entry), so a lost event
 (ENOBUFS) costs a resync and nothing more, and a poll every poll_interval covers what no event announced.
 """
@@ -20,9 +20,6 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
-
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
 from edge_lb import events, netlink
 from edge_lb.errors import NetlinkError
@@ -107,7 +104,7 @@ class GatewayWatcher:
         self._failing = False
         self._ifindex = 0
         self._wake = asyncio.Event()
-        self._sock: Any = None
+        self._sock: netlink.NetlinkEvents | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -232,12 +229,17 @@ class GatewayWatcher:
     async def _listen(self) -> None:
         while True:
             try:
-                async for msg in self._sock.get():
+                async for msg in self._events().messages():
                     if is_relevant(msg, self._ifindex, self.ifname):
                         self._wake.set()
             except Exception as exc:  # ENOBUFS (events lost) or a broken socket: pyroute2 advises a new one
                 log.debug("gateway watcher %s: netlink events: %r; resubscribing", self.ifname, exc)
                 await self._resubscribe()
+
+    def _events(self) -> netlink.NetlinkEvents:
+        if self._sock is None:
+            raise RuntimeError(f"gateway watcher for {self.ifname} not started")
+        return self._sock
 
     async def _resubscribe(self) -> None:
         await asyncio.sleep(_RESUBSCRIBE_DELAY)
@@ -249,21 +251,11 @@ class GatewayWatcher:
             await asyncio.sleep(1.0)
             return
         old, self._sock = self._sock, new
-        old.close()
+        if old is not None:
+            old.close()
         self._wake.set()  # whatever was lost is re-read
 
 
-async def _subscribe(ifname: str) -> Any:
-    """An AsyncIPRoute socket receiving link, neighbour and IPv4/IPv6 route events."""
-    try:
-        sock = AsyncIPRoute()
-    except Exception as exc:
-        raise NetlinkError(f"opening a netlink socket to follow the gateway of {ifname}: {exc}") from exc
-    try:
-        await sock.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
-    except BaseException as exc:  # cancelled too: the socket is closed before it is dropped
-        sock.close()
-        if isinstance(exc, Exception):
-            raise NetlinkError(f"subscribing to netlink events for the gateway of {ifname}: {exc}") from exc
-        raise
-    return sock
+async def _subscribe(ifname: str) -> netlink.NetlinkEvents:
+    """Link, neighbour and IPv4/IPv6 route events: what can change the gateway of `ifname`."""
+    return await netlink.NetlinkEvents.open(f"the gateway of {ifname}")

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_lb import paths
 from edge_lb.dataplane import bpfsys
 from edge_lb.dataplane.counters import reason_names
-from edge_lb.dataplane.loader import pin_dir
 from edge_lb.errors import LabError
 from edge_lb.lab.labs import (
     PY,
@@ -374,14 +374,14 @@ class BgpLab:
     def node_vip_packets(self, node: int, protocol: str = "udp") -> int:
         """Packets node `node`'s XDP program counted for the lab's TCP or UDP VIP (pinned vip_stats; the
         index is the VIP's number, VIP_NUMS, which holds while the instance's VIPs were never changed)."""
-        counts = bpfsys.pinned_counters(pin_dir(self.node(node).instance) / "vip_stats",
+        counts = bpfsys.pinned_counters(paths.pins(self.node(node).instance) / "vip_stats",
                                         VIP_NUMS[protocol] + 1)
         return counts[VIP_NUMS[protocol]][0]
 
     def node_reasons(self, node: int) -> dict[str, int]:
         """Node `node`'s per-reason packet counters (reason_stats), by name."""
         names = reason_names()
-        counts = bpfsys.pinned_counters(pin_dir(self.node(node).instance) / "reason_stats", len(names))
+        counts = bpfsys.pinned_counters(paths.pins(self.node(node).instance) / "reason_stats", len(names))
         return {names[i]: pk for i, (pk, _) in enumerate(counts)}
 
     def start_http(self, role: str) -> None:

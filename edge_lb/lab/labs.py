@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_lb import paths
 from edge_lb.api import sockets
-from edge_lb.control import overrides
 from edge_lb.dataplane import bpfsys
 from edge_lb.dataplane.counters import reason_names
-from edge_lb.dataplane.loader import pin_dir, remove_pins
+from edge_lb.dataplane.loader import remove_pins
 from edge_lb.errors import EdgeLbError, LabError
 from edge_lb.lab.netns import Lab, Netns
 
@@ -170,7 +170,7 @@ class DataplaneLab:
 
     def lb_reasons(self) -> dict[str, int]:
         names = reason_names()
-        counts = bpfsys.pinned_counters(pin_dir(self.instance) / "reason_stats", len(names))
+        counts = bpfsys.pinned_counters(paths.pins(self.instance) / "reason_stats", len(names))
         return {names[i]: pk for i, (pk, _) in enumerate(counts)}
 
     def close(self) -> None:
@@ -241,7 +241,7 @@ def wait_supervisor(proc: subprocess.Popen[bytes], instance: str, log_path: Path
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise LabError(f"edge-lb run exited with {proc.returncode}: {_tail(log_path)}")
-        if sockets.socket_path(instance).exists():
+        if paths.socket(instance).exists():
             with contextlib.suppress(EdgeLbError):
                 if supervisor_status(instance).get("phase") == "running":
                     return
@@ -251,7 +251,7 @@ def wait_supervisor(proc: subprocess.Popen[bytes], instance: str, log_path: Path
 
 def supervisor_status(instance: str) -> dict[str, Any]:
     """The node and VIP documents of the supervisor of `instance` (its REST API over the Unix socket)."""
-    return asyncio.run(sockets.status_doc(sockets.socket_path(instance), 10))
+    return asyncio.run(sockets.status_doc(paths.socket(instance), 10))
 
 
 def _tail(path: Path, chars: int = 2000) -> str:
@@ -278,10 +278,10 @@ def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -
         with contextlib.suppress(subprocess.TimeoutExpired):
             supervisor.wait(timeout=15)
     with contextlib.suppress(FileNotFoundError):
-        sockets.socket_path(instance).unlink()
-    shutil.rmtree(sockets.RUN_DIR / f"{instance}.bgp", ignore_errors=True)  # ExaBGP's config and log
+        paths.socket(instance).unlink()
+    shutil.rmtree(paths.exabgp_run(instance), ignore_errors=True)  # ExaBGP's config and log
     with contextlib.suppress(FileNotFoundError):
-        overrides.state_file(instance).unlink()  # runtime weights set through the API
+        paths.weights(instance).unlink()  # runtime weights set through the API
     remove_pins(instance)
 
 

@@ -11,7 +11,8 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
-from edge_lb.dataplane.loader import Dataplane, pin_dir, remove_pins
+from edge_lb import paths
+from edge_lb.dataplane.loader import Dataplane, remove_pins
 from edge_lb.dataplane.node import NodeMaps, simulate_link
 from edge_lb.dataplane.simulate import Simulator
 from edge_lb.dataplane.testrun import run_xdp
@@ -152,7 +153,7 @@ def test_reload_adopts_pinned_maps() -> None:
     first = Dataplane.load(cfg.dataplane, pin=True)
     try:
         NodeMaps(first.io, cfg, link, adopt=True).apply(cfg)
-        assert (pin_dir(instance) / "conn_table").exists()
+        assert (paths.pins(instance) / "conn_table").exists()
         ports = flows(100)
         chosen = {}
         for p in ports:
@@ -173,7 +174,7 @@ def test_reload_adopts_pinned_maps() -> None:
             second.close()
     finally:
         remove_pins(instance)
-    assert not pin_dir(instance).exists()
+    assert not paths.pins(instance).exists()
 
 
 def test_conn_entry_never_reaches_another_vips_backend(fresh_sim: Simulator) -> None:

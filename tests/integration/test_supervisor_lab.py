@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from edge_lb.api import sockets
-from edge_lb.dataplane.loader import pin_dir
+from edge_lb import paths
 from edge_lb.lab.labs import PY, DataplaneLab, wait_for
 
 pytestmark = pytest.mark.root
@@ -124,12 +123,12 @@ def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab)
     dlab.supervisor.send_signal(signal.SIGTERM)
     assert dlab.supervisor.wait(timeout=15) == 0
     assert "event=shutdown phase=done attached=kept" in dlab.supervisor_log()
-    assert not sockets.socket_path(dlab.instance).exists()
+    assert not paths.socket(dlab.instance).exists()
     assert held.round() == before, "a stopped supervisor leaves the data plane serving"
     assert "xdp" in dlab.lb.ns.ip("link", "show", "eth0").stdout
     dlab.lb.ns.run([PY, "-m", "edge_lb", "unload", "-c", str(dlab.config_path)], host_mounts=True)
     assert "xdp" not in dlab.lb.ns.ip("link", "show", "eth0").stdout
-    assert not pin_dir(dlab.instance).exists()
+    assert not paths.pins(dlab.instance).exists()
 
 
 def test_a_program_detached_behind_its_back_is_reported(dlab: DataplaneLab) -> None:

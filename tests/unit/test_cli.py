@@ -103,13 +103,13 @@ def test_load_and_unload_refuse_while_a_supervisor_owns_the_instance(
         command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """Two writers of one instance's maps would undo each other (the prefilter, rings, numbering)."""
-    from edge_lb.api import sockets
+    from edge_lb import paths
 
-    monkeypatch.setattr(sockets, "RUN_DIR", tmp_path)
+    monkeypatch.setattr(paths, "RUN_DIR", tmp_path)
     config = tmp_path / "lb.toml"
     config.write_text(GOOD)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
-        live.bind(str(sockets.socket_path("default")))
+        live.bind(str(paths.socket("default")))
         live.listen(1)
         assert main([command, "-c", str(config)]) == 1
     assert "a supervisor is running for instance default" in capsys.readouterr().err
