@@ -38,7 +38,8 @@
 
 /* VIP address prefilter: one bit per bucket of a hash of the destination address. A clear bit answers "no VIP
  * has this address" with one array read instead of a hash-map lookup: the cheap path for the traffic we pass.
- * bucket = ((xor of the 4 address words, as loaded) * VIP_FILTER_MULT) >> 16; edge_lb/state.py mirrors it. */
+ * bucket = ((xor of the 4 address words, as loaded) * VIP_FILTER_MULT) >> 16; edge_lb/dataplane/desired.py
+ * mirrors it, checked by tests/unit/test_layout.py. */
 #define VIP_FILTER_BITS 65536
 #define VIP_FILTER_WORDS (VIP_FILTER_BITS / 32)
 #define VIP_FILTER_MULT 0x9e3779b1u
@@ -54,7 +55,7 @@
 /* Internal return value of helpers: keep going. Verdicts are >= 0. */
 #define LB_CONTINUE -1
 
-/* Indexes into reason_stats. The Python side reads names from here (edge_lb/stats.py mirrors, tested). */
+/* Indexes into reason_stats. Python reads the names from this text (edge_lb/dataplane/counters.py). */
 enum lb_stat {
   STAT_TX = 0,               /* encapsulated and sent (XDP_TX) */
   STAT_TX_ICMP_TOO_BIG,      /* ICMP frag-needed / packet-too-big sent to the flow's backend */

@@ -1,229 +1,187 @@
-// SPDX-License-Identifier: Apache-2.0
-//
-// decap.c - the backend-side XDP program of edge-lb.
-//
-// The balancer wraps each client packet in IPIP (IPv4 backend), IP6IP6 or 4in6 (IPv6 backend) and sends it to
-// the backend. This program strips that outer header when the OUTER destination is one of this host's
-// addresses (map decap_addrs, filled by edge_lb/decap.py), keeps the Ethernet header, and returns XDP_PASS so
-// the kernel delivers the inner packet to the VIP configured on lo. The backend then answers the client
-// directly (direct server return). It replaces an ipip/ip6tnl device on hosts that lack those modules.
-//
-// Anything else - not addressed to us, not encapsulated, IPv6 extension headers, IPv4 with options, outer
-// fragments, truncated - is passed untouched: the kernel decides what to do with it, exactly as without us.
-//
-// Compile-time settings (validated integers, passed with -D by the loader):
-//   DECAP_MAX_ADDRS   capacity of decap_addrs
-
+// SPDX-License-Identifier: GPL-2.0
+/* edge-lb XDP decapsulator, for backends: the packet path only. Layouts, maps and constants live in decap_*.h.
+ *
+ * The balancer wraps each client packet in IPIP (IPv4 backend), IP6IP6 or 4in6 (IPv6 backend) and sends it to
+ * the backend. This program strips that outer header when the OUTER destination is one of this host's
+ * addresses (map decap_addrs, filled by edge_lb/dataplane/decap.py), keeps the Ethernet header, and returns
+ * XDP_PASS so the kernel delivers the inner packet to the VIP configured on lo. The backend then answers the
+ * client directly (direct server return). It replaces an ipip/ip6tnl device on hosts that lack those modules.
+ *
+ * Anything else - not addressed to us, not encapsulated, IPv6 extension headers, IPv4 with options, outer
+ * fragments, truncated - is passed untouched: the kernel decides what to do with it, exactly as without us. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 
-#ifndef DECAP_MAX_ADDRS
-#define DECAP_MAX_ADDRS 64
-#endif
+#include "decap_consts.h"
+#include "decap_structs.h"
+#include "decap_maps.h"
 
-#define DECAP_AF_INET 2   // AF_INET, as the loader writes it into decap_addr_key.family
-#define DECAP_AF_INET6 10 // AF_INET6
-#define DECAP_ECN_MASK 3  // the two ECN bits of the IPv4 TOS / IPv6 traffic class
-#define DECAP_ECN_CE 3
-#define DECAP_IPV4_MF_OFFSET 0x3fff // IPv4 frag_off bits that mark a fragment (MF flag | offset), host order
-
-// Key of decap_addrs. An IPv4 address sits in addr[0..3] with addr[4..15] zero. No padding: 16 + 4 bytes.
-struct decap_addr_key {
-    __u8 addr[16]; // the outer destination, network byte order
-    __u32 family;  // DECAP_AF_INET or DECAP_AF_INET6, host byte order
-};
-
-// Per-CPU counters, one struct so userspace reads fields by name (no index copied into Python).
-struct decap_stats {
-    __u64 decap_v4; // packets decapsulated whose outer header was IPv4 (IPIP)
-    __u64 decap_v6; // packets decapsulated whose outer header was IPv6 (IP6IP6, 4in6)
-    __u64 passed;   // packets passed untouched (everything not decapsulated)
-};
-
-// The host's own addresses: an encapsulated packet is stripped only when its outer destination is here.
-// The value is unused (presence is the answer).
-BPF_HASH(decap_addrs, struct decap_addr_key, __u8, DECAP_MAX_ADDRS);
-
-// One slot, per CPU: no atomics on the packet path.
-BPF_PERCPU_ARRAY(decap_stats, struct decap_stats, 1);
-
-static __always_inline int pass_untouched(void)
-{
-    __u32 zero = 0;
-    struct decap_stats *st = decap_stats.lookup(&zero);
-    if (st)
-        st->passed++;
-    return XDP_PASS;
+static __always_inline int pass_untouched(void) {
+  __u32 zero = 0;
+  struct decap_stats *st = decap_stats.lookup(&zero);
+  if (st)
+    st->passed++;
+  return XDP_PASS;
 }
 
-static __always_inline void count_decap(int outer_v6)
-{
-    __u32 zero = 0;
-    struct decap_stats *st = decap_stats.lookup(&zero);
-    if (!st)
-        return;
-    if (outer_v6)
-        st->decap_v6++;
-    else
-        st->decap_v4++;
+static __always_inline void count_decap(int outer_v6) {
+  __u32 zero = 0;
+  struct decap_stats *st = decap_stats.lookup(&zero);
+  if (!st)
+    return;
+  if (outer_v6)
+    st->decap_v6++;
+  else
+    st->decap_v4++;
 }
 
-// RFC 6040 (normal mode): a CE mark set on the outer header on the way to us must survive decapsulation,
-// otherwise the congestion signal is lost. Only ECN-capable inner packets may carry CE.
-static __always_inline void ipv4_propagate_ce(struct iphdr *inner, __u8 outer_ecn)
-{
-    if (outer_ecn != DECAP_ECN_CE || (inner->tos & DECAP_ECN_MASK) == 0 ||
-        (inner->tos & DECAP_ECN_MASK) == DECAP_ECN_CE)
-        return;
-    // Incremental checksum update (RFC 1624) over the 16-bit word holding the TOS byte. One's-complement
-    // sums are byte-order independent, so the raw word is used as is.
-    __u16 old_word = *(__u16 *)inner;
-    inner->tos |= DECAP_ECN_CE;
-    __u16 new_word = *(__u16 *)inner;
-    __u32 sum = (__u16)~inner->check + (__u16)~old_word + new_word;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    inner->check = ~sum;
+/* RFC 6040 (normal mode): a CE mark set on the outer header on the way to us must survive decapsulation,
+ * otherwise the congestion signal is lost. Only ECN-capable inner packets may carry CE. */
+static __always_inline void ipv4_propagate_ce(struct iphdr *inner, __u8 outer_ecn) {
+  if (outer_ecn != DECAP_ECN_CE || (inner->tos & DECAP_ECN_MASK) == 0 ||
+      (inner->tos & DECAP_ECN_MASK) == DECAP_ECN_CE)
+    return;
+  /* Incremental checksum update (RFC 1624) over the 16-bit word holding the TOS byte. One's-complement
+   * sums are byte-order independent, so the raw word is used as is. */
+  __u16 old_word = *(__u16 *)inner;
+  inner->tos |= DECAP_ECN_CE;
+  __u16 new_word = *(__u16 *)inner;
+  __u32 sum = (__u16)~inner->check + (__u16)~old_word + new_word;
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  inner->check = ~sum;
 }
 
-// IPv6 traffic class = low nibble of byte 0 + high nibble of byte 1; its ECN bits are 0x30 of byte 1.
-static __always_inline __u8 ipv6_ecn(const struct ipv6hdr *ip6)
-{
-    return (ip6->flow_lbl[0] >> 4) & DECAP_ECN_MASK;
+/* IPv6 traffic class = low nibble of byte 0 + high nibble of byte 1; its ECN bits are 0x30 of byte 1. */
+static __always_inline __u8 ipv6_ecn(const struct ipv6hdr *ip6) {
+  return (ip6->flow_lbl[0] >> 4) & DECAP_ECN_MASK;
 }
 
-static __always_inline void ipv6_propagate_ce(struct ipv6hdr *inner, __u8 outer_ecn)
-{
-    __u8 ecn = ipv6_ecn(inner);
-    if (outer_ecn == DECAP_ECN_CE && ecn != 0)
-        inner->flow_lbl[0] |= DECAP_ECN_CE << 4; // no checksum in the IPv6 header
+static __always_inline void ipv6_propagate_ce(struct ipv6hdr *inner, __u8 outer_ecn) {
+  __u8 ecn = ipv6_ecn(inner);
+  if (outer_ecn == DECAP_ECN_CE && ecn != 0)
+    inner->flow_lbl[0] |= DECAP_ECN_CE << 4; /* no checksum in the IPv6 header */
 }
 
-// Removes `outer_len` bytes after the Ethernet header: the Ethernet header is copied forward over the end of
-// the outer IP header, then the packet start moves past the old copy. Returns 0 on success.
-static __always_inline int strip_outer(struct xdp_md *ctx, int outer_len, __be16 inner_proto)
-{
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr eth_copy;
-    struct ethhdr *eth = data;
+/* Removes `outer_len` bytes after the Ethernet header: the Ethernet header is copied forward over the end of
+ * the outer IP header, then the packet start moves past the old copy. Returns 0 on success. */
+static __always_inline int strip_outer(struct xdp_md *ctx, int outer_len, __be16 inner_proto) {
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr eth_copy;
+  struct ethhdr *eth = data;
 
-    if ((void *)(eth + 1) > data_end)
-        return -1;
-    __builtin_memcpy(&eth_copy, eth, sizeof(eth_copy));
-    if (bpf_xdp_adjust_head(ctx, outer_len))
-        return -1;
-    // adjust_head invalidates every packet pointer: reload and re-check before writing.
-    data = (void *)(long)ctx->data;
-    data_end = (void *)(long)ctx->data_end;
-    eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return -1;
-    __builtin_memcpy(eth, &eth_copy, sizeof(*eth));
-    eth->h_proto = inner_proto;
-    return 0;
+  if ((void *)(eth + 1) > data_end)
+    return -1;
+  __builtin_memcpy(&eth_copy, eth, sizeof(eth_copy));
+  if (bpf_xdp_adjust_head(ctx, outer_len))
+    return -1;
+  /* adjust_head invalidates every packet pointer: reload and re-check before writing. */
+  data = (void *)(long)ctx->data;
+  data_end = (void *)(long)ctx->data_end;
+  eth = data;
+  if ((void *)(eth + 1) > data_end)
+    return -1;
+  __builtin_memcpy(eth, &eth_copy, sizeof(*eth));
+  eth->h_proto = inner_proto;
+  return 0;
 }
 
-// Strips the outer header, then carries its CE mark to the inner header. Only changes the packet once the
-// strip succeeded, so a failure leaves it truly untouched.
+/* Strips the outer header, then carries its CE mark to the inner header. Only changes the packet once the
+ * strip succeeded, so a failure leaves it truly untouched. */
 static __always_inline int decapsulate(struct xdp_md *ctx, int outer_len, __be16 inner_proto, __u8 outer_ecn,
-                                       int outer_v6)
-{
-    if (strip_outer(ctx, outer_len, inner_proto))
-        return pass_untouched();
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    if (inner_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip4 = data + sizeof(struct ethhdr);
-        if ((void *)(ip4 + 1) <= data_end)
-            ipv4_propagate_ce(ip4, outer_ecn);
-    } else {
-        struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
-        if ((void *)(ip6 + 1) <= data_end)
-            ipv6_propagate_ce(ip6, outer_ecn);
-    }
-    count_decap(outer_v6);
-    return XDP_PASS;
-}
-
-static __always_inline int is_our_address(const void *addr, int len, __u32 family)
-{
-    struct decap_addr_key key;
-
-    __builtin_memset(&key, 0, sizeof(key)); // the whole key is hashed: unused bytes must be zero
-    __builtin_memcpy(key.addr, addr, len);
-    key.family = family;
-    return decap_addrs.lookup(&key) != NULL;
-}
-
-static __always_inline int handle_ipv4(struct xdp_md *ctx, struct iphdr *outer, void *data_end)
-{
-    if ((void *)(outer + 1) > data_end)
-        return pass_untouched();
-    // ihl != 5: options. The balancer never sends them; a tunnel packet with options is not ours to strip.
-    if (outer->version != 4 || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP)
-        return pass_untouched();
-    // A fragment of the outer packet carries only part of the inner one: leave it to the kernel.
-    if (outer->frag_off & bpf_htons(DECAP_IPV4_MF_OFFSET))
-        return pass_untouched();
-    __u16 tot_len = bpf_ntohs(outer->tot_len);
-    if (tot_len < sizeof(*outer) + sizeof(struct iphdr) || (void *)outer + tot_len > data_end)
-        return pass_untouched(); // the frame is shorter than the outer header claims
-    struct iphdr *inner = (void *)(outer + 1);
-    if ((void *)(inner + 1) > data_end || inner->version != 4)
-        return pass_untouched();
-    if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET))
-        return pass_untouched();
-
-    return decapsulate(ctx, sizeof(*outer), bpf_htons(ETH_P_IP), outer->tos & DECAP_ECN_MASK, 0);
-}
-
-static __always_inline int handle_ipv6(struct xdp_md *ctx, struct ipv6hdr *outer, void *data_end)
-{
-    if ((void *)(outer + 1) > data_end)
-        return pass_untouched();
-    // Extension headers (nexthdr other than 4 / 41) are not parsed: the balancer never adds them.
-    if (outer->version != 6 || (outer->nexthdr != IPPROTO_IPV6 && outer->nexthdr != IPPROTO_IPIP))
-        return pass_untouched();
-    __u16 payload_len = bpf_ntohs(outer->payload_len);
-    if ((void *)(outer + 1) + payload_len > data_end)
-        return pass_untouched();
-
-    void *inner = (void *)(outer + 1);
-    __u8 outer_ecn = ipv6_ecn(outer);
-    __be16 inner_proto;
-    if (outer->nexthdr == IPPROTO_IPV6) {
-        struct ipv6hdr *inner6 = inner;
-        if (payload_len < sizeof(*inner6) || (void *)(inner6 + 1) > data_end || inner6->version != 6)
-            return pass_untouched();
-        if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
-            return pass_untouched();
-        inner_proto = bpf_htons(ETH_P_IPV6);
-    } else {
-        struct iphdr *inner4 = inner;
-        if (payload_len < sizeof(*inner4) || (void *)(inner4 + 1) > data_end || inner4->version != 4)
-            return pass_untouched();
-        if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
-            return pass_untouched();
-        inner_proto = bpf_htons(ETH_P_IP);
-    }
-    return decapsulate(ctx, sizeof(*outer), inner_proto, outer_ecn, 1);
-}
-
-int xdp_decap(struct xdp_md *ctx)
-{
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-
-    if ((void *)(eth + 1) > data_end)
-        return pass_untouched();
-    if (eth->h_proto == bpf_htons(ETH_P_IP))
-        return handle_ipv4(ctx, (void *)(eth + 1), data_end);
-    if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-        return handle_ipv6(ctx, (void *)(eth + 1), data_end);
+                                       int outer_v6) {
+  if (strip_outer(ctx, outer_len, inner_proto))
     return pass_untouched();
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  if (inner_proto == bpf_htons(ETH_P_IP)) {
+    struct iphdr *ip4 = data + sizeof(struct ethhdr);
+    if ((void *)(ip4 + 1) <= data_end)
+      ipv4_propagate_ce(ip4, outer_ecn);
+  } else {
+    struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+    if ((void *)(ip6 + 1) <= data_end)
+      ipv6_propagate_ce(ip6, outer_ecn);
+  }
+  count_decap(outer_v6);
+  return XDP_PASS;
+}
+
+static __always_inline int is_our_address(const void *addr, int len, __u32 family) {
+  struct decap_addr_key key;
+
+  __builtin_memset(&key, 0, sizeof(key)); /* the whole key is hashed: unused bytes must be zero */
+  __builtin_memcpy(key.addr, addr, len);
+  key.family = family;
+  return decap_addrs.lookup(&key) != NULL;
+}
+
+static __always_inline int handle_ipv4(struct xdp_md *ctx, struct iphdr *outer, void *data_end) {
+  if ((void *)(outer + 1) > data_end)
+    return pass_untouched();
+  /* ihl != 5: options. The balancer never sends them; a tunnel packet with options is not ours to strip. */
+  if (outer->version != 4 || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP)
+    return pass_untouched();
+  /* A fragment of the outer packet carries only part of the inner one: leave it to the kernel. */
+  if (outer->frag_off & bpf_htons(DECAP_IPV4_MF_OFFSET))
+    return pass_untouched();
+  __u16 tot_len = bpf_ntohs(outer->tot_len);
+  if (tot_len < sizeof(*outer) + sizeof(struct iphdr) || (void *)outer + tot_len > data_end)
+    return pass_untouched(); /* the frame is shorter than the outer header claims */
+  struct iphdr *inner = (void *)(outer + 1);
+  if ((void *)(inner + 1) > data_end || inner->version != 4)
+    return pass_untouched();
+  if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET))
+    return pass_untouched();
+
+  return decapsulate(ctx, sizeof(*outer), bpf_htons(ETH_P_IP), outer->tos & DECAP_ECN_MASK, 0);
+}
+
+static __always_inline int handle_ipv6(struct xdp_md *ctx, struct ipv6hdr *outer, void *data_end) {
+  if ((void *)(outer + 1) > data_end)
+    return pass_untouched();
+  /* Extension headers (nexthdr other than 4 / 41) are not parsed: the balancer never adds them. */
+  if (outer->version != 6 || (outer->nexthdr != IPPROTO_IPV6 && outer->nexthdr != IPPROTO_IPIP))
+    return pass_untouched();
+  __u16 payload_len = bpf_ntohs(outer->payload_len);
+  if ((void *)(outer + 1) + payload_len > data_end)
+    return pass_untouched();
+
+  void *inner = (void *)(outer + 1);
+  __u8 outer_ecn = ipv6_ecn(outer);
+  __be16 inner_proto;
+  if (outer->nexthdr == IPPROTO_IPV6) {
+    struct ipv6hdr *inner6 = inner;
+    if (payload_len < sizeof(*inner6) || (void *)(inner6 + 1) > data_end || inner6->version != 6)
+      return pass_untouched();
+    if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
+      return pass_untouched();
+    inner_proto = bpf_htons(ETH_P_IPV6);
+  } else {
+    struct iphdr *inner4 = inner;
+    if (payload_len < sizeof(*inner4) || (void *)(inner4 + 1) > data_end || inner4->version != 4)
+      return pass_untouched();
+    if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
+      return pass_untouched();
+    inner_proto = bpf_htons(ETH_P_IP);
+  }
+  return decapsulate(ctx, sizeof(*outer), inner_proto, outer_ecn, 1);
+}
+
+int xdp_decap(struct xdp_md *ctx) {
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+
+  if ((void *)(eth + 1) > data_end)
+    return pass_untouched();
+  if (eth->h_proto == bpf_htons(ETH_P_IP))
+    return handle_ipv4(ctx, (void *)(eth + 1), data_end);
+  if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+    return handle_ipv6(ctx, (void *)(eth + 1), data_end);
+  return pass_untouched();
 }

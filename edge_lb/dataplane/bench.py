@@ -25,6 +25,7 @@ from typing import Any
 
 from edge_lb.assets import asset_dir
 from edge_lb.config import parse_config
+from edge_lb.dataplane import loader
 from edge_lb.dataplane.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, sys_bpf
 from edge_lb.dataplane.maglev import Member, build_table
 from edge_lb.dataplane.simulate import VERDICTS, Simulator
@@ -228,13 +229,12 @@ def conn_table_size(packets: int) -> int:
     return size
 
 
-def _load_reference(bcc: Any, name: str, func: str, loaded: list[Any]) -> int:
-    """Compile and load a reference program with bcc, append its BPF object to `loaded`, return its fd."""
-    try:
-        loaded.append(bcc.BPF(src_file=str(REFERENCE_DIR / name).encode(), cflags=["-DFLOOR_BCC"]))
-        return int(loaded[-1].load_func(func.encode(), bcc.BPF.XDP).fd)
-    except Exception as exc:
-        raise BenchError(f"compile/load of {REFERENCE_DIR / name} failed: {exc}") from exc
+def _load_reference(name: str, func: str, loaded: list[Any]) -> int:
+    """Compile and load a reference program (through the loader), append its BPF object to `loaded`, return
+    its fd."""
+    bpf, fn = loader.load_xdp(REFERENCE_DIR / name, func, ["-DFLOOR_BCC"])
+    loaded.append(bpf)
+    return int(fn.fd)
 
 
 def _fill_ring(floor: Any) -> None:
@@ -248,16 +248,12 @@ def _fill_ring(floor: Any) -> None:
 
 def measure(packets: int) -> tuple[dict[str, dict[str, Any]], int]:
     """Every case's figures (name -> {"ns_per_packet", "runs", "action", "rounds_ns"}), and the CPU used."""
-    try:
-        import bcc
-    except ImportError as exc:
-        raise BenchError("bcc is missing: install Debian's python3-bpfcc (scripts/setup.sh)") from exc
     config = dict(CONFIG, dataplane=dict(CONFIG["dataplane"], conn_table_size=conn_table_size(packets)))
     sim = Simulator(parse_config(config))
     loaded: list[Any] = []
     try:
-        pass_fd = _load_reference(bcc, "pass.c", "xdp_pass", loaded)
-        floor_fd = _load_reference(bcc, "floor.c", "floor_lb", loaded)
+        pass_fd = _load_reference("pass.c", "xdp_pass", loaded)
+        floor_fd = _load_reference("floor.c", "floor_lb", loaded)
         _fill_ring(loaded[-1])
         lb = sim.dp.prog_fd
         cases = [

@@ -26,7 +26,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from edge_lb import netlink
 from edge_lb.assets import asset_dir
+from edge_lb.dataplane import loader
 from edge_lb.errors import DataplaneError, NetlinkError
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,10 @@ log = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Mode = Literal["native", "generic"]
 
-SOURCE = asset_dir("bpf") / "decap.c"
+SOURCE = asset_dir("bpf") / "decap.c"  # its maps, structs and constants: bpf/decap_*.h
 PROGRAM = "xdp_decap"
-DEFAULT_MAX_ADDRS = 64
+DEFAULT_MAX_ADDRS = 64  # the only default of DECAP_MAX_ADDRS: decap_consts.h requires it with -D
 _MAX_ADDRS_LIMIT = 4096  # a host with more addresses than this is not a plausible backend
-
-# XDP attach flags from include/uapi/linux/if_link.h.
-_XDP_FLAGS: dict[str, int] = {"generic": 1 << 1, "native": 1 << 2}  # SKB_MODE, DRV_MODE
 
 
 class DecapProgram(NamedTuple):
@@ -74,17 +73,7 @@ def load(max_addrs: int = DEFAULT_MAX_ADDRS) -> DecapProgram:
         raise DataplaneError(
             f"{PROGRAM}: max_addrs must be an integer in 1..{_MAX_ADDRS_LIMIT}: {max_addrs!r}"
         )
-    from bcc import BPF  # imported here: compiling needs root and LLVM; importing this module must not
-
-    try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-DDECAP_MAX_ADDRS={max_addrs}"])
-    except Exception as exc:  # bcc raises bare Exception; the compiler's message went to stderr
-        raise DataplaneError(f"{PROGRAM}: compiling {SOURCE} failed: {exc}") from exc
-    try:
-        fn = bpf.load_func(PROGRAM.encode(), BPF.XDP)
-    except Exception as exc:
-        bpf.cleanup()
-        raise DataplaneError(f"{PROGRAM}: the kernel refused the program: {exc}") from exc
+    bpf, fn = loader.load_xdp(SOURCE, PROGRAM, [f"-DDECAP_MAX_ADDRS={max_addrs}", f"-I{SOURCE.parent}"])
     return DecapProgram(bpf=bpf, fn=fn)
 
 
@@ -127,47 +116,19 @@ def read_stats(bpf: Any) -> DecapStats:
     )
 
 
-def interface_addresses(ifname: str) -> list[IPAddress]:
-    """Every address configured on `ifname` in the current network namespace."""
-    from pyroute2 import IPRoute
-
-    try:
-        with IPRoute() as ipr:
-            indexes = ipr.link_lookup(ifname=ifname)
-            if not indexes:
-                raise NetlinkError(f"interface {ifname!r}: not found")
-            messages = ipr.get_addr(index=indexes[0])
-    except NetlinkError:
-        raise
-    except Exception as exc:  # pyroute2's NetlinkError, OSError
-        raise NetlinkError(f"interface {ifname!r}: reading addresses failed: {exc}") from exc
-    addresses: list[IPAddress] = []
-    for msg in messages:
-        # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours whenever present.
-        text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if text:
-            addresses.append(ipaddress.ip_address(text))
-    return addresses
-
-
 def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode = "native") -> None:
     """Load the program, fill its addresses (default: every address of `ifname`) and attach it to `ifname`.
 
     Replaces any XDP program already attached in the same mode.
     """
-    flags = _mode_flags(mode)
-    wanted = list(addresses) if addresses is not None else interface_addresses(ifname)
+    loader.xdp_flags(mode)  # a bad mode fails before anything is compiled
+    wanted = list(addresses) if addresses is not None else netlink.interface_addresses(ifname)
     if not wanted:
         raise DataplaneError(f"{PROGRAM} on {ifname}: no addresses to decapsulate for")
     program = load(max(DEFAULT_MAX_ADDRS, len(wanted)))
     try:
         set_addresses(program.bpf, wanted)
-        from bcc import BPF
-
-        try:
-            BPF.attach_xdp(ifname.encode(), program.fn, flags)
-        except Exception as exc:
-            raise DataplaneError(f"{PROGRAM}: attaching to {ifname} ({mode} mode) failed: {exc}") from exc
+        loader.attach_xdp(ifname, program.fn, mode)
     finally:
         # Closes our file descriptors only: the attachment keeps the program and its map alive.
         program.close()
@@ -182,20 +143,9 @@ def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode
 
 def detach(ifname: str, mode: Mode | None = None) -> None:
     """Remove the XDP program of `ifname` (of both modes when `mode` is None). No program is not an error."""
-    from bcc import BPF
-
     modes: list[Mode] = [mode] if mode is not None else ["generic", "native"]
     for each in modes:
-        try:
-            BPF.remove_xdp(ifname.encode(), _mode_flags(each))
-        except Exception as exc:
-            raise DataplaneError(f"{PROGRAM}: detaching from {ifname} ({each} mode) failed: {exc}") from exc
-
-
-def _mode_flags(mode: str) -> int:
-    if mode not in _XDP_FLAGS:
-        raise DataplaneError(f"XDP mode must be one of {sorted(_XDP_FLAGS)}, got {mode!r}")
-    return _XDP_FLAGS[mode]
+        loader.detach_xdp(ifname, each)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="outer destination to decapsulate for (repeatable; default: every address of the interface)",
     )
-    att.add_argument("--mode", choices=sorted(_XDP_FLAGS), default="native")
+    att.add_argument("--mode", choices=sorted(loader.XDP_FLAGS), default="native")
     det = sub.add_parser("detach", help="remove the XDP program of an interface")
     det.add_argument("--interface", required=True)
-    det.add_argument("--mode", choices=sorted(_XDP_FLAGS), default=None)
+    det.add_argument("--mode", choices=sorted(loader.XDP_FLAGS), default=None)
     return parser
 
 

@@ -56,7 +56,9 @@ class DesiredState:
     port0_vips: int = 0
 
 
-VIP_FILTER_BITS = 65536  # balancer_consts.h: the VIP address prefilter
+# The VIP address prefilter of bpf/balancer_consts.h; these two and filter_bucket's formula (maybe_vip in
+# bpf/balancer.c) are checked against the C by tests/unit/test_layout.py.
+VIP_FILTER_BITS = 65536
 VIP_FILTER_MULT = 0x9E3779B1
 
 

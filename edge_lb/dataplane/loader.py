@@ -1,6 +1,8 @@
 """Load, adopt, attach and write the XDP balancer. The only module that imports bcc.
 
-bcc raises bare Exception; every such error is translated here into DataplaneError naming what was being done.
+Every other program (decap.c, the lab's xdp_pass.c, bench's references) is compiled, loaded and attached
+through load_xdp / attach_xdp / detach_xdp here. bcc raises bare Exception; every such error is translated
+here into DataplaneError naming what was being done.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_lb import paths
 from edge_lb.assets import asset_dir
 from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.config import IPAddress
@@ -23,11 +26,11 @@ from edge_lb.dataplane.mapio import Ctl
 from edge_lb.errors import DataplaneError
 
 BPF_DIR = asset_dir("bpf")
-PIN_ROOT = Path("/sys/fs/bpf/edge_lb")
-FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in balancer_consts.h
-BACKEND_F_IPV6 = 1 << 0  # balancer_consts.h; checked against the C source by tests/unit/test_layout.py
-BACKEND_F_UP = 1 << 1
-XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}
+# Mirrors of C constants, each checked against its header by tests/unit/test_layout.py.
+FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in bpf/balancer_consts.h
+BACKEND_F_IPV6 = 1 << 0  # bpf/balancer_consts.h
+BACKEND_F_UP = 1 << 1  # bpf/balancer_consts.h
+XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / _DRV_MODE, linux/if_link.h
 
 
 def _import_bcc() -> Any:
@@ -39,8 +42,48 @@ def _import_bcc() -> Any:
     return bcc
 
 
-def pin_dir(instance: str) -> Path:
-    return PIN_ROOT / instance
+def load_xdp(source: Path, func: str, cflags: Sequence[str] = ()) -> tuple[Any, Any]:
+    """Compile `source` with bcc and load its XDP function `func` (nothing attached): (BPF object, function).
+
+    `cflags` must hold validated values only (they reach the compiler's command line)."""
+    bcc = _import_bcc()
+    try:
+        bpf = bcc.BPF(src_file=str(source).encode(), cflags=list(cflags))
+    except Exception as exc:  # bare Exception; the compiler's own message went to stderr
+        raise DataplaneError(f"compiling {source} failed: {exc}") from exc
+    try:
+        fn = bpf.load_func(func.encode(), bcc.BPF.XDP)
+    except Exception as exc:
+        bpf.cleanup()
+        raise DataplaneError(f"loading {func} of {source}: the kernel refused it: {exc}") from exc
+    return bpf, fn
+
+
+def xdp_flags(mode: str) -> int:
+    """The attach flags of an XDP mode ("native" or "generic")."""
+    if mode not in XDP_FLAGS:
+        raise DataplaneError(f"XDP mode must be one of {sorted(XDP_FLAGS)}, got {mode!r}")
+    return XDP_FLAGS[mode]
+
+
+def attach_xdp(ifname: str, fn: Any, mode: str = "native") -> None:
+    """Attach a loaded XDP function to ifname, atomically replacing whatever program is attached there."""
+    flags = xdp_flags(mode)
+    bcc = _import_bcc()
+    try:
+        bcc.BPF.attach_xdp(ifname.encode(), fn, flags)
+    except Exception as exc:
+        raise DataplaneError(f"attach XDP ({mode}) to {ifname}: {exc}") from exc
+
+
+def detach_xdp(ifname: str, mode: str = "native") -> None:
+    """Remove the XDP program of ifname in `mode`. No program attached is not an error."""
+    flags = xdp_flags(mode)
+    bcc = _import_bcc()
+    try:
+        bcc.BPF.remove_xdp(ifname.encode(), flags)
+    except Exception as exc:
+        raise DataplaneError(f"detach XDP ({mode}) from {ifname}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -95,19 +138,15 @@ class Dataplane:
     @classmethod
     def load(cls, settings: DataplaneSettings, pin: bool) -> Dataplane:
         """Compile and load. With pin=True, maps live under /sys/fs/bpf/edge_lb/<instance> and are adopted."""
-        bcc = _import_bcc()
+        _import_bcc()  # before touching bpffs: a missing bcc is the clearer error
         sizes = MapSizes.of(settings)
         cflags = sizes.cflags()
-        pins = pin_dir(settings.instance) if pin else None
+        pins = paths.pins(settings.instance) if pin else None
         if pins is not None:
             _ensure_bpffs_dir(pins)
             check_pinned(pins, sizes)
             cflags.append(f'-DPIN_DIR="{pins}"')
-        try:
-            bpf = bcc.BPF(src_file=str(BPF_DIR / "balancer.c").encode(), cflags=cflags)
-            prog = bpf.load_func(b"balancer", bcc.BPF.XDP)
-        except Exception as exc:
-            raise DataplaneError(f"compile/load of {BPF_DIR / 'balancer.c'} failed: {exc}") from exc
+        bpf, prog = load_xdp(BPF_DIR / "balancer.c", "balancer", cflags)
         return cls(bpf, prog, sizes, pins)
 
     @property
@@ -116,19 +155,11 @@ class Dataplane:
 
     def attach(self, ifname: str, mode: str = "native") -> None:
         """Attach to ifname, atomically replacing whatever program (ours or older) is attached there."""
-        bcc = _import_bcc()
-        try:
-            bcc.BPF.attach_xdp(ifname.encode(), self.prog, XDP_FLAGS[mode])
-        except Exception as exc:
-            raise DataplaneError(f"attach XDP ({mode}) to {ifname}: {exc}") from exc
+        attach_xdp(ifname, self.prog, mode)
 
     @staticmethod
     def detach(ifname: str, mode: str = "native") -> None:
-        bcc = _import_bcc()
-        try:
-            bcc.BPF.remove_xdp(ifname.encode(), XDP_FLAGS[mode])
-        except Exception as exc:
-            raise DataplaneError(f"detach XDP from {ifname}: {exc}") from exc
+        detach_xdp(ifname, mode)
 
     def close(self) -> None:
         """Close our fds. Pinned maps and an attached program stay in the kernel."""
@@ -137,14 +168,14 @@ class Dataplane:
 
 def remove_pins(instance: str) -> list[Path]:
     """Unpin every map of an instance (uninstall). Returns what was removed."""
-    pins = pin_dir(instance)
+    pins = paths.pins(instance)
     removed = [p for p in sorted(pins.glob("*")) if p.is_file() or not p.is_dir()]
     for p in removed:
         p.unlink()
     if pins.exists():
         pins.rmdir()
-    if PIN_ROOT.exists() and not any(PIN_ROOT.iterdir()):
-        PIN_ROOT.rmdir()  # the last instance leaves no trace in bpffs
+    if paths.PIN_ROOT.exists() and not any(paths.PIN_ROOT.iterdir()):
+        paths.PIN_ROOT.rmdir()  # the last instance leaves no trace in bpffs
     return removed
 
 
@@ -318,4 +349,5 @@ class BccMapIO:
                 raise DataplaneError(f"delete map entry: {exc}") from exc
 
 
-__all__ = ["BccMapIO", "Dataplane", "MapSizes", "check_pinned", "pin_dir", "remove_pins"]
+__all__ = ["BccMapIO", "Dataplane", "MapSizes", "attach_xdp", "check_pinned", "detach_xdp", "load_xdp",
+           "remove_pins", "xdp_flags"]

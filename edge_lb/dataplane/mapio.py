@@ -1,6 +1,6 @@
 """The small interface between the reconciler and the BPF maps, and its in-memory twin for tests.
 
-The real implementation is edge_lb.dataplane.loader.BccMapIO (the only module that imports bcc).
+The real implementation is edge_lb.dataplane.loader.BccMapIO (loader is the only module that imports bcc).
 """
 
 from __future__ import annotations

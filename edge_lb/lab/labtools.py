@@ -18,10 +18,10 @@ BPF_DIR = asset_dir("bpf")
 
 
 def attach_pass(ifname: str) -> None:
-    from bcc import BPF
+    from edge_lb.dataplane import loader  # the only module that imports bcc
 
-    b = BPF(src_file=str(BPF_DIR / "xdp_pass.c").encode())
-    BPF.attach_xdp(ifname.encode(), b.load_func(b"xdp_pass", BPF.XDP), 1 << 2)  # native mode
+    _, fn = loader.load_xdp(BPF_DIR / "xdp_pass.c", "xdp_pass")
+    loader.attach_xdp(ifname, fn, "native")
 
 
 def http_get(url: str, count: int, timeout: float) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap, wrpcap
 
 from edge_lb.cli import main
-from edge_lb.dataplane import loader
 
 from .conftest import needs_root
 
@@ -55,11 +53,3 @@ def test_simulate_pcap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert len(out) == 3
     # The SYN and the ACK of one flow went to the same backend.
     assert out[0][IP].dst == out[2][IP].dst and out[0][IP].proto == 4
-
-
-def test_python_flag_mirrors_match_the_c_header() -> None:
-    consts = (loader.BPF_DIR / "balancer_consts.h").read_text()
-    flags = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (BACKEND_F_\w+) \(1u << (\d+)\)", consts)}
-    assert flags == {"BACKEND_F_IPV6": loader.BACKEND_F_IPV6, "BACKEND_F_UP": loader.BACKEND_F_UP}
-    tags = dict(re.findall(r"#define LB_FAMILY_V(\d) (\d+)", consts))
-    assert {int(k): int(v) for k, v in tags.items()} == loader.FAMILY_TAG

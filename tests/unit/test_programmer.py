@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +12,6 @@ from edge_lb.config import Config, parse_config
 from edge_lb.dataplane import maglev
 from edge_lb.dataplane.desired import (
     VIP_FILTER_BITS,
-    VIP_FILTER_MULT,
     VipKey,
     filter_bucket,
     filter_words,
@@ -318,10 +315,3 @@ def test_a_prefilter_batch_that_failed_half_way_cannot_hide_a_vip_later() -> Non
     maps.apply(three)  # the rollback puts both back
     want = filter_words(ipaddress.ip_address(a) for a in ["10.200.1.1", *extra])
     assert io.filter == want, "every VIP's bit is in the map again"
-
-
-def test_the_prefilter_constants_match_the_c_header() -> None:
-    header = (Path(__file__).resolve().parents[2] / "bpf" / "balancer_consts.h").read_text()
-    found = dict(re.findall(r"#define (VIP_FILTER_BITS|VIP_FILTER_MULT) (0x[0-9a-f]+u|\d+)", header))
-    assert int(found["VIP_FILTER_BITS"]) == VIP_FILTER_BITS
-    assert int(found["VIP_FILTER_MULT"].rstrip("u"), 16) == VIP_FILTER_MULT
