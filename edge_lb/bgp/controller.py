@@ -14,10 +14,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_lb import events
+from edge_lb import events, paths
 from edge_lb.bgp.policy import Announcer, Prefix, Route, Speaker, desired_routes, withheld
 from edge_lb.config import Config, IPAddress
-from edge_lb.control.overrides import STATE_DIR
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError
 
@@ -35,7 +34,7 @@ def disable_path(config: Config) -> Path:
 
 
 def switch_path(disable_file: str | None, instance: str) -> Path:
-    return Path(disable_file) if disable_file else STATE_DIR / f"{instance}.disabled"
+    return Path(disable_file) if disable_file else paths.disable_switch(instance)
 
 
 def set_switch(path: Path, disabled: bool, by: str) -> None:
@@ -54,7 +53,8 @@ class Source(Protocol):
     """What the controller reads on every sync, together: the running config, and which backends serve
     (healthy, and written so into the maps: Reconciler.serving)."""
 
-    config: Config
+    @property
+    def config(self) -> Config: ...
 
     def serving(self) -> Mapping[tuple[VipKey, IPAddress], bool]: ...
 
@@ -64,9 +64,13 @@ def _always() -> bool:
 
 
 class BgpController:
-    def __init__(self, source: Source, speaker: Speaker,
+    """Owns its speaker (made by `make_speaker`, given the controller's restart callback): started by
+    `start()`, stopped by `drain()`."""
+
+    def __init__(self, source: Source, make_speaker: Callable[[Callable[[], None]], Speaker],
                  attached: Callable[[], bool] = _always) -> None:
         self.source = source
+        speaker = make_speaker(self.restarted)
         self.speaker = speaker
         self.attached = attached  # the supervisor's view of the interface (it looks, and pokes on a change)
         self.announcer = Announcer(speaker)
@@ -77,6 +81,10 @@ class BgpController:
         # announcements could otherwise re-announce what a withdraw-first has just withdrawn.
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[int]] = set()
+        # A change between its withdraw-first and its write: until the maps have it, a sync announces only
+        # what both the running config and the candidate serve (else it would re-announce what the
+        # withdraw-first just withdrew, while the old ring still looked servable).
+        self._pending: Config | None = None
 
     @property
     def config(self) -> Config:
@@ -90,11 +98,30 @@ class BgpController:
 
     def restarted(self) -> None:
         """The speaker reconnected (maybe with an empty RIB): re-send everything it may lack."""
+        events.emit("bgp", action="re-announce", reason="speaker restarted")
         self.announcer.forget()
         self.poke()
 
+    async def start(self) -> None:
+        """Start the speaker and announce what serves; a refused first announce is retried by run()."""
+        await self.speaker.start()
+        try:
+            sent = await self.sync("startup")
+        except BgpError as exc:
+            events.emit("startup", logging.WARNING, phase="bgp", result="first announce failed", error=exc)
+            self.poke()
+            return
+        assert self.config.bgp is not None
+        events.emit("startup", phase="bgp", peers=len(self.config.bgp.peers), announced=sent,
+                    disabled=self._disabled)
+
     def desired(self, config: Config | None = None) -> dict[Prefix, Route]:
-        return desired_routes(config or self.config, self.source.serving(), self.attached(), self._disabled)
+        serving = self.source.serving()
+        routes = desired_routes(config or self.config, serving, self.attached(), self._disabled)
+        if config is None and self._pending is not None:
+            pending = desired_routes(self._pending, serving, self.attached(), self._disabled)
+            routes = {p: r for p, r in routes.items() if pending.get(p) == r}
+        return routes
 
     async def sync(self, trigger: str) -> int:
         async with self._lock:
@@ -102,24 +129,18 @@ class BgpController:
                 return 0
             return await self.announcer.sync(self.desired(), trigger)
 
-    async def withdraw_early(self) -> None:
-        """Before a health-driven ring rewrite (tens of ms of Maglev): withdraw what is no longer servable.
-        Announcements wait for the rewrite, so a route never points at a ring that is not written yet."""
-        await self._withdraw_first(None, "health")
-
-    async def withdraw_for(self, config: Config) -> None:
-        """Before a reload or a drain changes the maps: withdraw what `config` will not announce (a removed
-        VIP's route goes before its maps do, so routers never send it to a node that drops it)."""
-        await self._withdraw_first(config, "reload or weight")
-
-    async def _withdraw_first(self, config: Config | None, trigger: str) -> None:
-        """Withdraw-only, waited for at most _FIRST_BOUND: a slow or restarting speaker must not hold a dead
+    async def withdraw_first(self, candidate: Config) -> None:
+        """Before the maps change (the change path's first step): withdraw what `candidate`, with the health
+        now, will not announce: a dead backend's last VIP, a removed VIP, a drained pool. Announcements wait
+        for the write (changed()), so a route never points at a ring that is not written yet.
+        Withdraw-only, waited for at most _FIRST_BOUND: a slow or restarting speaker must not hold a dead
         backend in the ring. Past the bound the withdraw goes on in the background; what fails is retried by
         the controller's loop."""
-        keep = self.desired(config)
+        self._pending = candidate
+        keep = self.desired(candidate)
         if self.stopping or keep.keys() >= self.announcer.announced.keys():
             return
-        task = asyncio.create_task(self._withdraw_locked(config, trigger))
+        task = asyncio.create_task(self._withdraw_locked(candidate, "change"))
         self._background.add(task)
         task.add_done_callback(self._finished)
         with contextlib.suppress(TimeoutError, BgpError):
@@ -131,6 +152,11 @@ class BgpController:
                 return 0
             return await self.announcer.withdraw(self.desired(config), trigger)
 
+    def changed(self) -> None:
+        """The change is written (or rolled back): sync, announcing what now serves."""
+        self._pending = None
+        self.poke()
+
     def _finished(self, task: asyncio.Task[int]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -139,8 +165,11 @@ class BgpController:
     async def run(self) -> None:
         """Until cancelled: sync on every poke and whenever the disable switch or the attachment flips."""
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that arrives as the
+            # event is set, and this loop is poked often (shutdown would then never finish).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dirty.wait(), _POLL)
+                async with asyncio.timeout(_POLL):
+                    await self.dirty.wait()
             trigger = "health or reload" if self.dirty.is_set() else "poll"
             self.dirty.clear()
             trigger = await self._look(trigger)
@@ -164,27 +193,27 @@ class BgpController:
         async with self._lock:
             await self.announcer.sync({}, "shutdown")
 
+    async def drain(self) -> None:
+        """Shutdown: withdraw first (retrying for up to 10 s: the bridge may be reconnecting), give routers
+        drain_time to move traffic away, then stop the speaker (which ends the sessions)."""
+        drain_time = self.config.bgp.drain_time if self.config.bgp is not None else 0.0
+        deadline = asyncio.get_running_loop().time() + _WITHDRAW_BOUND
+        while True:
+            try:
+                await asyncio.wait_for(self.withdraw_all(), _WITHDRAW_BOUND)
+                events.emit("shutdown", phase="withdrawn", drain=f"{drain_time:g}s")
+                break
+            except (BgpError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    events.emit("shutdown", logging.WARNING, phase="withdraw failed", error=repr(exc))
+                    break
+                await asyncio.sleep(_RETRY / 2)
+        await asyncio.sleep(drain_time)
+        await self.speaker.stop()
+        events.emit("shutdown", phase="bgp stopped")
+
     def status(self) -> dict[str, Any]:
         why = withheld(self.config, self.source.serving(), self.attached(), self._disabled)
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
                 "withheld": {str(p): reason for p, reason in sorted(why.items()) if reason is not None},
                 "disabled": self._disabled, "disable_file": str(disable_path(self.config))}
-
-
-async def drain(controller: BgpController, speaker: Speaker, drain_time: float) -> None:
-    """Withdraw first (retrying for up to 10 s: the bridge may be reconnecting), give routers drain_time to
-    move traffic away, then stop the speaker (which ends the sessions, withdrawing anything left)."""
-    deadline = asyncio.get_running_loop().time() + _WITHDRAW_BOUND
-    while True:
-        try:
-            await asyncio.wait_for(controller.withdraw_all(), _WITHDRAW_BOUND)
-            events.emit("shutdown", phase="withdrawn", drain=f"{drain_time:g}s")
-            break
-        except (BgpError, TimeoutError) as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                events.emit("shutdown", logging.WARNING, phase="withdraw failed", error=repr(exc))
-                break
-            await asyncio.sleep(_RETRY / 2)
-    await asyncio.sleep(drain_time)
-    await speaker.stop()
-    events.emit("shutdown", phase="bgp stopped")

@@ -171,7 +171,8 @@ class GatewayWatcher:
     async def _woken(self, timeout: float) -> bool:
         """Wait up to `timeout` for an event; True if one came. Clears the wake-up either way."""
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (Python 3.11)
+                await self._wake.wait()
         except TimeoutError:
             return False
         finally:

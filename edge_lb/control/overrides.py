@@ -17,7 +17,6 @@ from edge_lb import events
 from edge_lb.config import Backend, Config, Vip
 from edge_lb.errors import SupervisorError
 
-STATE_DIR = Path("/var/lib/edge-lb")  # state that outlives a reboot: runtime weights, the disable switch
 Overrides = dict[tuple[str, str], int]  # (VIP name "10.0.0.1:80/tcp", backend address) -> weight
 
 
@@ -62,7 +61,3 @@ def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise SupervisorError(f"runtime weights file {path}: {exc.strerror or exc}") from exc
-
-
-def state_file(instance: str) -> Path:
-    return STATE_DIR / f"{instance}.weights.json"

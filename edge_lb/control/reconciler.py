@@ -1,9 +1,16 @@
-"""Keeps the maps equal to config + health: health events and reloads in, one batched map write out.
+"""The one change path: every change to what the data plane serves goes through `Reconciler.change`.
 
-    checks (HealthMonitor) --flip--> dirty --> NodeMaps.apply(config, health) --> changed slots only
+    trigger (health flip, reload, weight/drain, gateway MAC, startup)
+      -> NodeState.candidate: base config + runtime weights, pruned, built once
+      -> Routes.withdraw_first(candidate): BGP withdraws what the candidate will not serve
+      -> start the candidate's new probers, make it the running one
+      -> NodeMaps.apply: changed ring slots only, one batch per VIP
+      -> save the runtime weights, when they changed
+      -> Routes.changed(): BGP announces what now serves
+    any failure -> the previous candidate is written back (one rollback path) and the error is raised
 
-Pure decisions live elsewhere (rise/fall in healthchecks.machine, rings in state/maglev); this class wires
-them to the map writer and says in the log what it did.
+Health flips arrive in bursts: `run()` turns each burst into one change. Pure decisions live elsewhere
+(rise/fall in healthchecks.machine, rings in dataplane.desired and dataplane.maglev).
 """
 
 from __future__ import annotations
@@ -11,239 +18,121 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from edge_lb import events
 from edge_lb.config import Config, IPAddress
 from edge_lb.control import overrides
+from edge_lb.control.nodestate import Candidate, NodeState
 from edge_lb.dataplane.desired import VipKey
-from edge_lb.dataplane.node import NodeMaps
 from edge_lb.dataplane.programmer import ApplyReport
-from healthchecks.base import Checker, Target
-from healthchecks.machine import ADOPTED, NEW, Health
-from healthchecks.monitor import CheckKey, HealthMonitor
-from healthchecks.spec import CheckSpec
 
-Pair = tuple[VipKey, IPAddress]
 _RETRY = 1.0  # seconds before a failed map write is tried again
 
 
-@dataclass(frozen=True)
-class BackendView:
-    """One (VIP, backend) as status shows it."""
+class Routes(Protocol):
+    """What the change path asks of BGP (bgp.controller.BgpController; NoRoutes when there is no [bgp])."""
 
-    address: IPAddress
-    weight: int
-    state: str  # "up", "down", "drained" (weight 0, keeps its flows), "unchecked" (type none)
-    reason: str
-    checked_at: float | None
-    index: int | None  # backend slot in the data plane
-    latency: float | None = None  # seconds the last check took
+    async def withdraw_first(self, candidate: Config) -> None:
+        """Withdraw, before the maps change, every route `candidate` (with the health now) will not serve."""
+
+    def changed(self) -> None:
+        """The maps changed: announce what now serves."""
 
 
-async def _nothing() -> None:
+class NoRoutes:
+    """No [bgp] table: nothing is announced, nothing to withdraw."""
+
+    async def withdraw_first(self, candidate: Config) -> None:
+        return None
+
+    def changed(self) -> None:
+        return None
+
+
+def _ignore(seconds: float, slots: int) -> None:
     return None
 
 
-def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
-    """Which prober decides each (VIP, backend); None: not checked (type "none"), always healthy."""
-    keys: dict[Pair, CheckKey | None] = {}
-    for vip in config.vips:
-        for b in vip.backends:
-            spec = b.healthcheck
-            target = Target(b.address, spec.port or vip.port)
-            keys[(VipKey.of(vip), b.address)] = CheckKey(target, spec) if spec.checked else None
-    return keys
-
-
-def initial_health(keys: Mapping[Pair, CheckKey | None], known: Mapping[Pair, Health],
-                   adopted_up: Mapping[Pair, bool]) -> dict[CheckKey, Health]:
-    """Where each new prober starts: the pair's health under its previous check (a changed check does not
-    take a backend down), else up if the running data plane has it up (a restart keeps flows), else down."""
-    start: dict[CheckKey, Health] = {}
-    for pair, key in keys.items():
-        if key is None or key in start:
-            continue
-        if pair in known:
-            start[key] = Health(up=known[pair].up, reason=known[pair].reason)
-        else:
-            start[key] = ADOPTED if adopted_up.get(pair) else NEW
-    return start
-
-
 class Reconciler:
-    def __init__(self, maps: NodeMaps, config: Config, make_checker: Callable[[CheckSpec], Checker], *,
-                 concurrency: int = 1000, overrides_file: Path | None = None) -> None:
-        self.maps = maps
-        self.base = config  # as the file says
-        self.overrides_file = overrides_file
-        self.overrides = overrides.prune(config, overrides.load(overrides_file))
-        self.config = overrides.apply(config, self.overrides)  # what runs: the file + runtime weights
-        self.keys: dict[Pair, CheckKey | None] = {}
-        self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
-        self.dirty = asyncio.Event()
-        self.applies = 0
-        self._ring_counts: dict[int, tuple[int, Counter[int]]] = {}
-        self.notify: Callable[[], None] = lambda: None  # BGP re-evaluates after every flip and apply
-        self.before_apply: Callable[[], Awaitable[None]] = _nothing
-        self.observe: Callable[[float, int], None] = lambda seconds, slots: None  # metrics: ring rebuilds
+    def __init__(self, state: NodeState, routes: Routes, *, weights_file: Path | None = None,
+                 observe: Callable[[float, int], None] = _ignore) -> None:
+        self.state = state
+        self.maps = state.maps
+        self.routes = routes
+        self.weights_file = weights_file
+        self.observe = observe  # metrics: seconds and slots of every ring rewrite
+        self._lock = asyncio.Lock()  # one change at a time: a reload never interleaves with a drain
 
-    # -- health
-    def health_of(self, pair: Pair) -> Health:
-        key = self.keys.get(pair)
-        if key is None:
-            return Health(up=True, reason="not checked (type none)")
-        seen = self.monitor.observation(key)
-        return seen.health if seen else NEW
+    async def change(self, trigger: str, *, base: Config | None = None,
+                     weights: Mapping[tuple[str, str], int] | None = None) -> ApplyReport:
+        """Apply a new base config and/or runtime weights (neither: the running ones with the health and
+        link now). Whole or not at all: on failure the previous state is written back and the error raised."""
+        async with self._lock:
+            return await self._change(trigger, self.state.candidate(base, weights))
 
-    def health(self) -> dict[Pair, bool]:
-        return {pair: self.health_of(pair).up for pair in self.keys}
+    async def set_weight(self, vip: str, backend: str, weight: int | None) -> ApplyReport:
+        """One runtime weight (0 = drain, None = the config's again). KeyError: unknown VIP/backend."""
+        async with self._lock:
+            return await self._change("weight", self.state.running.with_weight(vip, backend, weight))
 
-    def serving(self) -> dict[Pair, bool]:
-        """Up now and already in the maps: a backend whose rise was seen but not yet written is not serving
-        (BGP announces on this, so a route never leads to a ring that is still empty)."""
-        return {pair: up and self._written_up(pair) for pair, up in self.health().items()}
-
-    def _written_up(self, pair: Pair) -> bool:
-        """The maps' own word: the backend's slot as last written carries the UP flag."""
-        index = self.backend_index(pair)
-        slot = None if index is None else self.maps.programmer.backends.get(index)
-        return slot is not None and slot.up
-
-    def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
-        for (vip, address), k in self.keys.items():
-            if k == key:
-                events.emit("health", vip=vip.name, backend=address, check=key.spec.kind,
-                            to="up" if new.up else "down", reason=new.reason)
-        self.dirty.set()
-
-    # -- lifecycle
-    async def start(self, adopted_up: Mapping[Pair, bool]) -> ApplyReport:
-        """First apply: adopted backends keep serving, new ones wait for their checks."""
-        self.keys = check_keys(self.config)
-        self.monitor.start(initial_health(self.keys, {}, adopted_up))
-        return self.apply("startup")
-
-    async def reload(self, config: Config) -> ApplyReport:
-        """Apply a validated config as a diff: unchanged backends keep their probers and health; a changed
-        check starts from the backend's current health. New probers start before the swap and old ones stop
-        after the apply, so no apply ever sees a backend without a prober (it would count as down)."""
-        weights = overrides.prune(config, self.overrides)
-        effective = overrides.apply(config, weights)
-        keys = check_keys(effective)
-        self.monitor.start(initial_health(keys, {p: self.health_of(p) for p in self.keys}, {}))
-        previous = (self.base, self.config, self.keys, self.overrides)
-        self.base, self.config, self.keys, self.overrides = config, effective, keys, weights
+    async def _change(self, trigger: str, candidate: Candidate) -> ApplyReport:
+        await self.routes.withdraw_first(candidate.config)
+        self.state.start_checks(candidate)
+        previous = self.state.commit(candidate)
         try:
-            report = self.apply("reload")
+            report = self._write(trigger)
+            if candidate.weights != previous.weights:
+                overrides.save(self.weights_file, candidate.weights)
         except Exception:
-            self.base, self.config, self.keys, self.overrides = previous
-            self._rollback()
-            await self.monitor.prune({k for k in self.keys.values() if k is not None})
+            self._rollback(previous)
             raise
-        await self.monitor.prune({k for k in keys.values() if k is not None})
-        overrides.save(self.overrides_file, self.overrides)  # without the backends the config dropped
+        finally:
+            await self.state.prune_checks()
+            self.routes.changed()
         return report
 
-    def weighted(self, vip_name: str, address: str, weight: int | None) -> tuple[Config, overrides.Overrides]:
-        """The running config and runtime weights once this weight is set (None: the config's again).
-        Changes nothing. KeyError when the VIP or backend is not in the running config."""
-        vip = next((v for v in self.base.vips if v.name == vip_name), None)
-        if vip is None:
-            raise KeyError(f"no VIP {vip_name}")
-        if not any(str(b.address) == address for b in vip.backends):
-            raise KeyError(f"no backend {address} in VIP {vip_name}")
-        wanted = dict(self.overrides)
-        if weight is None:
-            wanted.pop((vip_name, address), None)
-        else:
-            wanted[(vip_name, address)] = weight
-        return overrides.apply(self.base, wanted), wanted
-
-    def set_weight(self, vip_name: str, address: str, weight: int | None) -> ApplyReport:
-        """A runtime weight (None: the config's again), applied at once and kept across restarts.
-        KeyError when the VIP or backend is not in the running config."""
-        config, wanted = self.weighted(vip_name, address, weight)
-        previous = (self.config, dict(self.overrides))
-        overrides.save(self.overrides_file, wanted)  # first: a weight that is live is also on disk
-        self.overrides = wanted
-        self.config = config
+    def _rollback(self, previous: Candidate) -> None:
+        """Write the previous candidate again over whatever was written; if that fails, the loop retries."""
+        self.state.commit(previous)
         try:
-            report = self.apply("api")
-        except Exception:
-            self.config, self.overrides = previous
-            overrides.save(self.overrides_file, self.overrides)
-            self._rollback()
-            raise
-        events.emit("weight", vip=vip_name, backend=address, weight=weight, source="api",
-                    result="config weight again" if weight is None else "set")
-        return report
-
-    def _rollback(self) -> None:
-        """The maps refused part of a reload: write the running config again over whatever was written."""
-        try:
-            self.apply("rollback")
+            self._write("rollback")
         except Exception as exc:
             events.emit("apply_failed", logging.ERROR, trigger="rollback", error=exc, retry_in=f"{_RETRY:g}s")
-            self.dirty.set()
+            self.state.poke("rollback")
 
     async def run(self) -> None:
-        """Until cancelled: each burst of health flips becomes one apply."""
+        """Until cancelled: each burst of health flips (or a link change, or a failed write) is one change."""
         while True:
-            await self.dirty.wait()
-            self.dirty.clear()
-            await self.before_apply()  # BGP withdraws what is no longer servable before the slow rewrite
+            await self.state.dirty.wait()
+            trigger = self.state.take_triggers()
             try:
-                self.apply("health")
+                await self.change(trigger)
             except Exception as exc:
-                events.emit("apply_failed", logging.ERROR, error=exc, retry_in=f"{_RETRY:g}s")
+                events.emit("apply_failed", logging.ERROR, trigger=trigger, error=exc,
+                            retry_in=f"{_RETRY:g}s")
                 await asyncio.sleep(_RETRY)
-                self.dirty.set()
-
-    async def stop(self) -> None:
-        await self.monitor.stop()
+                self.state.poke(trigger)
 
     # -- maps
-    def apply(self, trigger: str) -> ApplyReport:
+    def _write(self, trigger: str) -> ApplyReport:
         began = time.monotonic()
-        health = self.health()
-        report = self.maps.apply(self.config, health)
-        self.applies += 1
+        health = self.state.health()
+        report = self.maps.apply(self.state.config, health, self.state.link)
+        self.state.written()
         if report.ring_slots:
             self.observe(time.monotonic() - began, sum(report.ring_slots.values()))
-        self.notify()
-        names = {num: key for key, num in self.maps.programmer.vips.items()}
+        self._log_rings(report, health, trigger)
+        return report
+
+    def _log_rings(self, report: ApplyReport, health: Mapping[tuple[VipKey, IPAddress], bool],
+                   trigger: str) -> None:
+        names = self.maps.vip_names()
         for num, slots in report.ring_slots.items():
             vip = names.get(num)
             up = sum(1 for (v, _), ok in health.items() if v == vip and ok)
-            total = sum(1 for v, _ in self.keys if v == vip)
+            total = sum(1 for v, _ in health if v == vip)
             events.emit("ring", vip=vip.name if vip else f"#{num} (removed)", slots_changed=slots,
-                        ring_size=self.maps.programmer.ring_size, healthy=f"{up}/{total}", trigger=trigger)
-        return report
-
-    def ring_counts(self, vip: VipKey) -> Counter[int]:
-        """Backend index -> ring slots it holds, from what was last written; counted once per apply."""
-        vip_num = self.maps.programmer.vips.get(vip)
-        if vip_num is None:
-            return Counter()
-        cached = self._ring_counts.get(vip_num)
-        if cached is None or cached[0] != self.applies:
-            cached = (self.applies, Counter(self.maps.programmer.rings.get(vip_num, ())))
-            self._ring_counts[vip_num] = cached
-        return cached[1]
-
-    def backend_index(self, pair: Pair) -> int | None:
-        vip_num = self.maps.programmer.vips.get(pair[0])
-        return None if vip_num is None else self.maps.alloc.backend_idx.get((vip_num, pair[1]))
-
-    def view(self, vip: VipKey, address: IPAddress, weight: int) -> BackendView:
-        health = self.health_of((vip, address))
-        key = self.keys.get((vip, address))
-        seen = self.monitor.observation(key) if key else None
-        state = ("down" if not health.up else "drained" if weight == 0 else "unchecked" if key is None
-                 else "up")
-        return BackendView(address, weight, state, health.reason, seen.checked_at if seen else None,
-                           self.backend_index((vip, address)), seen.latency if seen else None)
+                        ring_size=self.maps.ring_size, healthy=f"{up}/{total}", trigger=trigger)

@@ -10,7 +10,7 @@ from typing import Any
 
 from edge_lb import events
 from edge_lb.bgp.policy import host_prefix
-from edge_lb.control.reconciler import Reconciler
+from edge_lb.control.nodestate import NodeState
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.dataplane.mapio import MapIO
 
@@ -42,20 +42,20 @@ class Counters:
                 events.emit("counters", logging.WARNING, error=repr(exc))
 
 
-def document(rec: Reconciler, counters: Counters) -> Doc:
+def document(state: NodeState, counters: Counters) -> Doc:
     """VIPs and backends with health, last reason, weight, ring share and traffic counters."""
     vip_counts = counters.vips
     backend_counts = counters.backends
-    ring_size = rec.maps.programmer.ring_size
+    ring_size = state.maps.ring_size
     vips = []
-    configured = {(v.name, b.address): b.weight for v in rec.base.vips for b in v.backends}
-    for vip in rec.config.vips:
+    configured = {(v.name, b.address): b.weight for v in state.base.vips for b in v.backends}
+    for vip in state.config.vips:
         key = VipKey.of(vip)
-        num = rec.maps.programmer.vips.get(key)
-        counts = rec.ring_counts(key)
+        num = state.maps.vip_number(key)
+        counts = state.ring_counts(key)
         rows = []
         for b in vip.backends:
-            view = rec.view(key, b.address, b.weight)
+            view = state.view(key, b.address, b.weight)
             slots = counts.get(view.index, 0) if view.index is not None else 0
             packets, nbytes = backend_counts.get(view.index, (0, 0)) if view.index is not None else (0, 0)
             rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,

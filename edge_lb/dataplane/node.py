@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edge_lb import netlink
@@ -52,35 +52,65 @@ def ctl_for(config: Config, link: Link, port0_vips: int) -> Ctl:
 
 
 class NodeMaps:
-    """Keeps one node's maps equal to a config: stable numbering across applies, ring diffs only."""
+    """Keeps one node's maps equal to a config: stable numbering across applies, ring diffs only. Readers
+    (status, the change path) ask through the methods below, never through the programmer's tables."""
 
     def __init__(self, io: MapIO, config: Config, link: Link, adopt: bool) -> None:
         d = config.dataplane
         self.io = io
-        self.link = link
+        self.link = link  # as last written into the ctl map
         self.alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
         self.programmer = Programmer(io, d.ring_size)
         self.ring_cache: RingCache = {}
         if adopt:
             self.programmer.adopt(self.alloc)
 
+    @property
+    def ring_size(self) -> int:
+        return self.programmer.ring_size
+
     def adopted_up(self) -> dict[tuple[VipKey, IPAddress], bool]:
         """What the maps say of each (VIP, backend): may it carry flows? Read once after adopting."""
-        nums = {num: key for key, num in self.programmer.vips.items()}
+        nums = self.vip_names()
         return {(nums[s.vip_num], s.address): s.up for s in self.programmer.backends.values()
                 if s.vip_num in nums}
 
-    def apply(self, config: Config,
-              health: Mapping[tuple[VipKey, IPAddress], bool] | None = None) -> ApplyReport:
+    def vip_number(self, vip: VipKey) -> int | None:
+        return self.programmer.vips.get(vip)
+
+    def vip_names(self) -> dict[int, VipKey]:
+        """VIP number -> VIP, as last written."""
+        return {num: key for key, num in self.programmer.vips.items()}
+
+    def backend_index(self, vip: VipKey, address: IPAddress) -> int | None:
+        num = self.programmer.vips.get(vip)
+        return None if num is None else self.alloc.backend_idx.get((num, address))
+
+    def written_up(self, vip: VipKey, address: IPAddress) -> bool:
+        """The backend's slot as last written carries the UP flag (it may take new flows)."""
+        index = self.backend_index(vip, address)
+        slot = None if index is None else self.programmer.backends.get(index)
+        return slot is not None and slot.up
+
+    def ring(self, vip: VipKey) -> Sequence[int]:
+        """The VIP's ring as last written (backend index per slot); empty when the VIP is not written."""
+        num = self.programmer.vips.get(vip)
+        return () if num is None else self.programmer.rings.get(num, ())
+
+    def apply(self, config: Config, health: Mapping[tuple[VipKey, IPAddress], bool] | None = None,
+              link: Link | None = None) -> ApplyReport:
         """Numbering changes are kept only if the maps took them: a failed apply leaves it as it was."""
+        link = link or self.link
         saved = (dict(self.alloc.vip_nums), dict(self.alloc.backend_idx))
         try:
             want = desired_state(config, self.alloc, health, self.ring_cache)
-            self.io.write_ctl(ctl_for(config, self.link, want.port0_vips))
-            return self.programmer.apply(want)
+            self.io.write_ctl(ctl_for(config, link, want.port0_vips))
+            report = self.programmer.apply(want)
         except Exception:
             self.alloc.vip_nums, self.alloc.backend_idx = saved
             raise
+        self.link = link
+        return report
 
 
 def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from edge_lb import cli
-from edge_lb.bgp.controller import BgpController, drain
+from edge_lb.bgp.controller import BgpController
 from edge_lb.bgp.policy import FakeSpeaker
 from edge_lb.config import Config, parse_config
+from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
-from edge_lb.control.supervisor import Supervisor
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.dataplane.mapio import FakeMapIO
 from edge_lb.dataplane.node import Link, NodeMaps
@@ -27,7 +27,7 @@ B1 = ipaddress.ip_address("10.0.0.1")
 def config(tmp_path: Path) -> Config:
     return parse_config({
         "node": {"interface": "eth0"},
-        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"), "drain_time": 0.05,
                 "peer": [{"address": "10.9.0.1", "as": 65000}]},
         "vip": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp", "backend": [{"address": str(B1)}]}]})
 
@@ -45,7 +45,7 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
         def serving(self) -> dict[Any, bool]:
             return health
 
-    ctl = BgpController(Source(), speaker, lambda: attached[0])
+    ctl = BgpController(Source(), lambda restarted: speaker, lambda: attached[0])
     announce = "announce route 10.200.1.1/32 next-hop self"
     withdraw = announce.replace("announce", "withdraw")
 
@@ -76,7 +76,7 @@ def test_health_disable_and_shutdown(tmp_path: Path) -> None:
         attached[0] = True
         await until(7)
         task.cancel()
-        await drain(ctl, speaker, 0.05)
+        await ctl.drain()
         assert await ctl.sync("late") == 0, "nothing is announced once shutdown began"
 
     asyncio.run(main())
@@ -114,12 +114,12 @@ def test_reload_withdraws_a_removed_vip_before_the_maps_change(tmp_path: Path) -
             return {(VipKey.of(cfg.vips[0]), B1): True}
 
     speaker = FakeSpeaker()
-    ctl = BgpController(Source(), speaker)
+    ctl = BgpController(Source(), lambda restarted: speaker)
 
     async def main() -> None:
         await ctl.sync("startup")
-        await ctl.withdraw_for(cfg)  # nothing removed: nothing sent
-        await ctl.withdraw_for(smaller)
+        await ctl.withdraw_first(cfg)  # nothing removed: nothing sent
+        await ctl.withdraw_first(smaller)
 
     asyncio.run(main())
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
@@ -136,7 +136,7 @@ def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
             return {(VipKey.of(cfg.vips[0]), B1): True}
 
     speaker = FakeSpeaker(refuse=True)
-    ctl = BgpController(Source(), speaker)
+    ctl = BgpController(Source(), lambda restarted: speaker)
 
     async def main() -> None:
         with pytest.raises(BgpError):
@@ -149,12 +149,12 @@ def test_a_refused_announce_is_tracked_and_sent_again(tmp_path: Path) -> None:
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self"]
 
 
-def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
+def test_withdraw_first_only_withdraws(tmp_path: Path) -> None:
     """Before a rewrite: withdrawals only. A VIP that became servable, or a route left unsure by a speaker
     restart, waits for the controller's sync after the rewrite."""
     two = parse_config({
         "node": {"interface": "eth0"},
-        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"), "drain_time": 0.05,
                 "peer": [{"address": "10.9.0.1", "as": 65000}]},
         "vip": [{"address": f"10.200.1.{n}", "port": 80, "protocol": "tcp", "backend": [{"address": str(B1)}]}
                 for n in (1, 2)]})
@@ -168,16 +168,16 @@ def test_withdraw_early_only_withdraws(tmp_path: Path) -> None:
             return health
 
     speaker = FakeSpeaker()
-    ctl = BgpController(Source(), speaker)
+    ctl = BgpController(Source(), lambda restarted: speaker)
 
     async def main() -> None:
-        await ctl.withdraw_early()
+        await ctl.withdraw_first(two)
         assert speaker.commands == [], "a servable VIP is announced after the ring rewrite, not before"
         health[other] = True
         await ctl.sync("after apply")
         ctl.restarted()  # both routes unsure now: a sync would send both again
         health[one] = False
-        await ctl.withdraw_early()
+        await ctl.withdraw_first(two)
 
     asyncio.run(main())
     assert speaker.commands == ["announce route 10.200.1.1/32 next-hop self",
@@ -205,13 +205,13 @@ def test_a_hung_speaker_does_not_hold_the_ring_rewrite(tmp_path: Path) -> None:
             await super().send(command)
 
     speaker = Slow()
-    ctl = BgpController(Source(), speaker)
+    ctl = BgpController(Source(), lambda restarted: speaker)
 
     async def main() -> list[str]:
         await ctl.sync("startup")
         health[key] = False
         async with asyncio.timeout(5):  # a regression fails here instead of hanging
-            await ctl.withdraw_early()
+            await ctl.withdraw_first(cfg)
         before_release = list(speaker.commands)
         release.set()
         for _ in range(100):
@@ -222,7 +222,7 @@ def test_a_hung_speaker_does_not_hold_the_ring_rewrite(tmp_path: Path) -> None:
 
     before_release = asyncio.run(main())
     assert before_release == ["announce route 10.200.1.1/32 next-hop self"], \
-        "withdraw_early returned while the speaker still held the withdraw"
+        "withdraw_first returned while the speaker still held the withdraw"
     assert speaker.commands[-1] == "withdraw route 10.200.1.1/32 next-hop self", "and it went out later"
 
 
@@ -230,7 +230,7 @@ def test_draining_the_last_backend_withdraws_before_the_ring_empties(tmp_path: P
     """A drain through the API: routers stop sending before the node's ring has nobody left."""
     cfg = parse_config({
         "node": {"interface": "eth0"}, "dataplane": {"ring_size": 1009, "max_backends": 4},
-        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"),
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"), "drain_time": 0.05,
                 "peer": [{"address": "10.9.0.1", "as": 65000}]},
         "vip": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp",
                  "backend": [{"address": str(B1), "healthcheck": {"type": "none"}}]}]})
@@ -243,14 +243,14 @@ def test_draining_the_last_backend_withdraws_before_the_ring_empties(tmp_path: P
             await super().send(command)
 
     async def main() -> None:
-        sup = Supervisor(tmp_path / "lb.toml")
         maps = NodeMaps(io, cfg, Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500), adopt=True)
-        sup.rec = Reconciler(maps, cfg, lambda spec: FakeChecker(), overrides_file=tmp_path / "w.json")
-        await sup.rec.start({})
-        sup.bgp = BgpController(sup.rec, Watching())
-        await sup.bgp.sync("startup")
-        await sup.set_weight("10.200.1.1:80/tcp", str(B1), 0)
-        await sup.rec.stop()
+        state = NodeState(maps, cfg, {}, lambda spec: FakeChecker())
+        bgp = BgpController(state, lambda restarted: Watching())
+        rec = Reconciler(state, bgp, weights_file=tmp_path / "w.json")
+        await rec.change("startup")
+        await bgp.sync("startup")
+        await rec.set_weight("10.200.1.1:80/tcp", str(B1), 0)
+        await state.stop()
 
     asyncio.run(main())
     assert seen == [("announce", True), ("withdraw", True)], "the withdraw left while the ring still served"

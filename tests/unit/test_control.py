@@ -129,7 +129,7 @@ def test_log_lines_quote_what_needs_it() -> None:
 
 def test_reload_refuses_api_changes_that_need_a_restart() -> None:
     from edge_lb.config import parse_config
-    from edge_lb.control.supervisor import restart_only
+    from edge_lb.control.operations import restart_only
 
     old = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-old"}})
     new = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-new"}})

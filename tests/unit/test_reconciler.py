@@ -1,5 +1,6 @@
-"""The reconciler with an in-memory map writer and scripted checkers: each health change or reload must
-write exactly the ring slots that differ, and flip exactly the backend flags it should."""
+"""The change path (Reconciler over NodeState) with an in-memory map writer and scripted checkers: each
+health change or reload must write exactly the ring slots that differ, and flip exactly the backend flags
+it should."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 
 from edge_lb.config import Config, parse_config
-from edge_lb.control import status
-from edge_lb.control.reconciler import Reconciler
+from edge_lb.control import overrides, status
+from edge_lb.control.nodestate import NodeState
+from edge_lb.control.reconciler import NoRoutes, Reconciler, Routes
 from edge_lb.dataplane.desired import VipKey, ring_for
 from edge_lb.dataplane.mapio import FakeMapIO
 from edge_lb.dataplane.node import Link, NodeMaps
@@ -40,12 +42,13 @@ VIP = VipKey.of(BASE.vips[0])
 
 
 class Harness:
-    def __init__(self, cfg: Config, io: FakeMapIO | None = None) -> None:
+    def __init__(self, cfg: Config, io: FakeMapIO | None = None, routes: Routes | None = None) -> None:
         self.io = io or FakeMapIO(RING)
         self.results: dict[Any, bool] = {}
         self.checkers: list[FakeChecker] = []
         self.maps = NodeMaps(self.io, cfg, LINK, adopt=True)
-        self.rec = Reconciler(self.maps, cfg, self._checker)
+        self.state = NodeState(self.maps, cfg, {}, self._checker)
+        self.rec = Reconciler(self.state, routes or NoRoutes())
         self.task: asyncio.Task[None] | None = None
 
     def _checker(self, spec: CheckSpec) -> FakeChecker:
@@ -58,7 +61,7 @@ class Harness:
         self.results[address] = ok
 
     def ring(self) -> tuple[int, ...]:
-        return tuple(self.io.rings.get(self.maps.programmer.vips[VIP], [0] * RING))
+        return tuple(self.io.rings.get(self.maps.vip_number(VIP), [0] * RING))
 
     def expected_ring(self, cfg: Config, healthy: set[Any]) -> tuple[int, ...]:
         vip = cfg.vips[0]
@@ -76,20 +79,23 @@ class Harness:
             await asyncio.sleep(0.01)
         raise AssertionError(f"not within {timeout}s: {what}")
 
-    async def start(self, adopted: dict[Any, bool] | None = None) -> None:
-        await self.rec.start(adopted or {})
+    async def start(self) -> None:
+        await self.rec.change("startup")
         self.task = asyncio.create_task(self.rec.run())
+
+    async def reload(self, cfg: Config) -> Any:
+        return await self.rec.change("reload", base=cfg)
 
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
-        await self.rec.stop()
+        await self.state.stop()
 
 
 def run(body: Callable[[Harness], Coroutine[Any, Any, None]], cfg: Config = BASE,
-        io: FakeMapIO | None = None) -> None:
+        io: FakeMapIO | None = None, routes: Routes | None = None) -> None:
     async def main() -> None:
-        h = Harness(cfg, io)
+        h = Harness(cfg, io, routes)
         try:
             await body(h)
         finally:
@@ -126,19 +132,21 @@ def test_a_failing_backend_leaves_with_exactly_its_slots_rewritten() -> None:
     run(body)
 
 
-def test_a_health_rewrite_waits_for_before_apply_first() -> None:
-    """BGP's withdraw-first hook runs, and is awaited, while the ring still holds the failed backend."""
+def test_a_health_rewrite_waits_for_the_withdraw_first() -> None:
+    """BGP's withdraw-first runs, and is awaited, while the ring still holds the failed backend."""
     seen: list[bool] = []
     armed = [False]
+    harness: list[Harness] = []
 
-    async def body(h: Harness) -> None:
-        async def before() -> None:
+    class SlowRoutes(NoRoutes):
+        async def withdraw_first(self, candidate: Config) -> None:
             if not armed[0]:
                 return
             await asyncio.sleep(0.05)  # a withdraw on the wire: the rewrite must not start meanwhile
-            seen.append(h.index(B2) in h.ring())
+            seen.append(harness[0].index(B2) in harness[0].ring())
 
-        h.rec.before_apply = before
+    async def body(h: Harness) -> None:
+        harness.append(h)
         await h.start()
         full = h.expected_ring(BASE, {B1, B2, B3})
         await h.until(lambda: h.ring() == full, "all up")
@@ -146,7 +154,7 @@ def test_a_health_rewrite_waits_for_before_apply_first() -> None:
         h.set(B2, False)
         await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B3}), "b2 out of the ring")
         assert seen and seen[0] is True, "the hook ran before b2 left the ring"
-    run(body)
+    run(body, routes=SlowRoutes())
 
 
 def test_serving_means_healthy_and_written_into_the_maps() -> None:
@@ -154,15 +162,15 @@ def test_serving_means_healthy_and_written_into_the_maps() -> None:
     async def main() -> None:
         h = Harness(BASE)
         try:
-            await h.rec.start({})  # no reconciler loop: nothing applies the rise
+            await h.rec.change("startup")  # no health loop: nothing applies the rise
             pair = (VIP, B1)
-            await h.until(lambda: h.rec.health()[pair], "b1 up by its checks")
-            assert h.rec.serving()[pair] is False, "up, but its ring slots are not written yet"
-            h.rec.apply("test")
-            assert h.rec.serving()[pair] is True
+            await h.until(lambda: h.state.health()[pair], "b1 up by its checks")
+            assert h.state.serving()[pair] is False, "up, but its ring slots are not written yet"
+            await h.rec.change("test")
+            assert h.state.serving()[pair] is True
             h.set(B1, False)
-            await h.until(lambda: not h.rec.health()[pair], "b1 down by its checks")
-            assert h.rec.serving()[pair] is False, "down counts at once, before the rewrite"
+            await h.until(lambda: not h.state.health()[pair], "b1 down by its checks")
+            assert h.state.serving()[pair] is False, "down counts at once, before the rewrite"
         finally:
             await h.stop()
     asyncio.run(main())
@@ -180,7 +188,7 @@ def test_flapping_backend_does_not_flap_the_ring() -> None:
             h.set(B2, i % 2 == 1)
             await h.until(lambda seen=seen: checker.calls_for(B2) > seen, "b2 checked again")
         assert h.io.ring_batches[batches:] == []
-        assert h.rec.health_of((VIP, B2)).up
+        assert h.state.health_of((VIP, B2)).up
     run(body)
 
 
@@ -191,7 +199,7 @@ def test_adopted_backends_keep_serving_and_nothing_is_rewritten() -> None:
     before = len(io.ring_batches)
 
     async def body(h: Harness) -> None:
-        await h.start(h.maps.adopted_up())
+        await h.start()
         assert io.ring_batches[before:] == [], "a restart with the same config writes no ring slot"
         assert all(s.up for s in io.backends.values())
     run(body, io=io)
@@ -205,7 +213,7 @@ def test_reload_adds_a_backend_only_after_its_checks_pass() -> None:
         full = h.expected_ring(BASE, {B1, B2, B3})
         await h.until(lambda: h.ring() == full, "all up")
         h.set(B4, False)
-        await h.rec.reload(bigger)
+        await h.reload(bigger)
         assert h.ring() == full, "b4 is not checked yet: the ring is unchanged"
         assert not h.io.backends[h.index(B4)].up
         batches = len(h.io.ring_batches)
@@ -223,14 +231,14 @@ def test_reload_drain_keeps_flows_and_check_change_keeps_health() -> None:
     async def body(h: Harness) -> None:
         await h.start()
         await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
-        await h.rec.reload(drained)
+        await h.reload(drained)
         assert h.index(B2) not in h.ring(), "drained: no new flows"
         assert h.io.backends[h.index(B2)].up, "drained: existing flows stay"
         batches = len(h.io.ring_batches)
-        await h.rec.reload(new_check)
+        await h.reload(new_check)
         assert h.ring() == h.expected_ring(new_check, {B1, B2, B3}), "b2 is back at weight 1 at once"
         assert len(h.io.ring_batches) == batches + 1
-        assert all(h.rec.health_of((VIP, b)).up for b in (B1, B2, B3)), "a new check keeps the state"
+        assert all(h.state.health_of((VIP, b)).up for b in (B1, B2, B3)), "a new check keeps the state"
     run(body)
 
 
@@ -241,10 +249,10 @@ def test_reload_removing_a_backend_clears_its_slot() -> None:
         await h.start()
         await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
         idx = h.index(B2)
-        report = await h.rec.reload(smaller)
+        report = await h.reload(smaller)
         assert report.backends_cleared == 1 and idx not in h.io.backends
         assert h.ring() == h.expected_ring(smaller, {B1, B3})
-        assert not [k for k in h.rec.monitor.running() if k.target.address == B2], "no prober left for b2"
+        assert not [k for k in h.state.monitor.running() if k.target.address == B2], "no prober left for b2"
         calls = h.checkers[0].calls_for(B2)
         await asyncio.sleep(0.2)
         assert h.checkers[0].calls_for(B2) == calls, "b2 is not checked any more"
@@ -260,8 +268,8 @@ def test_a_reload_during_health_activity_never_writes_a_backend_down() -> None:
         written: list[bool] = []
         put = h.io.put_backends
         h.io.put_backends = lambda b: (written.extend(s.up for s in b.values()), put(b))[1]  # type: ignore
-        h.rec.dirty.set()  # an apply is due while the reload swaps every prober
-        await h.rec.reload(new_check)
+        h.state.poke("health")  # an apply is due while the reload swaps every prober
+        await h.reload(new_check)
         await asyncio.sleep(0.2)
         assert all(written), "no backend was ever written down"
         assert h.ring() == h.expected_ring(BASE, {B1, B2, B3})
@@ -294,10 +302,10 @@ def test_a_reload_the_maps_refuse_is_rolled_back() -> None:
         await h.until(lambda: h.ring() == full, "all up")
         io.refuse = True
         with pytest.raises(DataplaneError):
-            await h.rec.reload(heavier)
+            await h.reload(heavier)
         assert h.ring() == full, "the old weights are written back"
-        assert h.rec.config is BASE
-        assert not [k for k in h.rec.monitor.running() if k.target.address == B4]
+        assert h.state.config is BASE
+        assert not [k for k in h.state.monitor.running() if k.target.address == B4]
         assert [s.address for s in io.backends.values()] == [B1, B2, B3]
     run(body, io=io)
 
@@ -309,12 +317,12 @@ def test_status_document_from_the_reconciler() -> None:
         await h.start()
         await h.until(lambda: h.ring() == h.expected_ring(BASE, {B1, B2, B3}), "all up")
         h.set(B3, False)
-        await h.until(lambda: not h.rec.health_of((VIP, B3)).up, "b3 down")
-        await h.rec.reload(drained)
+        await h.until(lambda: not h.state.health_of((VIP, B3)).up, "b3 down")
+        await h.reload(drained)
         h.io.counters = {"vip_stats": {0: (30, 2700)}, "backend_stats": {h.index(B1): (30, 2700)}}
         counters = status.Counters(h.io)
         counters.refresh()
-        doc = status.document(h.rec, counters)
+        doc = status.document(h.state, counters)
         vip = doc["vips"][0]
         rows = {b["address"]: b for b in vip["backends"]}
         assert [rows[str(b)]["state"] for b in (B1, B2, B3)] == ["up", "drained", "down"]
@@ -331,34 +339,36 @@ def test_runtime_weights_drain_and_undrain_and_survive_a_restart(tmp_path: Any) 
 
     async def first() -> None:
         maps = NodeMaps(io, BASE, LINK, adopt=True)
-        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
-        await rec.start({})
+        node = NodeState(maps, BASE, overrides.load(state), lambda spec: FakeChecker())
+        rec = Reconciler(node, NoRoutes(), weights_file=state)
+        await rec.change("startup")
         task = asyncio.create_task(rec.run())
         try:
             for _ in range(300):
-                if all(rec.health().values()):
+                if all(node.health().values()):
                     break
                 await asyncio.sleep(0.01)
-            rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
+            await rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
             index = maps.alloc.backend_idx[(0, B2)]
             assert index not in io.rings[0] and io.backends[index].up, "drained: no new flows, old ones kept"
             with pytest.raises(KeyError, match=r"no backend 10\.9\.9\.9"):
-                rec.set_weight("10.0.0.1:80/tcp", "10.9.9.9", 0)
+                await rec.set_weight("10.0.0.1:80/tcp", "10.9.9.9", 0)
             with pytest.raises(KeyError, match="no VIP"):
-                rec.set_weight("10.0.0.9:80/tcp", str(B2), 0)
+                await rec.set_weight("10.0.0.9:80/tcp", str(B2), 0)
         finally:
             task.cancel()
-            await rec.stop()
+            await node.stop()
 
     async def restarted() -> None:
         maps = NodeMaps(io, BASE, LINK, adopt=True)
-        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
-        assert rec.config.vips[0].backends[1].weight == 0, "the drain is kept across a restart"
-        assert rec.base.vips[0].backends[1].weight == 1
-        await rec.start(maps.adopted_up())
-        rec.set_weight("10.0.0.1:80/tcp", str(B2), None)
+        node = NodeState(maps, BASE, overrides.load(state), lambda spec: FakeChecker())
+        rec = Reconciler(node, NoRoutes(), weights_file=state)
+        assert node.config.vips[0].backends[1].weight == 0, "the drain is kept across a restart"
+        assert node.base.vips[0].backends[1].weight == 1
+        await rec.change("startup")
+        await rec.set_weight("10.0.0.1:80/tcp", str(B2), None)
         assert maps.alloc.backend_idx[(0, B2)] in io.rings[0], "undrained: back in the ring"
-        await rec.stop()
+        await node.stop()
 
     asyncio.run(first())
     assert '"weight": 0' in state.read_text()
@@ -372,12 +382,13 @@ def test_a_reload_that_drops_a_backend_drops_its_saved_weight(tmp_path: Any) -> 
 
     async def main() -> None:
         maps = NodeMaps(FakeMapIO(RING), BASE, LINK, adopt=True)
-        rec = Reconciler(maps, BASE, lambda spec: FakeChecker(), overrides_file=state)
-        await rec.start({})
-        rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
+        node = NodeState(maps, BASE, overrides.load(state), lambda spec: FakeChecker())
+        rec = Reconciler(node, NoRoutes(), weights_file=state)
+        await rec.change("startup")
+        await rec.set_weight("10.0.0.1:80/tcp", str(B2), 0)
         assert str(B2) in state.read_text()
-        await rec.reload(smaller)
+        await rec.change("reload", base=smaller)
         assert state.read_text().strip() == "[]", "b2 coming back later is not drained by a stale file"
-        await rec.stop()
+        await node.stop()
 
     asyncio.run(main())
