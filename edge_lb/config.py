@@ -35,9 +35,9 @@ from edge_lb.configtools import (
     text,
     url_path,
 )
-from edge_lb.configtools import IPAddress as IPAddress  # re-exported: the config's address type
 from edge_lb.dataplane.maglev import is_prime
 from edge_lb.errors import ConfigError
+from healthchecks.base import IPAddress as IPAddress  # re-exported: the config's address type
 from healthchecks.spec import KINDS, CheckSpec
 
 _INSTANCE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_lb.configtools import Invalid, IPAddress, Table, address, file_path, integer, number, string
+from edge_lb.configtools import Invalid, Table, address, file_path, integer, number, string
+from healthchecks.base import IPAddress
 
 _COMMUNITY = re.compile(r"(\d{1,5}):(\d{1,5})")
 _ASN = integer(1, 4294967295)

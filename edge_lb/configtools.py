@@ -14,7 +14,8 @@ from typing import Any
 import dns.exception
 import dns.name
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from healthchecks.base import IPAddress  # defined once, in the lower layer (healthchecks imports no edge_lb)
+
 Kwargs = dict[str, Any]
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _ARRAY_INDEX = re.compile(r"\[\d+\]")

@@ -30,10 +30,10 @@ from edge_lb import netlink
 from edge_lb.assets import asset_dir
 from edge_lb.dataplane import loader
 from edge_lb.errors import DataplaneError, NetlinkError
+from healthchecks.base import IPAddress
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Mode = Literal["native", "generic"]
 
 SOURCE = asset_dir("bpf") / "decap.c"  # its maps, structs and constants: bpf/decap_*.h
