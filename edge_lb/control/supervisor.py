@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_lb import events, netlink, paths
+from edge_lb import events, paths
 from edge_lb.api import sockets
 from edge_lb.api.metrics import Metrics
 from edge_lb.bgp.controller import BgpController
@@ -36,7 +36,7 @@ from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
 from edge_lb.control.status import Counters
 from edge_lb.dataplane.loader import Dataplane
-from edge_lb.dataplane.node import Link, NodeMaps
+from edge_lb.dataplane.node import Link, NodeMaps, link_for
 from edge_lb.errors import EdgeLbError
 from healthchecks.factory import make_checker
 
@@ -127,15 +127,13 @@ class Supervisor:
 
     async def _link(self, config: Config) -> Link:
         node = config.node
+        gateway: str | None = None
+        if not node.gateway_mac:
+            watcher = GatewayWatcher(node.interface, self._gateway_changed)
+            gateway = await watcher.start()
+            self._on_shutdown("gateway watcher", watcher.stop)
         # pyroute2's sync IPRoute runs its own event loop: it must not run in this loop's thread.
-        own = node.mac if node.mac else await asyncio.to_thread(netlink.interface_mac, node.interface)
-        mtu = node.mtu if node.mtu else await asyncio.to_thread(netlink.interface_mtu, node.interface)
-        if node.gateway_mac:
-            return Link(own, node.gateway_mac, mtu)
-        watcher = GatewayWatcher(node.interface, self._gateway_changed)
-        gateway = await watcher.start()
-        self._on_shutdown("gateway watcher", watcher.stop)
-        return Link(own, gateway, mtu)
+        return await asyncio.to_thread(link_for, node, gateway_mac=gateway)
 
     def _gateway_changed(self, mac: str) -> None:
         """The watcher's word, written by the next change. Before the node exists it is kept for the end of

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edge_lb import netlink
-from edge_lb.config import Config, IPAddress
+from edge_lb.config import Config, IPAddress, Node
 from edge_lb.dataplane.desired import Allocator, RingCache, VipKey, desired_state
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.mapio import Ctl, MapIO
@@ -23,22 +23,21 @@ class Link:
     mtu: int
 
 
-def simulate_link(config: Config) -> Link:
-    """simulate never reads the kernel: MACs must be in config; MTU defaults to 1500."""
-    missing = [f"node.{k}: required by simulate" for k in ("mac", "gateway_mac")
-               if getattr(config.node, k) is None]
-    if missing:
-        raise ConfigError(missing)
-    assert config.node.mac and config.node.gateway_mac
-    return Link(config.node.mac, config.node.gateway_mac, config.node.mtu or 1500)
-
-
-def kernel_link(config: Config) -> Link:
-    """Run mode: defaults from the interface and the default gateway's neighbour entry."""
-    n = config.node
-    return Link(n.mac or netlink.interface_mac(n.interface),
-                n.gateway_mac or netlink.gateway_mac(n.interface),
-                n.mtu or netlink.interface_mtu(n.interface))
+def link_for(node: Node, *, read_kernel: bool = True, gateway_mac: str | None = None) -> Link:
+    """The node's Link. Each fact comes from config when set there, else from `gateway_mac` when given (the
+    supervisor's gateway watcher), else from the kernel: the interface and the default gateway's neighbour
+    entry. Without read_kernel (simulate) the MACs must be in config and the MTU defaults to 1500."""
+    gateway_mac = node.gateway_mac or gateway_mac
+    if not read_kernel:
+        facts = {"mac": node.mac, "gateway_mac": gateway_mac}
+        missing = [f"node.{k}: required by simulate" for k, v in facts.items() if v is None]
+        if missing:
+            raise ConfigError(missing)
+        assert node.mac and gateway_mac
+        return Link(node.mac, gateway_mac, node.mtu or 1500)
+    return Link(node.mac or netlink.interface_mac(node.interface),
+                gateway_mac or netlink.gateway_mac(node.interface),
+                node.mtu or netlink.interface_mtu(node.interface))
 
 
 def _mac(text: str) -> bytes:
@@ -120,7 +119,7 @@ def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyRep
 
 def load_node(config: Config, attach: bool = True) -> tuple[Dataplane, ApplyReport]:
     """Load or adopt the pinned data plane, program it, and attach it (atomically replacing an older one)."""
-    link = kernel_link(config)
+    link = link_for(config.node)
     dp = Dataplane.load(config.dataplane, pin=True)
     report = program_maps(dp.io, config, link, adopt=True)
     if attach:

@@ -9,7 +9,7 @@ from typing import TextIO
 
 from edge_lb.config import Config
 from edge_lb.dataplane.loader import Dataplane
-from edge_lb.dataplane.node import NodeMaps, simulate_link
+from edge_lb.dataplane.node import NodeMaps, link_for
 from edge_lb.dataplane.pcap import read_frames, write_frames
 from edge_lb.dataplane.testrun import run_xdp
 
@@ -21,7 +21,7 @@ class Simulator:
     """A private (unpinned) data plane programmed from config; connection state carries across frames."""
 
     def __init__(self, config: Config) -> None:
-        link = simulate_link(config)
+        link = link_for(config.node, read_kernel=False)
         self.dp = Dataplane.load(config.dataplane, pin=False)
         self.maps = NodeMaps(self.dp.io, config, link, adopt=False)
         self.maps.apply(config)

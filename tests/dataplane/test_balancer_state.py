@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 
 from edge_lb import paths
 from edge_lb.dataplane.loader import Dataplane, remove_pins
-from edge_lb.dataplane.node import NodeMaps, simulate_link
+from edge_lb.dataplane.node import NodeMaps, link_for
 from edge_lb.dataplane.simulate import Simulator
 from edge_lb.dataplane.testrun import run_xdp
 
@@ -149,7 +149,7 @@ def test_reload_adopts_pinned_maps() -> None:
         d["dataplane"]["instance"] = instance
 
     cfg = make_config(named)
-    link = simulate_link(cfg)
+    link = link_for(cfg.node, read_kernel=False)
     first = Dataplane.load(cfg.dataplane, pin=True)
     try:
         NodeMaps(first.io, cfg, link, adopt=True).apply(cfg)
