@@ -98,17 +98,15 @@ class Dataplane:
 @dataclass(frozen=True, kw_only=True)
 class Api:
     enabled: bool = True
-    listen: str = "127.0.0.1:9100"  # "host:port" or "[v6]:port"; beyond loopback only when written here
+    host: str = "127.0.0.1"  # from listen = "host:port" or "[v6]:port"; beyond loopback only when written
+    port: int = 9100
     token: str | None = None  # bearer token for mutations (or token_file); without one, mutations get 401
     token_file: str | None = None
 
     @property
-    def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
+    def listen(self) -> str:
+        """host:port as in the config file, for messages."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,8 +236,8 @@ _VIP = {"address": address, "port": integer(0, 65535), "protocol": choice("tcp",
 _BACKEND = {"address": address, "weight": integer(0, 1000)}
 
 
-def _listen(value: Any) -> str:
-    """host:port with an IP host ([v6]:port for IPv6)."""
+def _listen(value: Any) -> tuple[str, int]:
+    """host:port with an IP host ([v6]:port for IPv6), as (host, port)."""
     text = string(value)
     host, sep, port = text.rpartition(":")
     try:
@@ -249,7 +247,7 @@ def _listen(value: Any) -> str:
         raise Invalid('must be "address:port", like "127.0.0.1:9100" or "[::1]:9100"') from None
     if not sep or not 1 <= number <= 65535 or (address.version == 6 and not host.startswith("[")):
         raise Invalid('must be "address:port", like "127.0.0.1:9100" or "[::1]:9100"')
-    return text
+    return str(address), number
 
 
 def check_token(value: Any) -> str:
@@ -267,6 +265,8 @@ def _api(table: Table) -> Api:
     values = table.values(_API)
     if "token" in values and "token_file" in values:
         table.problem("token_file", "set token or token_file, not both")
+    if "listen" in values:
+        values["host"], values["port"] = values.pop("listen")
     return Api(**values)
 
 

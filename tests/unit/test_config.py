@@ -355,6 +355,7 @@ def test_not_utf8_names_file(tmp_path: pathlib.Path) -> None:
 def test_api_table() -> None:
     cfg = parse_config({**base(), "api": {"listen": "[::1]:9200", "token": "s3cret-token-0123456789"}})
     assert (cfg.api.host, cfg.api.port, cfg.api.enabled) == ("::1", 9200, True)
+    assert cfg.api.listen == "[::1]:9200"  # host and port parsed once, at load; listen rebuilt for messages
     assert parse_config(base()).api.listen == "127.0.0.1:9100"
 
 
