@@ -24,7 +24,6 @@ class Health:
 
 NEW = Health(up=False, reason="not checked yet")  # a backend the data plane does not carry yet
 ADOPTED = Health(up=True, reason="up in the running data plane")  # kept serving across a restart
-UNCHECKED = Health(up=True, reason="not checked (kind none)")
 
 
 def step(state: Health, ok: bool, reason: str, rise: int, fall: int) -> Health:

@@ -82,11 +82,6 @@ class HealthMonitor:
         for spec in [s for s in self._checkers if all(k.spec != s for k in self._tasks)]:
             await self._checkers.pop(spec).aclose()
 
-    async def sync(self, wanted: Mapping[CheckKey, Health]) -> None:
-        """Run exactly the wanted probers."""
-        self.start(wanted)
-        await self.prune(set(wanted))
-
     async def stop(self) -> None:
         """Stop every prober (bounded) and close the checkers."""
         await self.prune(())

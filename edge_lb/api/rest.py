@@ -37,8 +37,6 @@ from edge_lb.config import vip_name
 from edge_lb.control.operations import Doc, Operations
 from edge_lb.errors import EdgeLbError
 
-DEFAULT_HOST = "127.0.0.1"  # binding beyond loopback is an explicit choice in the config
-DEFAULT_PORT = 9100
 PREFIX = "/api/v1"
 OPS: web.AppKey[Operations] = web.AppKey("edge_lb.ops", Operations)  # for routes added through `extra`
 
