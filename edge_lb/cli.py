@@ -7,9 +7,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_lb.errors import ConfigError, EdgeLbError
+
+if TYPE_CHECKING:
+    from edge_lb.config import Config
 
 EXIT_CONFIG = 2
 EXIT_ERROR = 1
@@ -36,13 +39,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from edge_lb.config import load_config
     from edge_lb.dataplane.node import load_node
 
-    cfg = load_config(args.config)
-    if _supervisor_running(cfg.dataplane.instance):
-        raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: it owns the maps "
-                          "(change the config and `edge-lb reload` instead)")
+    cfg = _config_without_supervisor(args.config,
+                                     "it owns the maps (change the config and `edge-lb reload` instead)")
     dp, report = load_node(cfg, attach=not args.no_attach)
     dp.close()
     where = ("not attached" if args.no_attach
@@ -53,13 +53,10 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    from edge_lb.config import load_config
     from edge_lb.dataplane.loader import Dataplane, remove_pins
 
-    cfg = load_config(args.config)
-    if _supervisor_running(cfg.dataplane.instance):
-        raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: stop it first "
-                          "(it withdraws the VIPs before anything is detached)")
+    cfg = _config_without_supervisor(args.config,
+                                     "stop it first (it withdraws the VIPs before anything is detached)")
     Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
     removed = remove_pins(cfg.dataplane.instance)
     print(f"detached from {cfg.node.interface}; unpinned {len(removed)} maps of {cfg.dataplane.instance}")
@@ -166,6 +163,16 @@ def cmd_disable(args: argparse.Namespace) -> int:
     else:
         print(f"enabled: {path} removed; VIPs are announced again as their health allows")
     return 0
+
+
+def _config_without_supervisor(path: str, why: str) -> Config:
+    """The config, when no supervisor runs for its instance; else EdgeLbError saying why that matters."""
+    from edge_lb.config import load_config
+
+    cfg = load_config(path)
+    if _supervisor_running(cfg.dataplane.instance):
+        raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: {why}")
+    return cfg
 
 
 def _supervisor_running(instance: str) -> bool:
