@@ -1,4 +1,4 @@
-"""edge_lb.bgp.exabgp and edge_lb.bgp.exabgp_bridge without root:
+"""edge_lb.bgp.exabgp, exabgp_config and exabgp_bridge without root:
 the config, the notification parser, the API channel
 against a fake bridge, the real bridge against a fake supervisor, and the speaker running a fake ExaBGP."""
 
@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 import pytest
 
 from edge_lb.bgp import exabgp
-from edge_lb.bgp.exabgp import ExaBgpSpeaker, default_router_id, exabgp_environment, render_config
+from edge_lb.bgp.exabgp import ExaBgpSpeaker
 from edge_lb.bgp.exabgp_api import ApiChannel, PeerChange, parse_notification
+from edge_lb.bgp.exabgp_config import default_router_id, exabgp_environment, render_config
 from edge_lb.configbgp import Bgp, Peer
 from edge_lb.errors import BgpError
 

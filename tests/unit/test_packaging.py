@@ -28,9 +28,9 @@ def test_a_wheel_install_finds_its_assets(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("edge_lb-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("from edge_lb import assets; from edge_lb.bgp import exabgp;"
+    probe = ("from edge_lb import assets; from edge_lb.bgp import exabgp_config;"
              "from edge_lb.dataplane import counters, decap, loader;"
-             "print(loader.BPF_DIR, decap.SOURCE, exabgp.TEMPLATES,"
+             "print(loader.BPF_DIR, decap.SOURCE, exabgp_config.TEMPLATES,"
              "      assets.asset_dir('benchmarks/reference'), counters.CONSTS_H,"
              "      len(counters.reason_names()))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
