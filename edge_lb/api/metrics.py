@@ -1,8 +1,10 @@
-"""GET /metrics: Prometheus families built from a snapshot of the node, refreshed on a timer.
+"""GET /metrics: Prometheus families built from the node as it is at the scrape.
 
-Scrapes never touch the per-CPU maps: `run()` takes a snapshot (ops.status() and ops.counters()) every
-`interval` seconds and a request renders the last one, so a scraper hammering /metrics costs the data plane
-nothing. `edge_lb_snapshot_age_seconds` says how stale the numbers are (it grows if refreshes fail).
+A scrape renders ops.status() and ops.counters() of the moment; neither touches the per-CPU maps: their
+traffic figures come from the node's one counter sampler (edge_lb.dataplane.counters.CounterSampler), which
+reads the maps once a second, so a scraper hammering /metrics costs the data plane nothing.
+`edge_lb_snapshot_age_seconds` is the age of that sampler's snapshot: how stale the traffic figures are (it
+grows while refreshes fail). Health, weights, ring shares and BGP are as they are at the scrape.
 
     edge_lb_vip_packets_total, edge_lb_vip_bytes_total                  {vip}
     edge_lb_backend_packets_total, edge_lb_backend_bytes_total          {vip, backend}
@@ -19,30 +21,19 @@ nothing. `edge_lb_snapshot_age_seconds` says how stale the numbers are (it grows
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edge_lb import events
-from edge_lb.control.operations import Doc, Operations
-from edge_lb.dataplane.counters import reason_names
+from edge_lb.control.document import NodeDocument
+from edge_lb.control.operations import Operations
+from edge_lb.dataplane.counters import CounterSnapshot
 
 STATES = ("up", "down", "drained", "unchecked")  # edge_lb.control.reconciler.BackendView.state
 SERVING = frozenset({"up", "drained", "unchecked"})  # drained keeps its flows; unchecked has no health check
 REBUILD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    status: Doc
-    counters: Doc
-    taken: float  # time.monotonic() when it was read
 
 
 def reason_label(name: str) -> str:
@@ -58,7 +49,7 @@ def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, labels=labels)
 
 
-def backend_families(status: Doc) -> Iterator[Metric]:
+def backend_families(status: NodeDocument) -> Iterator[Metric]:
     """Per-VIP and per-backend traffic, health and ring placement."""
     vip_packets = _counter("edge_lb_vip_packets", "Packets sent to the VIP's backends.", ["vip"])
     vip_bytes = _counter("edge_lb_vip_bytes", "Bytes sent to the VIP's backends.", ["vip"])
@@ -70,7 +61,7 @@ def backend_families(status: Doc) -> Iterator[Metric]:
     weight = _gauge("edge_lb_backend_weight", "Effective weight (0 = drained).", bl)
     share = _gauge("edge_lb_backend_ring_share", "Fraction of the Maglev ring held by the backend.", bl)
     latency = _gauge("edge_lb_backend_check_latency_seconds", "Duration of the last health check.", bl)
-    for vip in status.get("vips", []):
+    for vip in status["vips"]:
         name = vip["vip"]
         vip_packets.add_metric([name], vip["packets"])
         vip_bytes.add_metric([name], vip["bytes"])
@@ -83,14 +74,15 @@ def backend_families(status: Doc) -> Iterator[Metric]:
                 state.add_metric([*labels, s], 1 if s == b["state"] else 0)
             weight.add_metric(labels, b["weight"])
             share.add_metric(labels, b["ring_share"])
-            if b.get("latency") is not None:
-                latency.add_metric(labels, b["latency"])
+            seconds = b["latency"]
+            if seconds is not None:
+                latency.add_metric(labels, seconds)
     yield from (vip_packets, vip_bytes, packets, nbytes, up, state, weight, share, latency)
 
 
-def node_families(status: Doc, counters: Doc) -> Iterator[Metric]:
+def node_families(status: NodeDocument, counters: CounterSnapshot) -> Iterator[Metric]:
     """Data-plane reasons, BGP and the node's switches."""
-    reasons = dict.fromkeys(reason_names(), 0) | counters.get("reasons", {})
+    reasons = counters.reason_packets()
     by_reason = _counter("edge_lb_packets", "Packets seen by the XDP program, by verdict reason.", ["reason"])
     for name, value in reasons.items():
         by_reason.add_metric([reason_label(name)], value)
@@ -99,44 +91,44 @@ def node_families(status: Doc, counters: Doc) -> Iterator[Metric]:
                               value=reasons.get("STAT_CT_HIT", 0))
     yield CounterMetricFamily("edge_lb_conntable_misses", "Backend taken from the Maglev ring.",
                               value=reasons.get("STAT_CT_MISS", 0))
-    bgp = status.get("bgp") or {}
+    bgp = status.get("bgp")
     peers = _gauge("edge_lb_bgp_peer_up", "1 if the BGP session is established.", ["peer"])
-    for peer, session in sorted(bgp.get("peers", {}).items()):
-        peers.add_metric([peer], 1 if session == "up" else 0)
     announced = _gauge("edge_lb_bgp_announced", "1 for each prefix announced to ExaBGP.", ["prefix"])
-    for prefix in bgp.get("announced", []):
-        announced.add_metric([prefix], 1)
+    if bgp is not None:
+        for peer, session in sorted(bgp["peers"].items()):
+            peers.add_metric([peer], 1 if session == "up" else 0)
+        for prefix in bgp["announced"]:
+            announced.add_metric([prefix], 1)
     yield from (peers, announced)
     yield GaugeMetricFamily("edge_lb_node_disabled", "1 while the node is disabled for maintenance.",
-                            value=1 if bgp.get("disabled") else 0)
+                            value=1 if bgp is not None and bgp["disabled"] else 0)
     yield GaugeMetricFamily("edge_lb_dataplane_attached", "1 while the XDP program is attached.",
                             value=1 if status.get("attached") else 0)
 
 
-class _SnapshotCollector:
-    def __init__(self, owner: Metrics) -> None:
-        self.owner = owner
+class _NodeCollector:
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.owner.snapshot()
-        yield from backend_families(snap.status)
-        yield from node_families(snap.status, snap.counters)
-        yield GaugeMetricFamily("edge_lb_snapshot_age_seconds", "Seconds since the counters were read.",
-                                value=max(time.monotonic() - snap.taken, 0.0))
+        # One synchronous read of each, in the event loop's thread: the sampler cannot refresh in between,
+        # so the status document's traffic and the reasons are the same snapshot's.
+        counters = self.ops.counters()
+        status = self.ops.status()
+        yield from backend_families(status)
+        yield from node_families(status, counters)
+        yield GaugeMetricFamily("edge_lb_snapshot_age_seconds",
+                                "Seconds since the counter sampler read the data plane's counter maps.",
+                                value=counters.age())
 
 
 class Metrics:
-    """The node's metrics in their own registry; `run()` refreshes, `render()` and GET /metrics read."""
+    """The node's metrics in their own registry: `render()` and GET /metrics read the node at the scrape."""
 
-    def __init__(self, ops: Operations, interval: float = 1.0,
-                 registry: CollectorRegistry | None = None) -> None:
-        if not interval > 0:
-            raise ValueError(f"metrics interval must be positive, got {interval!r}")
+    def __init__(self, ops: Operations, registry: CollectorRegistry | None = None) -> None:
         self.ops = ops
-        self.interval = interval
         self.registry = CollectorRegistry() if registry is None else registry
-        self._snapshot: Snapshot | None = None
-        self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_NodeCollector(ops))
         self.rebuild_seconds = Histogram("edge_lb_ring_rebuild_seconds",
                                          "Duration of map applies that changed ring slots.",
                                          buckets=REBUILD_BUCKETS, registry=self.registry)
@@ -144,23 +136,6 @@ class Metrics:
                                 registry=self.registry)
         self.slots_written = Counter("edge_lb_ring_slots_written", "Ring slots written to the map.",
                                      registry=self.registry)
-
-    def refresh(self) -> Snapshot:
-        """Read the node once (the only place that does); scrapes render the result."""
-        self._snapshot = Snapshot(self.ops.status(), self.ops.counters(), time.monotonic())
-        return self._snapshot
-
-    def snapshot(self) -> Snapshot:
-        return self.refresh() if self._snapshot is None else self._snapshot
-
-    async def run(self) -> None:
-        """Refresh every `interval` seconds until cancelled; a failed read keeps the previous snapshot."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.refresh()
-            except Exception as exc:
-                events.emit("metrics", logging.WARNING, result="refresh failed", error=repr(exc))
 
     def observe_apply(self, seconds: float, slots: int) -> None:
         """Called by the supervisor after a map apply that changed `slots` ring slots in `seconds`."""

@@ -1,7 +1,10 @@
 """The REST API's OpenAPI 3.1 document, served at /api/v1/openapi.json
 (routes and handlers: edge_lb.api.rest).
 
-Built in Python rather than kept as a JSON file so each shape is written once and reused. Kept true by
+Built in Python rather than kept as a JSON file so each shape is written once and reused. The Node, Vip,
+Backend and Bgp schemas are built over the TypedDicts of edge_lb.control.document (the status document's one
+definition): their keys, which are required, and the state and phase enums come from there, and building
+refuses a schema whose properties are not exactly the TypedDict's keys. Kept true by
 tests/unit/test_api_schema.py, which checks the live API against it with schemathesis, and checks that every
 /api/v1 route is described and every described operation is routed.
 """
@@ -9,7 +12,9 @@ tests/unit/test_api_schema.py, which checks the live API against it with schemat
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, get_args
+
+from edge_lb.control.document import BackendRow, BackendState, BgpStatus, NodeView, Phase, VipRow
 
 Doc = dict[str, Any]
 
@@ -32,6 +37,18 @@ def _object(properties: Doc, *, optional: tuple[str, ...] = (), closed: bool = T
             "additionalProperties": not closed, **extra}
 
 
+def _typed(shape: Any, properties: Doc, **extra: Any) -> Doc:
+    """A closed object schema for a TypedDict of edge_lb.control.document: its keys in the TypedDict's
+    order, required as the TypedDict has them. A property missing or left over is a bug: it raises."""
+    keys = list(shape.__annotations__)
+    if set(properties) != set(keys):
+        raise TypeError(f"the {shape.__name__} schema's properties {sorted(properties)} are not the "
+                        f"TypedDict's keys {sorted(keys)}")
+    required = [name for name in keys if name in shape.__required_keys__]
+    return {"type": "object", "properties": {name: properties[name] for name in keys}, "required": required,
+            "additionalProperties": False, **extra}
+
+
 def _json(description: str, schema: Doc, headers: Doc | None = None) -> Doc:
     response: Doc = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
@@ -47,7 +64,7 @@ _SCHEMAS: Doc = {
                       "field": {**_TEXT, "description": "the input at fault: a path part, a query parameter, "
                                                         "or the body's key(s)"}},
                      optional=("field",)),
-    "Bgp": _object({
+    "Bgp": _typed(BgpStatus, {
         "peers": {"type": "object", "additionalProperties": _TEXT,
                   "description": 'peer address -> session state ("up", "down", "connected", "unknown")'},
         "announced": {"type": "array", "items": _TEXT, "description": "prefixes sent to the BGP speaker"},
@@ -56,8 +73,8 @@ _SCHEMAS: Doc = {
                                     "below its min_healthy)"},
         "disabled": {"type": "boolean", "description": "the maintenance switch: every VIP withdrawn"},
         "disable_file": {**_TEXT, "description": "the file whose presence keeps the node disabled"}}),
-    "Node": _object({
-        "phase": {"type": "string", "enum": ["starting", "running", "stopping"]},
+    "Node": _typed(NodeView, {
+        "phase": {"type": "string", "enum": list(get_args(Phase))},
         "instance": _or_null(_TEXT),
         "interface": _or_null({**_TEXT, "description": "where the XDP program attaches"}),
         "attached": _or_null({"type": "boolean", "description": "the XDP program is attached"}),
@@ -67,9 +84,9 @@ _SCHEMAS: Doc = {
         "gateway_mac": _or_null(_TEXT),
         "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"}},
         description="Null fields are not known yet (phase starting)."),
-    "Backend": _object({
+    "Backend": _typed(BackendRow, {
         "address": _TEXT,
-        "state": {"type": "string", "enum": ["up", "down", "drained", "unchecked"],
+        "state": {"type": "string", "enum": list(get_args(BackendState)),
                   "description": "drained: weight 0, keeps its flows; unchecked: health check type none"},
         "reason": _or_null({**_TEXT, "description": "the last check's result"}),
         "last_check": _or_null({"type": "number", "description": "epoch seconds; null: never checked"}),
@@ -81,7 +98,7 @@ _SCHEMAS: Doc = {
         "ring_share": {"type": "number", "minimum": 0, "maximum": 1},
         "packets": _COUNT,
         "bytes": _COUNT}),
-    "Vip": _object({
+    "Vip": _typed(VipRow, {
         "vip": {**_TEXT, "examples": ["10.0.0.1:80/tcp", "[fd00::1]:443/tcp"]},
         "address": _TEXT,
         "port": {"type": "integer", "minimum": 0, "maximum": 65535, "description": "0: every port"},

@@ -1,4 +1,4 @@
-"""The REST API v1: an aiohttp application over an Operations (the supervisor; FakeOperations in tests).
+"""The REST API v1: an aiohttp application over an Operations (the supervisor's NodeOperations).
 
     GET  /api/v1/node                     phase, data plane, BGP peers and announcements, disabled or not
     GET  /api/v1/vips                     every VIP with its backends
@@ -15,8 +15,9 @@
 Every answer is JSON; errors are {"error": "what is wrong", "field": "the input at fault"}. Mutations need
 `Authorization: Bearer TOKEN` (401 otherwise, also when no token is configured), except on an app made with
 require_token=False: the root-only Unix socket, whose file permissions are its authentication.
-Response documents are projected field by field from the Operations' status, so the API's shape is the
-OpenAPI document's and not whatever the status document holds today.
+Response documents are projected field by field from the Operations' status (typed in
+edge_lb.control.document, whose TypedDicts the OpenAPI document's schemas are built over), so the API's shape
+is the OpenAPI document's and not whatever the status document holds today.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from aiohttp.typedefs import Handler
 
 from edge_lb.api import openapi
 from edge_lb.config import vip_name
-from edge_lb.control.operations import Doc, Operations
+from edge_lb.control.document import BackendRow, NodeDocument, NodeView, VipRow
+from edge_lb.control.operations import Operations
 from edge_lb.errors import EdgeLbError
 
 PREFIX = "/api/v1"
@@ -132,28 +134,26 @@ def _vip_name(request: web.Request) -> str:
 # -- projections: the status document's rows as the OpenAPI document describes them
 
 
-def _backend(row: Doc) -> Doc:
-    return {"address": row["address"], "state": row["state"], "reason": row.get("reason"),
-            "last_check": row.get("last_check"), "latency": row.get("latency"), "check": row.get("check"),
-            "weight": row["weight"], "config_weight": row.get("config_weight"),
-            "ring_slots": row.get("ring_slots", 0), "ring_share": row.get("ring_share", 0.0),
-            "packets": row.get("packets", 0), "bytes": row.get("bytes", 0)}
+def _backend(row: BackendRow) -> BackendRow:
+    return {"address": row["address"], "state": row["state"], "reason": row["reason"],
+            "last_check": row["last_check"], "latency": row["latency"], "check": row["check"],
+            "weight": row["weight"], "config_weight": row["config_weight"], "ring_slots": row["ring_slots"],
+            "ring_share": row["ring_share"], "packets": row["packets"], "bytes": row["bytes"]}
 
 
-def _vip(row: Doc) -> Doc:
+def _vip(row: VipRow) -> VipRow:
     return {"vip": row["vip"], "address": row["address"], "port": row["port"], "protocol": row["protocol"],
-            "healthy": row.get("healthy", 0), "in_ring": row.get("in_ring", 0),
-            "packets": row.get("packets", 0), "bytes": row.get("bytes", 0),
-            "backends": [_backend(b) for b in row.get("backends", [])]}
+            "healthy": row["healthy"], "in_ring": row["in_ring"], "packets": row["packets"],
+            "bytes": row["bytes"], "backends": [_backend(b) for b in row["backends"]]}
 
 
-def _node(doc: Doc) -> Doc:
+def _node(doc: NodeDocument) -> NodeView:
     bgp = doc.get("bgp")
     return {"phase": doc["phase"], "instance": doc.get("instance"), "interface": doc.get("interface"),
             "attached": doc.get("attached"), "uptime": doc.get("uptime"), "pid": doc["pid"],
             "config": doc.get("config"), "gateway_mac": doc.get("gateway_mac"),
             "bgp": None if bgp is None else {"peers": dict(bgp["peers"]), "announced": list(bgp["announced"]),
-                                             "withheld": dict(bgp.get("withheld", {})),
+                                             "withheld": dict(bgp["withheld"]),
                                              "disabled": bool(bgp["disabled"]),
                                              "disable_file": str(bgp["disable_file"])}}
 
@@ -218,21 +218,19 @@ class _Api:
             raise ApiError(401, "a valid bearer token is needed: Authorization: Bearer TOKEN",
                            headers=challenge)
 
-    def find_vip(self, request: web.Request) -> Doc:
+    def find_vip(self, request: web.Request) -> VipRow:
         name = _vip_name(request)
-        for vip in self.ops.status().get("vips", []):
+        for vip in self.ops.status()["vips"]:
             if vip["vip"] == name:
-                found: Doc = vip
-                return found
+                return vip
         raise ApiError(404, f"no VIP {name}")
 
-    def find_backend(self, request: web.Request) -> Doc:
+    def find_backend(self, request: web.Request) -> BackendRow:
         vip = self.find_vip(request)
         address = _address(request.match_info["backend"], "backend")
         for row in vip["backends"]:
             if row["address"] == address:
-                found: Doc = row
-                return found
+                return row
         raise ApiError(404, f"no backend {address} in VIP {vip['vip']}", "backend")
 
     # GET
@@ -240,7 +238,7 @@ class _Api:
         return web.json_response(_node(self.ops.status()))
 
     async def get_vips(self, request: web.Request) -> web.Response:
-        return web.json_response([_vip(v) for v in self.ops.status().get("vips", [])])
+        return web.json_response([_vip(v) for v in self.ops.status()["vips"]])
 
     async def get_vip(self, request: web.Request) -> web.Response:
         return web.json_response(_vip(self.find_vip(request)))

@@ -12,11 +12,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from edge_lb import events, paths
 from edge_lb.bgp.policy import Announcer, Prefix, Route, Speaker, desired_routes, withheld
 from edge_lb.config import Config, IPAddress
+from edge_lb.control.document import BgpStatus
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError
 
@@ -61,6 +62,11 @@ class Source(Protocol):
 
 def _always() -> bool:
     return True
+
+
+def _by_family(item: tuple[Prefix, str | None]) -> tuple[int, Prefix]:
+    """IPv4 prefixes before IPv6 ones (ipaddress refuses to compare across versions)."""
+    return item[0].version, item[0]
 
 
 class BgpController:
@@ -212,8 +218,9 @@ class BgpController:
         await self.speaker.stop()
         events.emit("shutdown", phase="bgp stopped")
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BgpStatus:
         why = withheld(self.config, self.source.serving(), self.attached(), self._disabled)
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
-                "withheld": {str(p): reason for p, reason in sorted(why.items()) if reason is not None},
+                "withheld": {str(p): reason for p, reason in sorted(why.items(), key=_by_family)
+                             if reason is not None},
                 "disabled": self._disabled, "disable_file": str(disable_path(self.config))}

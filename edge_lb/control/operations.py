@@ -1,10 +1,10 @@
 """What the operator's interface (REST API, dashboard, metrics, CLI) may read and do on a running node.
 
-NodeOperations implements it over the running node (RunningNode, built by the supervisor's startup);
-FakeOperations is the in-memory twin the API's tests run against. Documents are plain JSON-ready dicts so
-the API only serialises them.
+NodeOperations implements it over the running node (RunningNode, built by the supervisor's startup; the
+unit tests build one in memory: tests/unit/memnode.py). Documents are plain JSON-ready dicts, typed in
+edge_lb.control.document, so the API only serialises them.
 
-    status()            the status document (edge_lb.control.status.document + node fields + "bgp")
+    status()            the node document (document.NodeDocument: status.document + node fields + "bgp")
     events(limit)       the most recent structured events, newest last: {"time": epoch, "event": name, ...}
     reload()            re-read the config file: {"ok": true, "changes": {...}}
                         or {"ok": false, "problems": [...]}
@@ -12,12 +12,12 @@ the API only serialises them.
                         a runtime weight for one backend of one VIP (0 = drain; None = back to the config's
                         weight); kept across restarts. KeyError names an unknown VIP or backend.
     set_disabled(flag)  the maintenance switch (withdraw every VIP / announce again)
-    counters()          raw data-plane counters for metrics: {"reasons": {name: packets}}
+    counters()          the counter sampler's latest snapshot (dataplane.counters.CounterSnapshot: the
+                        per-CPU maps summed, and when); status() reads the same one
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -29,16 +29,17 @@ from edge_lb.bgp.controller import BgpController, disable_path, set_switch
 from edge_lb.config import Config, load_config
 from edge_lb.control import status
 from edge_lb.control.attachment import Attachment
+from edge_lb.control.document import NodeDocument
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
-from edge_lb.dataplane.counters import reason_names
+from edge_lb.dataplane.counters import CounterSampler, CounterSnapshot
 from edge_lb.errors import ConfigError, EdgeLbError, SupervisorError
 
 Doc = dict[str, Any]
 
 
 class Operations(Protocol):
-    def status(self) -> Doc: ...
+    def status(self) -> NodeDocument: ...
 
     def events(self, limit: int = 100) -> list[Doc]: ...
 
@@ -48,7 +49,7 @@ class Operations(Protocol):
 
     async def set_disabled(self, disabled: bool) -> Doc: ...
 
-    def counters(self) -> Doc: ...
+    def counters(self) -> CounterSnapshot: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class RunningNode:
     config_path: str
     state: NodeState
     reconciler: Reconciler
-    counters: status.Counters
+    counters: CounterSampler
     attachment: Attachment
     bgp: BgpController | None
     started: float = field(default_factory=time.time)
@@ -88,6 +89,7 @@ class NodeOperations:
         self.config_path = config_path
         self.stopping = False
         self._node: RunningNode | None = None
+        self._nothing_read = CounterSnapshot.empty()  # until the node (and its sampler) exists
 
     def serve(self, node: RunningNode) -> None:
         self._node = node
@@ -101,24 +103,22 @@ class NodeOperations:
     def events(self, limit: int = 100) -> list[Doc]:
         return events.recent(limit)
 
-    def counters(self) -> Doc:
-        if self._node is None:
-            return {"reasons": {}}
-        counts = self._node.counters.reasons
-        return {"reasons": {name: counts.get(i, (0, 0))[0] for i, name in enumerate(reason_names())}}
+    def counters(self) -> CounterSnapshot:
+        """The sampler's snapshot (an empty one, as old as these operations, before the node exists)."""
+        return self._nothing_read if self._node is None else self._node.counters.snapshot
 
-    def status(self) -> Doc:
+    def status(self) -> NodeDocument:
         node = self._node
         if node is None:
             return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}
         config, state = node.state.config, node.state
-        doc = status.document(state, node.counters)
-        doc.update(phase="stopping" if self.stopping else "running", instance=config.dataplane.instance,
-                   interface=config.node.interface, pid=os.getpid(), uptime=time.time() - node.started,
-                   config=self.config_path, gateway_mac=state.maps.link.gw_mac, applies=state.applies,
-                   bgp=node.bgp.status() if node.bgp is not None else None,
-                   attached=node.attachment.on_interface)
-        return doc
+        served = status.document(state, node.counters.snapshot)
+        return {"vips": served["vips"], "ring_size": served["ring_size"],
+                "phase": "stopping" if self.stopping else "running", "instance": config.dataplane.instance,
+                "interface": config.node.interface, "pid": os.getpid(), "uptime": time.time() - node.started,
+                "config": self.config_path, "gateway_mac": state.maps.link.gw_mac, "applies": state.applies,
+                "bgp": node.bgp.status() if node.bgp is not None else None,
+                "attached": node.attachment.on_interface}
 
     # -- changes, each through the one change path (Reconciler)
     async def reload(self) -> Doc:
@@ -166,57 +166,3 @@ class NodeOperations:
         node.bgp.poke()
         return {"disabled": disabled, "disable_file": str(path)}
 
-
-def _backend(address: str, weight: int, state: str = "up") -> Doc:
-    return {"address": address, "weight": weight, "config_weight": weight, "state": state,
-            "reason": "HTTP 200", "last_check": time.time(), "latency": 0.002, "check": "http",
-            "ring_slots": 0, "ring_share": 0.0, "packets": 0, "bytes": 0}
-
-
-@dataclass
-class FakeOperations:
-    """A node with one VIP (10.0.0.1:80/tcp) and two backends; mutations change the document."""
-
-    doc: Doc = field(default_factory=lambda: {
-        "phase": "running", "instance": "fake", "interface": "eth0", "pid": 1, "uptime": 1.0,
-        "config": "/etc/edge-lb.toml", "gateway_mac": "02:00:00:00:00:02", "applies": 1, "attached": True,
-        "ring_size": 65537,
-        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "withheld": {}, "disabled": False,
-                "disable_file": "/var/lib/edge-lb/fake.disabled"},
-        "vips": [{"vip": "10.0.0.1:80/tcp", "address": "10.0.0.1", "port": 80, "protocol": "tcp",
-                  "healthy": 2, "in_ring": 2, "packets": 0, "bytes": 0,
-                  "backends": [_backend("10.1.0.1", 1), _backend("10.1.0.2", 1)]}]})
-    log: list[Doc] = field(default_factory=list)
-    reload_problems: list[str] = field(default_factory=list)
-
-    def status(self) -> Doc:
-        return copy.deepcopy(self.doc)
-
-    def events(self, limit: int = 100) -> list[Doc]:
-        return self.log[-limit:]
-
-    async def reload(self) -> Doc:
-        if self.reload_problems:
-            return {"ok": False, "config": self.doc["config"], "problems": list(self.reload_problems)}
-        return {"ok": True, "config": self.doc["config"], "changes": {}}
-
-    async def set_weight(self, vip: str, backend: str, weight: int | None) -> Doc:
-        target = next((v for v in self.doc["vips"] if v["vip"] == vip), None)
-        if target is None:
-            raise KeyError(f"no VIP {vip}")
-        row = next((b for b in target["backends"] if b["address"] == backend), None)
-        if row is None:
-            raise KeyError(f"no backend {backend} in VIP {vip}")
-        row["weight"] = row["config_weight"] if weight is None else weight
-        row["state"] = "drained" if row["weight"] == 0 else "up"
-        self.log.append({"time": time.time(), "event": "weight", "vip": vip, "backend": backend,
-                         "weight": row["weight"]})
-        return {"vip": vip, "backend": backend, "weight": row["weight"]}
-
-    async def set_disabled(self, disabled: bool) -> Doc:
-        self.doc["bgp"]["disabled"] = disabled
-        self.doc["bgp"]["announced"] = [] if disabled else ["10.0.0.1/32"]
-        return {"disabled": disabled}
-
-    def counters(self) -> Doc:
-        return {"reasons": {"STAT_TX": 10, "STAT_CT_HIT": 7, "STAT_CT_MISS": 3}}

@@ -2,58 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from edge_lb import events
 from edge_lb.bgp.policy import host_prefix
+from edge_lb.control.document import BackendRow, Served, VipRow
 from edge_lb.control.nodestate import NodeState
+from edge_lb.dataplane.counters import CounterSnapshot
 from edge_lb.dataplane.desired import VipKey
-from edge_lb.dataplane.mapio import MapIO
 
-Doc = dict[str, Any]
-
-
-class Counters:
-    """The data plane's per-CPU counters, summed on a timer (each second), never per request: however often
-    the API, the dashboard or Prometheus ask, the maps are read once a second."""
-
-    def __init__(self, io: MapIO, interval: float = 1.0) -> None:
-        self.io = io
-        self.interval = interval
-        self.vips: dict[int, tuple[int, int]] = {}
-        self.backends: dict[int, tuple[int, int]] = {}
-        self.reasons: dict[int, tuple[int, int]] = {}
-
-    def refresh(self) -> None:
-        self.vips = self.io.read_counters("vip_stats")
-        self.backends = self.io.read_counters("backend_stats")
-        self.reasons = self.io.read_counters("reason_stats")
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.refresh()
-            except Exception as exc:  # keep the last figures; the next tick tries again
-                events.emit("counters", logging.WARNING, error=repr(exc))
+Doc = Mapping[str, Any]  # a node document (document.NodeDocument) or its API view with the VIPs (the CLI's)
 
 
-def document(state: NodeState, counters: Counters) -> Doc:
-    """VIPs and backends with health, last reason, weight, ring share and traffic counters."""
+def document(state: NodeState, counters: CounterSnapshot) -> Served:
+    """VIPs and backends with health, last reason, weight, ring share and traffic (one counter snapshot's)."""
     vip_counts = counters.vips
     backend_counts = counters.backends
     ring_size = state.maps.ring_size
-    vips = []
+    vips: list[VipRow] = []
     configured = {(v.name, b.address): b.weight for v in state.base.vips for b in v.backends}
     for vip in state.config.vips:
         key = VipKey.of(vip)
         num = state.maps.vip_number(key)
         counts = state.ring_counts(key)
-        rows = []
+        rows: list[BackendRow] = []
         for b in vip.backends:
             view = state.view(key, b.address, b.weight)
             slots = counts.get(view.index, 0) if view.index is not None else 0

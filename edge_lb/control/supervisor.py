@@ -3,7 +3,7 @@
     startup    config -> control socket -> load/adopt the pinned data plane -> MACs -> node state ->
                first change (Reconciler.change "startup") -> attach -> BGP; the running node is then served
                to the API (control.operations.NodeOperations)
-    main_loop  the node's workers: the change path's health loop, counters, metrics, BGP, the attachment
+    main_loop  the node's workers: the change path's health loop, the counter sampler, BGP, the attachment
     shutdown   SIGTERM/SIGINT: every step startup took is undone in reverse, each bounded: BGP withdraws and
                drains first, then checks stop and sockets close. The program stays attached and the maps
                pinned, so a restarted supervisor adopts them and no established flow is dropped.
@@ -34,7 +34,7 @@ from edge_lb.control.gwwatch import GatewayWatcher
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
-from edge_lb.control.status import Counters
+from edge_lb.dataplane.counters import CounterSampler
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.node import Link, NodeMaps, link_for
 from edge_lb.errors import EdgeLbError
@@ -91,7 +91,7 @@ class Supervisor:
         dp = Dataplane.load(config.dataplane, pin=True)
         self._undo.callback(dp.close)
         maps = NodeMaps(dp.io, config, await self._link(config), adopt=True)
-        counters = Counters(dp.io)
+        counters = CounterSampler(dp.io)
         counters.refresh()
         state = NodeState(maps, config, overrides.load(paths.weights(instance)), make_checker)
         self._on_shutdown("health checks", state.stop)
@@ -177,7 +177,6 @@ class Supervisor:
         assert self.node is not None  # startup finished
         node = self.node
         workers = [asyncio.create_task(node.reconciler.run(), name="reconciler"),
-                   asyncio.create_task(self.metrics.run(), name="metrics"),
                    asyncio.create_task(node.counters.run(), name="counters"),
                    asyncio.create_task(node.attachment.run(node.bgp.poke if node.bgp else _nothing),
                                        name="attachment")]

@@ -18,7 +18,7 @@ from edge_lb.lab.labs import PY, DataplaneLab, wait_for
 pytestmark = pytest.mark.root
 
 INTERVAL, FAST, FALL, RISE = 1.0, 0.25, 2, 2
-COUNTERS_EVERY = 1.0  # status.Counters: the per-CPU maps are summed once a second
+COUNTERS_EVERY = 1.0  # dataplane.counters.CounterSampler: the per-CPU maps are summed once a second
 CHECK = (f'  type = "http"\n  interval = {INTERVAL}\n  fast_interval = {FAST}\n  timeout = 0.5\n'
          f'  fall = {FALL}\n  rise = {RISE}\n')
 

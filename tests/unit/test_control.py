@@ -1,4 +1,5 @@
-"""The control socket in-process, the status table, and the structured log lines."""
+"""The control socket in-process over an in-memory node (tests/unit/memnode.py), the status table, and the
+structured log lines."""
 
 from __future__ import annotations
 
@@ -13,38 +14,45 @@ from edge_lb import cli, events
 from edge_lb.api import sockets
 from edge_lb.config import Api
 from edge_lb.control import status
-from edge_lb.control.operations import FakeOperations
+from edge_lb.control.operations import NodeOperations
 from edge_lb.errors import SupervisorError
 
+from .memnode import MemNode, running
 
-def serve(path: Path, body: Any) -> FakeOperations:
-    """Run body(server) against a ControlServer on path serving FakeOperations."""
-    ops = FakeOperations(reload_problems=["vip[0].port: must be an integer 0..65535"])
+
+def serve(path: Path, body: Any) -> None:
+    """Run body(server, node) against a ControlServer on path serving an in-memory node."""
 
     async def main() -> None:
-        server = sockets.ControlServer(ops, [])
-        await server.start(path)
-        try:
-            await body(server)
-        finally:
-            await server.stop()
+        async with running(path.parent) as node:
+            server = sockets.ControlServer(node.ops, [])
+            await server.start(path)
+            try:
+                await body(server, node)
+            finally:
+                await server.stop()
         assert not path.exists(), "the socket is removed on stop"
 
     asyncio.run(main())
-    return ops
 
 
 def test_the_cli_socket_serves_the_api_without_a_token(tmp_path: Path) -> None:
     path = tmp_path / "lb.sock"
 
-    async def body(server: sockets.ControlServer) -> None:
+    async def body(server: sockets.ControlServer, node: MemNode) -> None:
         doc = await sockets.status_doc(path)
-        assert doc["instance"] == "fake" and doc["vips"][0]["vip"] == "10.0.0.1:80/tcp"
+        assert doc["instance"] == "mem" and doc["vips"][0]["vip"] == "10.0.0.1:80/tcp"
+        node.config_path.write_text(node.config_path.read_text().replace("port = 80", "port = 70000"))
         code, rejected = await sockets.request(path, "POST", "/api/v1/reload")
-        assert code == 422 and rejected["problems"] == ["vip[0].port: must be an integer 0..65535"]
+        assert code == 422 and len(rejected["problems"]) == 1
+        assert rejected["problems"][0].startswith("vip[0].port: ")
         url = "/api/v1/vips/10.0.0.1/80/tcp/backends/10.1.0.1/drain"
         code, drained = await sockets.request(path, "POST", url)
         assert (code, drained["weight"]) == (200, 0), "the Unix socket's permissions are its authentication"
+        assert node.ring_slots("10.1.0.1") == 0, "drained in the maps"
+        doc = await sockets.status_doc(path)
+        assert doc["vips"][0]["backends"][0]["state"] == "drained"
+        assert "10.1.0.1" in status.render(doc).split("drained")[0].splitlines()[-1]
         assert oct(path.stat().st_mode & 0o777) == "0o660"
 
     serve(path, body)
@@ -56,8 +64,8 @@ def test_a_second_supervisor_is_refused_and_a_stale_socket_replaced(tmp_path: Pa
     stale.bind(str(path))  # left behind by a killed supervisor: nobody listens
     stale.close()
 
-    async def body(server: sockets.ControlServer) -> None:
-        second = sockets.ControlServer(FakeOperations(), [])
+    async def body(server: sockets.ControlServer, node: MemNode) -> None:
+        second = sockets.ControlServer(NodeOperations("/etc/edge-lb.toml"), [])
         with pytest.raises(SupervisorError, match="another supervisor is running"):
             await second.start(path)
 
@@ -137,19 +145,18 @@ def test_reload_refuses_api_changes_that_need_a_restart() -> None:
     assert restart_only(old, old) == []
 
 
-class BrokenOperations(FakeOperations):
+class BrokenOperations(NodeOperations):
+    """Not started yet (reload: "still starting"), and with a bug in set_disabled."""
+
     async def set_disabled(self, disabled: bool) -> dict[str, Any]:
         raise RuntimeError("a bug")
-
-    async def reload(self) -> dict[str, Any]:
-        raise SupervisorError("still starting: reload once the node is running")
 
 
 def test_failures_are_json_with_the_right_status(tmp_path: Path) -> None:
     path = tmp_path / "lb.sock"
 
     async def main() -> None:
-        server = sockets.ControlServer(BrokenOperations(), [])
+        server = sockets.ControlServer(BrokenOperations("/etc/edge-lb.toml"), [])
         await server.start(path)
         try:
             code, doc = await sockets.request(path, "POST", "/api/v1/node/disable")

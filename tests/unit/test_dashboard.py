@@ -1,8 +1,9 @@
-"""The dashboard in Debian's headless Chromium, against a stand-in API backed by FakeOperations.
+"""The dashboard in Debian's headless Chromium, served by the real REST API (rest.make_app) over an in-memory
+node (tests/unit/memnode.py: the real NodeOperations over in-memory maps, checker and BGP speaker).
 
-The stand-in serves the documents the REST API will serve (/api/v1/node, /vips, /events) and moves traffic on
-each /vips poll, so the chart has rates to draw. Chromium runs with a virtual time budget: the page's
-one-second poll runs several times, then the DOM is dumped and read here.
+Each /vips poll first moves traffic in the node's counter maps (sampled at once), so the chart has rates to
+draw, and a drain goes through the node's real change path. Chromium runs with a virtual time budget: the
+page's one-second poll runs several times, then the DOM is dumped and read here.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from edge_lb.api import dashboard
-from edge_lb.control.operations import FakeOperations
+from edge_lb import events
+from edge_lb.api import dashboard, rest
 
-VIP = "10.0.0.1:80/tcp"
-BACKENDS = ("10.1.0.1", "10.1.0.2")
-NODE_FIELDS = ("phase", "instance", "interface", "attached", "uptime", "pid", "config", "gateway_mac", "bgp")
+from .memnode import BACKENDS, VIP, MemNode, running
+
 CHROMIUM_TIMEOUT = 60.0  # seconds of wall time for one page load; the page itself runs on virtual time
 VIRTUAL_TIME_MS = 4000
 
@@ -42,53 +43,38 @@ def chromium() -> str:
     pytest.fail("chromium is missing: run scripts/setup.sh, which installs Debian's chromium")
 
 
-# ---- the stand-in API -----------------------------------------------------------------------------------
+# ---- the API over an in-memory node ---------------------------------------------------------------------
 
 
 @dataclass
 class Lab:
-    """FakeOperations behind the API's three GET documents. Each /vips poll sends 100 packets per second of
-    weight to every backend in the ring; `drain_on_poll` drains BACKENDS[0] when that poll arrives."""
+    """The real API and the dashboard over `node`. Each /vips poll first sends 100 packets per second of
+    weight to every backend (through the counter maps and the sampler); `drain_on_poll` drains BACKENDS[0]
+    through the node's operations when that poll arrives."""
 
-    ops: FakeOperations = field(default_factory=FakeOperations)
+    node: MemNode
     polls: int = 0
     drain_on_poll: int | None = None
 
-    def __post_init__(self) -> None:
-        self.ops.log.append({"time": time.time(), "event": "started", "instance": "fake"})
-
     def app(self) -> web.Application:
-        app = web.Application()
-        dashboard.add_routes(app)
-        app.router.add_get("/api/v1/node", self.node)
-        app.router.add_get("/api/v1/vips", self.vips)
-        app.router.add_get("/api/v1/events", self.events)
+        app = rest.make_app(self.node.ops, token=None, extra=[dashboard.add_routes])
+
+        @web.middleware
+        async def traffic(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path == "/api/v1/vips":
+                await self.poll()
+            return await handler(request)
+
+        app.middlewares.append(traffic)
         return app
 
-    async def node(self, request: web.Request) -> web.Response:
-        doc = self.ops.status()
-        return web.json_response({name: doc[name] for name in NODE_FIELDS})
-
-    async def vips(self, request: web.Request) -> web.Response:
+    async def poll(self) -> None:
         self.polls += 1
         if self.polls == self.drain_on_poll:
-            await self.ops.set_weight(VIP, BACKENDS[0], 0)
-        for vip in self.ops.doc["vips"]:
-            for i, backend in enumerate(vip["backends"]):
-                packets = 100 * (i + 1) * backend["weight"]
-                backend["packets"] += packets
-                backend["bytes"] += 1500 * packets
-                vip["packets"] += packets
-                vip["bytes"] += 1500 * packets
-        vips = self.ops.status()["vips"]
-        for vip in vips:
-            address, _, rest = vip["vip"].rpartition(":")
-            port, _, protocol = rest.partition("/")
-            vip.update(address=address, port=int(port), protocol=protocol)
-        return web.json_response(vips)
-
-    async def events(self, request: web.Request) -> web.Response:
-        return web.json_response(self.ops.events(int(request.query.get("limit", "100"))))
+            await self.node.ops.set_weight(VIP, BACKENDS[0], 0)
+        weights = {str(b.address): b.weight for v in self.node.state.config.vips for b in v.backends}
+        for i, backend in enumerate(BACKENDS):
+            self.node.send(backend, 100 * (i + 1) * weights[backend])
 
 
 # ---- the dumped DOM -------------------------------------------------------------------------------------
@@ -215,19 +201,23 @@ def legend_pps(page: Element, address: str) -> int:
 
 def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
     chromium()  # skip or fail before starting anything
-    lab = Lab()
 
     async def main() -> tuple[Element, Element]:
-        first = await load(lab, tmp_path, "first")
-        lab.drain_on_poll = 3  # drained while the second page is open, after it has shown the backend up
-        return first, await load(lab, tmp_path, "second")
+        async with running(tmp_path) as node:
+            lab = Lab(node)
+            events.emit("started", instance="mem")  # the newest event when the first page loads
+            first = await load(lab, tmp_path, "first")
+            lab.drain_on_poll = 3  # drained while the second page is open, after it has shown the backend up
+            second = await load(lab, tmp_path, "second")
+            assert node.ring_slots(BACKENDS[0]) == 0, "the drain reached the maps"
+            return first, second
 
     started = time.monotonic()
     first, second = asyncio.run(main())
     print(f"two page loads in {time.monotonic() - started:.1f}s")
 
     # The node, BGP, and a page that polls and reports no API problem.
-    assert first.one("span", id="node-instance").text() == "fake"
+    assert first.one("span", id="node-instance").text() == "mem"
     assert first.one("p", id="conn").attrs["data-ok"] == "true"
     assert int(first.one("body").attrs["data-polls"]) >= 3, "polled once a second over the virtual time"
     assert first.one("tr", data_peer="10.9.0.1").attrs["data-state"] == "up"
@@ -242,8 +232,8 @@ def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
         assert row.cell("state") == "up"
         assert row.cell("address") == address
         assert row.cell("weight") == "1"
-        assert row.cell("reason") == "HTTP 200"
-        assert row.cell("latency") == "2.0 ms"
+        assert row.cell("reason") == "fake ok"
+        assert re.fullmatch(r"\d+\.\d ms", row.cell("latency")), row.cell("latency")
 
     # The chart: several samples, one band per backend, 10.1.0.2 carrying twice the packets of 10.1.0.1.
     chart = first.one("svg", **{"class": "traffic"})
@@ -253,7 +243,7 @@ def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
         assert int(band.attrs["data-points"]) >= 2 and min(band_thickness(band)) > 0
     assert legend_pps(first, BACKENDS[1]) == pytest.approx(2 * legend_pps(first, BACKENDS[0]), rel=0.05)
     assert legend_pps(first, BACKENDS[0]) > 0
-    assert [e.attrs["data-event"] for e in first.one("ol", id="events").all("li")] == ["started"]
+    assert first.one("ol", id="events").all("li")[0].attrs["data-event"] == "started", "newest first"
 
     # The second page saw the drain happen: the row, the chart's band going to nothing, the event on top.
     drained = backend_row(second, BACKENDS[0])
@@ -264,9 +254,10 @@ def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
     heights = band_thickness(second.one("path", data_backend=BACKENDS[0]))
     assert heights[0] > 0 and heights[-1] == 0, f"the drained backend's band should fall to zero: {heights}"
     assert legend_pps(second, BACKENDS[0]) == 0 < legend_pps(second, BACKENDS[1])
-    events = second.one("ol", id="events").all("li")
-    assert [e.attrs["data-event"] for e in events] == ["weight", "started"], "newest first"
-    assert f"backend={BACKENDS[0]}" in events[0].text()
+    shown = second.one("ol", id="events").all("li")
+    names = [e.attrs["data-event"] for e in shown]
+    assert names[0] == "weight" and "started" in names[1:], f"newest first: {names}"
+    assert f"backend={BACKENDS[0]}" in shown[0].text()
 
 
 def test_only_the_page_and_its_assets_are_served() -> None:

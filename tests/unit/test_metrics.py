@@ -1,9 +1,15 @@
-"""GET /metrics against FakeOperations: every family's values, the timer-driven snapshot, the HTTP route."""
+"""GET /metrics: every family's values from a canned node document, then over an in-memory node
+(tests/unit/memnode.py): scrapes read the node at the moment, their traffic from the one counter sampler, and
+edge_lb_snapshot_age_seconds is that sampler's snapshot age."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,21 +19,51 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_lb.api.metrics import Metrics, reason_label
-from edge_lb.control.operations import Doc, FakeOperations
 from edge_lb.dataplane import counters
+from edge_lb.dataplane.counters import CounterSampler, CounterSnapshot
+
+from .memnode import MemNode, running
 
 VIP = "10.0.0.1:80/tcp"
 B1, B2 = "10.1.0.1", "10.1.0.2"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
+Doc = dict[str, Any]
+
+
+def _backend(address: str) -> Doc:
+    return {"address": address, "weight": 1, "state": "up", "config_weight": 1, "reason": "HTTP 200",
+            "last_check": time.time(), "latency": 0.002, "check": "http", "ring_slots": 0, "ring_share": 0.0,
+            "packets": 0, "bytes": 0}
+
+
+def _reasons(**packets: int) -> dict[int, tuple[int, int]]:
+    return {counters.reason_names().index(name): (n, 0) for name, n in packets.items()}
+
+
 @dataclass
-class CountingOperations(FakeOperations):
+class CountingOperations:
+    """A canned node document and counter snapshot (the families' edge cases); counts status() reads."""
+
+    doc: Doc = field(default_factory=lambda: {
+        "vips": [{"vip": VIP, "address": "10.0.0.1", "port": 80, "protocol": "tcp", "healthy": 2,
+                  "in_ring": 2, "backends": [_backend(B1), _backend(B2)], "packets": 0, "bytes": 0}],
+        "ring_size": 65537, "phase": "running", "instance": "fake", "interface": "eth0", "pid": 1,
+        "uptime": 1.0, "config": "/etc/edge-lb.toml", "gateway_mac": "02:00:00:00:00:02", "applies": 1,
+        "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "withheld": {}, "disabled": False,
+                "disable_file": "/var/lib/edge-lb/fake.disabled"},
+        "attached": True})
+    snapshot: CounterSnapshot = field(default_factory=lambda: CounterSnapshot(
+        {}, {}, _reasons(STAT_TX=10, STAT_CT_HIT=7, STAT_CT_MISS=3), time.monotonic()))
     reads: int = 0
 
     def status(self) -> Doc:
         self.reads += 1
-        return super().status()
+        return copy.deepcopy(self.doc)
+
+    def counters(self) -> CounterSnapshot:
+        return self.snapshot
 
 
 def parse(body: bytes) -> Samples:
@@ -83,7 +119,7 @@ def test_health_weight_ring_and_latency(ops: CountingOperations) -> None:
 
 @pytest.mark.parametrize(("state", "up"), [("drained", 1), ("unchecked", 1), ("down", 0), ("starting", 0)])
 def test_serving_states_and_an_unknown_state(state: str, up: int) -> None:
-    ops = FakeOperations()
+    ops = CountingOperations()
     ops.doc["vips"][0]["backends"][0]["state"] = state
     s = scrape(Metrics(ops))
     assert value(s, "edge_lb_backend_up", vip=VIP, backend=B1) == up
@@ -114,17 +150,15 @@ def test_bgp_and_node_switches(ops: CountingOperations) -> None:
     assert value(s, "edge_lb_node_disabled") == 0
     assert value(s, "edge_lb_dataplane_attached") == 1
 
-    asyncio.run(ops.set_disabled(True))
-    assert value(scrape(metrics), "edge_lb_node_disabled") == 0  # still the old snapshot
-    metrics.refresh()
-    s = scrape(metrics)
+    ops.doc["bgp"].update(disabled=True, announced=[])
+    s = scrape(metrics)  # the node as it is at the scrape
     assert value(s, "edge_lb_node_disabled") == 1
     assert names(s, "edge_lb_bgp_announced", "prefix") == set()
 
 
 def test_without_bgp_and_while_starting() -> None:
-    ops = FakeOperations()
-    ops.doc = {"phase": "starting", "pid": 1, "config": "/etc/edge-lb.toml", "vips": [], "bgp": None}
+    ops = CountingOperations()
+    ops.doc = {"phase": "starting", "pid": 1, "config": "/etc/edge-lb.toml", "vips": []}
     s = scrape(Metrics(ops))
     assert names(s, "edge_lb_bgp_peer_up", "peer") == set()
     assert value(s, "edge_lb_node_disabled") == 0
@@ -145,19 +179,6 @@ def test_ring_rebuilds(ops: CountingOperations) -> None:
     assert value(s, "edge_lb_ring_slots_written_total") == 65637
 
 
-def test_scrapes_render_the_snapshot_without_reading_the_maps(ops: CountingOperations) -> None:
-    metrics = Metrics(ops)
-    first = scrape(metrics)
-    ops.doc["vips"][0]["packets"] = 999
-    second = scrape(metrics)
-    assert ops.reads == 1
-    assert value(second, "edge_lb_vip_packets_total", vip=VIP) == 300
-    assert 0 <= value(first, "edge_lb_snapshot_age_seconds") <= value(second, "edge_lb_snapshot_age_seconds")
-    metrics.refresh()
-    assert ops.reads == 2
-    assert value(scrape(metrics), "edge_lb_vip_packets_total", vip=VIP) == 999
-
-
 def test_own_registry_not_the_global_one(ops: CountingOperations) -> None:
     registry = CollectorRegistry()
     Metrics(ops)
@@ -167,46 +188,9 @@ def test_own_registry_not_the_global_one(ops: CountingOperations) -> None:
     assert registry.get_sample_value("edge_lb_vip_packets_total", {"vip": VIP}) == 300
 
 
-def test_interval_must_be_positive(ops: CountingOperations) -> None:
-    with pytest.raises(ValueError, match="interval"):
-        Metrics(ops, interval=0)
-
-
-def test_run_refreshes_on_a_timer_and_survives_a_failed_read(ops: CountingOperations) -> None:
-    class Flaky(CountingOperations):
-        failing = True
-
-        def counters(self) -> Doc:
-            if self.failing and self.reads > 1:
-                raise OSError("map read failed")
-            return super().counters()
-
-    flaky = Flaky(doc=ops.doc)
-
-    async def until(reads: int) -> None:
-        async with asyncio.timeout(5):
-            while flaky.reads < reads:
-                await asyncio.sleep(0.005)
-
-    async def main() -> None:
-        metrics = Metrics(flaky, interval=0.01)
-        first = metrics.refresh()
-        task = asyncio.create_task(metrics.run())
-        await until(3)  # two refreshes failed
-        assert metrics.snapshot() is first, "a failed read keeps the last snapshot"
-        flaky.failing = False
-        await until(flaky.reads + 1)  # a refresh is synchronous: once counted, it has replaced the snapshot
-        assert metrics.snapshot() is not first, "the timer refreshes once reads work again"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-
-
 def test_route() -> None:
     async def main() -> tuple[int, str, Any]:
-        ops = FakeOperations()
+        ops = CountingOperations()
         metrics = Metrics(ops)
         metrics.observe_apply(0.01, 10)
         app = web.Application()
@@ -221,3 +205,85 @@ def test_route() -> None:
     s = parse(body)
     assert value(s, "edge_lb_backend_up", vip=VIP, backend=B1) == 1
     assert value(s, "edge_lb_ring_rebuilds_total") == 1
+
+
+# -- over the in-memory node: one counter sampler, the node as it is at the scrape
+
+
+def over_node(tmp_path: Path, body: Any) -> None:
+    async def main() -> None:
+        async with running(tmp_path) as node:
+            await body(node, Metrics(node.ops))
+
+    asyncio.run(main())
+
+
+def test_traffic_comes_from_the_one_sampler_and_the_rest_from_the_scrape(tmp_path: Path) -> None:
+    async def body(node: MemNode, metrics: Metrics) -> None:
+        node.send(B1, 20, 100)
+        s = scrape(metrics)
+        assert value(s, "edge_lb_backend_packets_total", vip=VIP, backend=B1) == 20
+        assert value(s, "edge_lb_vip_bytes_total", vip=VIP) == 2000
+        assert value(s, "edge_lb_packets_total", reason="tx") == 20
+        assert value(s, "edge_lb_snapshot_age_seconds") == pytest.approx(node.ops.counters().age(), abs=0.05)
+
+        node.io.counters["backend_stats"][node.index(B1)] = (999, 99900)  # in the maps, not sampled yet
+        await node.ops.set_weight(VIP, B2, 0)
+        s = scrape(metrics)
+        assert value(s, "edge_lb_backend_packets_total", vip=VIP, backend=B1) == 20, "the sampler's figures"
+        assert value(s, "edge_lb_backend_weight", vip=VIP, backend=B2) == 0, "the drain, at once"
+        assert value(s, "edge_lb_backend_state", vip=VIP, backend=B2, state="drained") == 1
+        assert value(s, "edge_lb_backend_ring_share", vip=VIP, backend=B1) == 1.0
+        node.counters.refresh()
+        assert value(scrape(metrics), "edge_lb_backend_packets_total", vip=VIP, backend=B1) == 999
+
+    over_node(tmp_path, body)
+
+
+def test_the_age_is_the_samplers_and_grows_while_its_reads_fail(tmp_path: Path) -> None:
+    async def body(node: MemNode, metrics: Metrics) -> None:
+        sampler = CounterSampler(node.io, interval=0.01)  # the node's, on a faster timer
+        assert node.node is not None
+        node.ops.serve(dataclasses.replace(node.node, counters=sampler))
+        first = sampler.refresh()
+        task = asyncio.create_task(sampler.run())
+        try:
+            await asyncio.sleep(0.05)
+            assert sampler.snapshot is not first, "the timer refreshes"
+            assert value(scrape(metrics), "edge_lb_snapshot_age_seconds") < 0.05
+            broken = sampler.snapshot
+
+            def refuse(name: str) -> dict[int, tuple[int, int]]:
+                raise OSError("map read failed")
+
+            node.io.read_counters = refuse  # type: ignore[method-assign]
+            await asyncio.sleep(0.15)
+            assert sampler.snapshot is broken, "a failed read keeps the last snapshot"
+            assert value(scrape(metrics), "edge_lb_snapshot_age_seconds") >= 0.15
+            del node.io.read_counters
+            await asyncio.sleep(0.05)
+            assert sampler.snapshot is not broken, "refreshed once reads work again"
+            assert value(scrape(metrics), "edge_lb_snapshot_age_seconds") < 0.05
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    over_node(tmp_path, body)
+
+
+def test_before_the_node_runs_the_age_counts_from_the_start() -> None:
+    from edge_lb.control.operations import NodeOperations
+
+    ops = NodeOperations("/etc/edge-lb.toml")
+    time.sleep(0.02)
+    s = scrape(Metrics(ops))
+    assert value(s, "edge_lb_snapshot_age_seconds") >= 0.02, "nothing has been read yet"
+    assert value(s, "edge_lb_packets_total", reason="tx") == 0
+    assert names(s, "edge_lb_vip_packets_total", "vip") == set()
+
+
+def test_the_sampler_interval_must_be_positive() -> None:
+    from edge_lb.dataplane.mapio import FakeMapIO
+
+    with pytest.raises(ValueError, match="interval"):
+        CounterSampler(FakeMapIO(7), interval=0)

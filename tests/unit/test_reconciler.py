@@ -16,6 +16,7 @@ from edge_lb.config import Config, parse_config
 from edge_lb.control import overrides, status
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import NoRoutes, Reconciler, Routes
+from edge_lb.dataplane.counters import CounterSampler
 from edge_lb.dataplane.desired import VipKey, ring_for
 from edge_lb.dataplane.mapio import FakeMapIO
 from edge_lb.dataplane.node import Link, NodeMaps
@@ -320,9 +321,7 @@ def test_status_document_from_the_reconciler() -> None:
         await h.until(lambda: not h.state.health_of((VIP, B3)).up, "b3 down")
         await h.reload(drained)
         h.io.counters = {"vip_stats": {0: (30, 2700)}, "backend_stats": {h.index(B1): (30, 2700)}}
-        counters = status.Counters(h.io)
-        counters.refresh()
-        doc = status.document(h.state, counters)
+        doc = status.document(h.state, CounterSampler(h.io).refresh())
         vip = doc["vips"][0]
         rows = {b["address"]: b for b in vip["backends"]}
         assert [rows[str(b)]["state"] for b in (B1, B2, B3)] == ["up", "drained", "down"]

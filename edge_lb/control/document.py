@@ -1,0 +1,91 @@
+"""The status document's shape, written once: the node document NodeOperations.status() builds (from
+edge_lb.control.status.document, the node's fields and BgpController.status()), its VIP and backend rows, the
+bgp block, and NodeView, the projection GET /api/v1/node serves.
+
+edge_lb.api.openapi builds its Node, Vip, Backend and Bgp schemas over these keys (it refuses to build when
+they differ), so the API's document, the status document and the code that fills them cannot drift apart.
+"""
+
+from typing import Literal, NotRequired, TypedDict
+
+BackendState = Literal["up", "down", "drained", "unchecked"]  # edge_lb.control.nodestate.BackendView.state
+Phase = Literal["starting", "running", "stopping"]
+
+
+class BackendRow(TypedDict):
+    """One backend of one VIP: health, weight, ring placement, traffic."""
+
+    address: str
+    weight: int  # in effect: the runtime weight, else the config's
+    state: str  # a BackendState
+    config_weight: int | None
+    reason: str | None  # the last check's result
+    last_check: float | None  # epoch seconds; None: never checked
+    latency: float | None  # seconds the last check took
+    check: str | None  # the health check type
+    ring_slots: int
+    ring_share: float
+    packets: int
+    bytes: int
+
+
+class VipRow(TypedDict):
+    """One VIP with its backends and traffic."""
+
+    vip: str  # 10.0.0.1:80/tcp, [fd00::1]:443/tcp
+    address: str
+    port: int
+    protocol: str  # "tcp" or "udp"
+    healthy: int  # backends not down
+    in_ring: int  # backends holding ring slots
+    backends: list[BackendRow]
+    packets: int
+    bytes: int
+
+
+class BgpStatus(TypedDict):
+    """edge_lb.bgp.controller.BgpController.status()."""
+
+    peers: dict[str, str]  # peer address -> session state
+    announced: list[str]  # prefixes sent to the speaker
+    withheld: dict[str, str]  # prefix -> why it is not announced
+    disabled: bool
+    disable_file: str
+
+
+class Served(TypedDict):
+    """edge_lb.control.status.document: what the data plane serves."""
+
+    vips: list[VipRow]
+    ring_size: int
+
+
+class NodeDocument(TypedDict):
+    """NodeOperations.status(): while starting only phase, pid, config and (no) vips."""
+
+    vips: list[VipRow]
+    ring_size: NotRequired[int]
+    phase: str  # a Phase
+    instance: NotRequired[str]
+    interface: NotRequired[str]
+    pid: int
+    uptime: NotRequired[float]
+    config: str
+    gateway_mac: NotRequired[str]
+    applies: NotRequired[int]
+    bgp: NotRequired[BgpStatus | None]  # None: no [bgp]
+    attached: NotRequired[bool]
+
+
+class NodeView(TypedDict):
+    """GET /api/v1/node: the node document's fields without its VIPs; None for what is not known yet."""
+
+    phase: str
+    instance: str | None
+    interface: str | None
+    attached: bool | None
+    uptime: float | None
+    pid: int
+    config: str | None
+    gateway_mac: str | None
+    bgp: BgpStatus | None
