@@ -34,7 +34,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from edge_lb import paths
 from edge_lb.dataplane import bpfsys
 from edge_lb.dataplane.counters import reason_names
 from edge_lb.errors import LabError
+from edge_lb.lab.bird import Bird
 from edge_lb.lab.labs import (
     PY,
     Holder,
@@ -71,7 +71,6 @@ VIP_NUMS = {"tcp": 0, "udp": 1}  # the numbers a fresh instance gives the lab's 
 FAST_CHECK = ('  type = "http"\n  interval = 1.0\n  fast_interval = 0.25\n  timeout = 0.5\n'
               '  fall = 2\n  rise = 2\n')
 UNCHECKED = '  type = "none"\n'  # the UDP VIP: nothing answers on it
-BIRD_TIMEOUT = 10.0  # seconds for BIRD to answer on its control socket, and for any birdc command
 
 
 @dataclass
@@ -112,7 +111,7 @@ class BgpLab:
     nodes: dict[int, LbNode] = field(default_factory=dict)  # number (1..) -> LB node
     servers: list[Node] = field(default_factory=list)
     http: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # role -> its HTTP server
-    bird: subprocess.Popen[bytes] | None = None
+    bird: Bird | None = None  # BIRD on the router
 
     # -- building ----------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -164,10 +163,6 @@ class BgpLab:
         return next(s for s in self.servers if role_of(s) == role)
 
     # -- the router ----------------------------------------------------------------------------------------
-    @property
-    def bird_ctl(self) -> Path:
-        return self.lab.tmpdir / "bird.ctl"
-
     def bird_conf(self) -> str:
         """BIRD 2: BGP routes to the kernel with merged (ECMP) paths; only VIP /32s accepted; fast timers."""
         peers = "".join(f"protocol bgp {n.name} from lbpeer {{ neighbor {n.address} as {n.asn}; "
@@ -189,42 +184,13 @@ class BgpLab:
 
     def _start_bird(self) -> None:
         assert self.router is not None
-        conf = self.lab.tmpdir / "bird.conf"
-        conf.write_text(self.bird_conf())
-        # Foreground (-f): the PID is BIRD's own, so the Lab stops it by PID.
-        self.bird = self.router.spawn(["bird", "-f", "-c", str(conf), "-s", str(self.bird_ctl),
-                                       "-P", str(self.lab.tmpdir / "bird.pid")], self.lab.tmpdir / "bird.log")
-        deadline = time.monotonic() + BIRD_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.bird.poll() is not None:
-                raise LabError(f"bird exited with {self.bird.returncode}: {self.bird_log()[-2000:]}")
-            if self.bird_ctl.exists() and self._birdc("show", "status", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise LabError(f"bird did not answer within {BIRD_TIMEOUT} s: {self.bird_log()[-2000:]}")
-
-    def _birdc(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = ["birdc", "-s", str(self.bird_ctl), *argv]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=BIRD_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise LabError(f"{' '.join(cmd)}: {exc}") from exc
-        if check and out.returncode != 0:
-            raise LabError(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip() or out.stdout}")
-        return out
-
-    def birdc(self, *argv: str) -> str:
-        """A birdc command's output, e.g. birdc("show", "route", "all")."""
-        return self._birdc(*argv).stdout
+        self.bird = Bird(self.router, self.lab.tmpdir)
+        self.bird.start(self.bird_conf())
 
     def bird_protocols(self) -> dict[str, str]:
         """name -> state ("up", "start", "down") of every BIRD protocol; BGP is "up" when Established."""
-        rows = self.birdc("show", "protocols").splitlines()
-        start = next((i for i, line in enumerate(rows) if line.startswith("Name")), len(rows))
-        return {cols[0]: cols[3] for cols in (r.split() for r in rows[start + 1:]) if len(cols) >= 4}
-
-    def bird_log(self) -> str:
-        return (self.lab.tmpdir / "bird.log").read_text(errors="replace")
+        assert self.bird is not None
+        return self.bird.protocols()
 
     def router_nexthops(self) -> set[str]:
         """Gateways of the router's kernel route for the VIP (empty without one)."""
@@ -355,6 +321,7 @@ class BgpLab:
         return out.stdout.strip()
 
     # -- traffic and counters --------------------------------------------------------------------------------
+    # http_get and hold repeat DataplaneLab's on purpose: each binds the shared http_get/Holder to its own VIP
     def http_get(self, count: int) -> dict[str, Any]:
         assert self.client is not None
         return http_get(self.client.ns, VIP, HTTP_PORT, count)
