@@ -82,6 +82,7 @@ _SCHEMAS: Doc = {
         "pid": {"type": "integer"},
         "config": _or_null({**_TEXT, "description": "the config file's path"}),
         "gateway_mac": _or_null(_TEXT),
+        "mtu": _or_null({"type": "integer", "description": "the MTU the data plane checks against"}),
         "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"}},
         description="Null fields are not known yet (phase starting)."),
     "Backend": _typed(BackendRow, {

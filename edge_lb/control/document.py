@@ -72,6 +72,7 @@ class NodeDocument(TypedDict):
     uptime: NotRequired[float]
     config: str
     gateway_mac: NotRequired[str]
+    mtu: NotRequired[int]  # the MTU written into the data plane (followed live unless [node].mtu fixes it)
     applies: NotRequired[int]
     bgp: NotRequired[BgpStatus | None]  # None: no [bgp]
     attached: NotRequired[bool]
@@ -88,4 +89,5 @@ class NodeView(TypedDict):
     pid: int
     config: str | None
     gateway_mac: str | None
+    mtu: int | None
     bgp: BgpStatus | None

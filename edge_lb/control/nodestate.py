@@ -135,10 +135,11 @@ class NodeState:
         self.dirty.clear()
         return trigger
 
-    def follow_link(self, link: Link) -> None:
-        """The kernel says the gateway MAC (or another link fact) changed: the next change writes it."""
+    def follow_link(self, link: Link, trigger: str) -> None:
+        """The kernel says the gateway MAC or the MTU changed: the next change writes it (a fact, like
+        health: a failed write is retried with it, never rolled back to the old value)."""
         self.link = link
-        self.poke("gateway")
+        self.poke(trigger)
 
     def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
         for (vip, address), k in self.running.keys.items():

@@ -116,7 +116,8 @@ class NodeOperations:
         return {"vips": served["vips"], "ring_size": served["ring_size"],
                 "phase": "stopping" if self.stopping else "running", "instance": config.dataplane.instance,
                 "interface": config.node.interface, "pid": os.getpid(), "uptime": time.time() - node.started,
-                "config": self.config_path, "gateway_mac": state.maps.link.gw_mac, "applies": state.applies,
+                "config": self.config_path, "gateway_mac": state.maps.link.gw_mac, "mtu": state.maps.link.mtu,
+                "applies": state.applies,
                 "bgp": node.bgp.status() if node.bgp is not None else None,
                 "attached": node.attachment.on_interface}
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from edge_lb.config import Config, load_config
 from edge_lb.control import overrides
 from edge_lb.control.attachment import Attachment
 from edge_lb.control.gwwatch import GatewayWatcher
+from edge_lb.control.mtuwatch import MtuWatcher
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
@@ -65,6 +66,7 @@ class Supervisor:
         self.control = sockets.ControlServer(self.ops, [self.metrics.add_routes])
         self.node: RunningNode | None = None  # set at the end of startup
         self._early_mac: str | None = None  # a gateway MAC change seen before the node existed
+        self._followers: list[Callable[[], Coroutine[Any, Any, None]]] = []  # main-loop link followers
         self._undo = contextlib.AsyncExitStack()  # what startup did, undone in reverse by shutdown
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -105,12 +107,21 @@ class Supervisor:
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
+        self._follow_mtu(config, state)
         self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp)
         self.ops.serve(self.node)
         if self._early_mac is not None and self._early_mac != state.link.gw_mac:
             self._gateway_changed(self._early_mac)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
+
+    def _follow_mtu(self, config: Config, state: NodeState) -> None:
+        """[node].mtu unset: the interface's MTU is followed live (a main-loop worker)."""
+        if config.node.mtu:
+            return
+        def changed(mtu: int) -> None:
+            state.follow_link(replace(state.link, mtu=mtu), "mtu")
+        self._followers.append(MtuWatcher(config.node.interface, state.link.mtu, changed).run)
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:
@@ -144,7 +155,7 @@ class Supervisor:
             return
         state = self.node.state
         events.emit("gateway", old=state.link.gw_mac, new=mac, result="ctl map update queued")
-        state.follow_link(replace(state.link, gw_mac=mac))
+        state.follow_link(replace(state.link, gw_mac=mac), "gateway")
 
     def _on_shutdown(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         async def bounded() -> None:
@@ -182,6 +193,7 @@ class Supervisor:
                                        name="attachment")]
         if node.bgp is not None:
             workers.append(asyncio.create_task(node.bgp.run(), name="bgp"))
+        workers += [asyncio.create_task(follow(), name="link follower") for follow in self._followers]
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from edge_lb import paths
-from edge_lb.lab.labs import PY, DataplaneLab, wait_for
+from edge_lb.lab.labs import PY, VIP, VIP_PORT, DataplaneLab, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -186,3 +186,35 @@ def test_failed_backend_loses_its_flows_and_drained_backend_keeps_them(dlab: Dat
     assert dlab.backend_states()["b1"] == ("drained", 0)
     assert held.round() == before, "drained b1 keeps its existing flows"
     assert "b1" not in dlab.http_get(60)["served"]
+
+
+def _send_big_segment(d: DataplaneLab, size: int) -> None:
+    """One TCP segment of `size` bytes (IP header included) from the client to the VIP, through the router."""
+    assert d.client is not None
+    payload = size - 40
+    segment = f"IP(dst='{VIP}')/TCP(sport=40000, dport={VIP_PORT}, flags='A')/Raw(b'x' * {payload})"
+    d.client.ns.run([PY, "-c", f"from scapy.all import IP, TCP, Raw, send; send({segment}, verbose=False)"],
+                    timeout=60)
+
+
+def test_an_mtu_change_is_followed_live(dlab: DataplaneLab) -> None:
+    """`ip link set eth0 mtu 1400` on the LB: the data plane checks against 1400 within a second, so a segment
+    that no longer fits once encapsulated is counted too big instead of being sent to die in the driver."""
+    assert dlab.lb is not None
+    start(dlab)
+    assert dlab.status()["mtu"] == 1500
+    before = dlab.lb_reasons()
+    _send_big_segment(dlab, 1390)  # 1,410 bytes once in IPIP: fits 1500
+    wait_for(lambda: dlab.lb_reasons()["STAT_TX"] > before["STAT_TX"], 5, "the segment sent on at MTU 1500")
+    assert dlab.lb_reasons()["STAT_DROP_TOO_BIG"] == before["STAT_DROP_TOO_BIG"]
+
+    dlab.lb.ns.ip("link", "set", "eth0", "mtu", "1400")
+    changed = time.monotonic()
+    took = wait_for(lambda: dlab.status()["mtu"] == 1400, 5, "the supervisor follows the new MTU")
+    print(f"MTU followed {took:.2f} s after `ip link set eth0 mtu 1400`")
+    assert time.monotonic() - changed < 2.5  # the watcher wakes on the link event (1 s poll at worst)
+    before = dlab.lb_reasons()
+    _send_big_segment(dlab, 1390)
+    wait_for(lambda: dlab.lb_reasons()["STAT_DROP_TOO_BIG"] > before["STAT_DROP_TOO_BIG"], 5,
+             "the same segment counted too big at MTU 1400")
+    assert "event=link interface=eth0 old_mtu=1500 new_mtu=1400" in dlab.supervisor_log()

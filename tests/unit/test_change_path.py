@@ -34,7 +34,8 @@ LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
 def config(tmp_path: Path, vips: Mapping[str, Sequence[tuple[Any, int]]]) -> Config:
     return parse_config({
         "node": {"interface": "eth0"}, "dataplane": {"ring_size": RING, "max_backends": 8},
-        "healthcheck": {"interval": 0.05, "fast_interval": 0.05, "jitter": 0, "rise": 1, "fall": 1},
+        "healthcheck": {"interval": 0.05, "fast_interval": 0.05, "timeout": 0.05, "jitter": 0, "rise": 1,
+                        "fall": 1},
         "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"), "drain_time": 0,
                 "peer": [{"address": "10.9.0.1", "as": 65000}]},
         "vip": [{"address": address, "port": 80, "protocol": "tcp",
@@ -240,7 +241,7 @@ def test_a_gateway_change_is_written_by_the_loop_and_touches_no_route(tmp_path: 
         await node.start()
         await node.announced("10.200.1.1/32")
         mark = len(node.log.lines)
-        node.state.follow_link(replace(LINK, gw_mac="02:00:00:00:00:99"))
+        node.state.follow_link(replace(LINK, gw_mac="02:00:00:00:00:99"), "gateway")
         new_mac = bytes.fromhex("020000000099")
         await node.until(lambda: node.io.ctl is not None and node.io.ctl.gw_mac == new_mac,
                          "the ctl map has the new MAC")
