@@ -292,11 +292,23 @@ def _check(table: Table, base: CheckSpec, port0: bool = False, explicit: bool = 
     sets = set(table.data)
     if spec.fast_interval > spec.interval and sets & {"interval", "fast_interval"}:
         table.problem("fast_interval", f"{spec.fast_interval} must not exceed interval ({spec.interval})")
+    _check_timeout(table, spec, sets)
     if spec.kind == "exec" and not spec.command and "type" in sets and "command" not in sets:
         table.problem("command", 'required when type = "exec"')
     if port0 and spec.port is None and spec.kind not in ("exec", "none") and (explicit or "type" in sets):
         table.problem("port", f'required for a port-0 VIP (type = "{spec.kind}")')
     return spec
+
+
+def _check_timeout(table: Table, spec: CheckSpec, sets: set[str]) -> None:
+    """timeout > interval is refused, not clamped: the next check waits for the one in flight, so detection
+    would take fall * (interval + timeout), not what the interval promises; a clamp would silently change a
+    time the operator chose, and a refused reload keeps the running config."""
+    if spec.timeout <= spec.interval or not sets & {"interval", "timeout"}:
+        return
+    key = "timeout" if "timeout" in sets else "interval"
+    table.problem(key, f"timeout ({spec.timeout:g}) must not exceed interval ({spec.interval:g}): "
+                       "a check may not run longer than the time between checks")
 
 
 def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckSpec:

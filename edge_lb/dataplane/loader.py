@@ -121,8 +121,8 @@ def check_pinned(pins: Path, sizes: MapSizes) -> None:
         if have != want:
             raise DataplaneError(
                 f"pinned map {path} has {have} entries but this config needs {want}; the maps were made with "
-                f"other [dataplane] sizes. Restore those sizes, or run `edge-lb cleanup` "
-                f"(drops the connection table) and start again")
+                f"other [dataplane] sizes. Restore those sizes, or stop the supervisor, run "
+                f"`edge-lb unload -c FILE` (detaches and unpins: drops the connection table) and start again")
 
 
 class Dataplane:

@@ -45,7 +45,8 @@ IPV6_VIP = "[fd00::1]:443/tcp"
 def config_text(tmp_path: Path, *, bgp: bool = True, ipv6: bool = False) -> str:
     text = (f'[node]\ninterface = "eth0"\n[dataplane]\ninstance = "{INSTANCE}"\nring_size = {RING}\n'
             'max_backends = 16\n'
-            '[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\njitter = 0\nrise = 1\nfall = 1\n'
+            '[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\ntimeout = 0.05\njitter = 0\n'
+            'rise = 1\nfall = 1\n'
             '[[vip]]\naddress = "10.0.0.1"\nport = 80\nprotocol = "tcp"\n'
             + "".join(f'[[vip.backend]]\naddress = "{b}"\n' for b in BACKENDS))
     if ipv6:

@@ -113,3 +113,17 @@ def test_load_and_unload_refuse_while_a_supervisor_owns_the_instance(
         live.listen(1)
         assert main([command, "-c", str(config)]) == 1
     assert "a supervisor is running for instance default" in capsys.readouterr().err
+
+
+def test_every_command_a_message_names_exists() -> None:
+    """An error that advises `edge-lb X` must name a command the CLI has (one advised `edge-lb cleanup`)."""
+    import re
+
+    from edge_lb.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    root = Path(__file__).resolve().parents[2]
+    named = {(path.name, word) for path in [*root.glob("edge_lb/**/*.py"), *root.glob("healthchecks/*.py")]
+             for word in re.findall(r"`edge-lb ([a-z-]+)", path.read_text())}
+    assert len(named) > 5  # the search finds the advice it checks
+    assert [(name, word) for name, word in sorted(named) if word not in commands] == []

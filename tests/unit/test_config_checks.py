@@ -121,6 +121,18 @@ def test_an_inherited_mistake_is_reported_once_where_it_was_written() -> None:
         'healthcheck.command: required when type = "exec"']
 
 
+def test_a_timeout_longer_than_the_interval_is_refused_where_it_was_written() -> None:
+    why = "must not exceed interval ({}): a check may not run longer than the time between checks"
+    assert problems(cfg(vip_check={"timeout": 5})) == [
+        "vip[0].healthcheck.timeout: timeout (5) " + why.format(2)]
+    assert problems(cfg(check={"interval": 0.5}, backend_check={"rise": 3})) == [  # default timeout 1 s
+        "healthcheck.interval: timeout (1) " + why.format(0.5)]
+    assert problems(cfg(check={"timeout": 3}, vip_check={"interval": 10}, backend_check={"interval": 2})) == [
+        "healthcheck.timeout: timeout (3) " + why.format(2), "vip[0].backend[0].healthcheck.interval: "
+        "timeout (3) " + why.format(2)]
+    assert specs(cfg(vip_check={"interval": 1, "timeout": 1, "fast_interval": 0.2}))[0].timeout == 1.0
+
+
 @pytest.mark.parametrize("name", ["a" * 64 + ".com", "x..y"])
 def test_dns_query_name_must_be_a_dns_name(name: str) -> None:
     found = problems(cfg(vip_check={"type": "udp-dns", "query_name": name}))

@@ -33,7 +33,8 @@ LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
 def config(*backends: tuple[str, int], check: str = "") -> Config:
     rows = "".join(f'[[vip.backend]]\naddress = "{a}"\nweight = {w}\n' for a, w in backends)
     text = (f'[node]\ninterface = "eth0"\n[dataplane]\nring_size = {RING}\nmax_backends = 16\n'
-            f'[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\njitter = 0\nrise = 2\nfall = 2\n{check}\n'
+            f'[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\njitter = 0\nrise = 2\nfall = 2\n'
+            f'{check or "timeout = 0.05"}\n'
             f'[[vip]]\naddress = "10.0.0.1"\nport = 80\nprotocol = "tcp"\n{rows}')
     return parse_config(tomllib.loads(text))
 
@@ -290,7 +291,7 @@ def test_a_reload_the_maps_refuse_is_rolled_back() -> None:
     io = RefusingMapIO(RING)
     heavier = parse_config(tomllib.loads(
         f'[node]\ninterface = "eth0"\n[dataplane]\nring_size = {RING}\nmax_backends = 16\n'
-        '[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\n'
+        '[healthcheck]\ninterval = 0.05\nfast_interval = 0.05\ntimeout = 0.05\n'
         '[[vip]]\naddress = "10.0.0.1"\nport = 80\nprotocol = "tcp"\n'
         '[[vip.backend]]\naddress = "10.1.0.1"\nweight = 5\n[[vip.backend]]\naddress = "10.1.0.2"\n'
         '[[vip.backend]]\naddress = "10.1.0.3"\n'
