@@ -49,15 +49,41 @@ def load(path: Path | None) -> Overrides:
         return {}
 
 
-def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
-    """Atomically: a crash mid-write leaves the previous file."""
+class Pending:
+    """New weights written beside the file, not yet in its place: commit() renames them in (atomic, and
+    it does not fail where the write succeeded), discard() drops them. What the change path prepares
+    before it touches a route or a map, so a weight that cannot be kept changes nothing."""
+
+    def __init__(self, path: Path | None, tmp: Path | None) -> None:
+        self.path, self.tmp = path, tmp
+
+    def commit(self) -> None:
+        if self.path is None or self.tmp is None:
+            return
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise SupervisorError(f"runtime weights file {self.path}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+
+def prepare(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> Pending:
+    """Write the weights beside `path`; SupervisorError saying which file when that fails."""
     if path is None or (not overrides and not path.exists()):
-        return  # nothing to keep and nothing to correct: no file
+        return Pending(None, None)  # nothing to keep and nothing to correct: no file
     rows = [{"vip": v, "backend": b, "weight": w} for (v, b), w in sorted(overrides.items())]
+    tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        os.replace(tmp, path)
     except OSError as exc:
         raise SupervisorError(f"runtime weights file {path}: {exc.strerror or exc}") from exc
+    return Pending(path, tmp)
+
+
+def save(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> None:
+    """Atomically: a crash mid-write leaves the previous file."""
+    prepare(path, overrides).commit()

@@ -5,7 +5,8 @@
       -> Routes.withdraw_first(candidate): BGP withdraws what the candidate will not serve
       -> start the candidate's new probers, make it the running one
       -> NodeMaps.apply: changed ring slots only, one batch per VIP
-      -> save the runtime weights, when they changed
+      -> the runtime weights, when they changed: written beside the file before anything else (a weight that
+         cannot be kept refuses the change before a route or a map is touched), renamed in after the write
       -> Routes.changed(): BGP announces what now serves
     any failure -> the previous candidate is written back (one rollback path) and the error is raised
 
@@ -79,19 +80,24 @@ class Reconciler:
             return await self._change("weight", self.state.running.with_weight(vip, backend, weight))
 
     async def _change(self, trigger: str, candidate: Candidate) -> ApplyReport:
-        await self.routes.withdraw_first(candidate.config)
-        self.state.start_checks(candidate)
-        previous = self.state.commit(candidate)
+        # New weights are written beside the file first: one that cannot be kept (read-only state dir)
+        # refuses the change before any route or map is touched.
+        weights = (overrides.prepare(self.weights_file, candidate.weights)
+                   if candidate.weights != self.state.weights else overrides.Pending(None, None))
         try:
-            report = self._write(trigger)
-            if candidate.weights != previous.weights:
-                overrides.save(self.weights_file, candidate.weights)
-        except Exception:
-            self._rollback(previous)
-            raise
+            await self.routes.withdraw_first(candidate.config)
+            self.state.start_checks(candidate)  # a check no checker can run raises here, before the commit
+            previous = self.state.commit(candidate)
+            try:
+                report = self._write(trigger)
+                weights.commit()
+            except Exception:
+                self._rollback(previous)
+                raise
         finally:
+            weights.discard()  # nothing left once committed
             await self.state.prune_checks()
-            self.routes.changed()
+            self.routes.changed()  # also after a failure: what the withdraw-first took is announced again
         return report
 
     def _rollback(self, previous: Candidate) -> None:

@@ -288,21 +288,46 @@ def test_a_drain_refused_half_way_is_rolled_back_and_not_saved(tmp_path: Path) -
     run(tmp_path, cfg, body, weights)
 
 
-def test_a_weight_that_cannot_be_saved_is_rolled_back_from_the_maps(tmp_path: Path) -> None:
-    """Whole or not at all: a drain that would not survive a restart is not left live either."""
-    cfg = config(tmp_path, {"10.200.1.1": [(B1, 1), (B2, 1)]})
+def test_a_weight_that_cannot_be_kept_touches_no_route_and_no_map(tmp_path: Path) -> None:
+    """Whole or not at all, and said before anything moved: a drain that would not survive a restart (the
+    weights file cannot be written) is refused before the withdraw-first, so the route does not blink."""
+    cfg = config(tmp_path, {"10.200.1.1": [(B1, 1)]})
     (tmp_path / "file").write_text("")
-    unsaveable = tmp_path / "file" / "weights.json"  # its directory is a file: mkdir fails
+    unsaveable = tmp_path / "file" / "weights.json"  # its directory is a file: the write fails
 
     async def body(node: Node) -> None:
         await node.start()
+        await node.announced("10.200.1.1/32")
         full = node.ring(VIP1)
+        mark = len(node.log.lines)
         with pytest.raises(SupervisorError, match="runtime weights file"):
-            await node.rec.set_weight(VIP1, str(B2), 0)
-        assert node.ring(VIP1) == full
-        assert node.state.weights == {}
-        assert node.io.backends[node.maps.backend_index(VipKey.of(cfg.vips[0]), B2) or 0].up
+            await node.rec.set_weight(VIP1, str(B1), 0)  # its VIP's last backend: it would withdraw
+        await asyncio.sleep(0.6)  # a controller loop poll: nothing is re-announced either
+        assert node.log.since(mark) == [], "no withdraw, no write, no announce"
+        assert node.ring(VIP1) == full and node.state.weights == {}
     run(tmp_path, cfg, body, unsaveable)
+
+
+def test_a_reload_that_cannot_keep_the_pruned_weights_changes_nothing(tmp_path: Path) -> None:
+    """A reload that drops a drained backend must rewrite the weights file; when it cannot, the reload is
+    refused whole (it was reported "rejected" while it had been applied)."""
+    cfg = config(tmp_path, {"10.200.1.1": [(B1, 1), (B2, 1)]})
+    smaller = config(tmp_path, {"10.200.1.1": [(B1, 1)]})
+    weights = tmp_path / "state" / "weights.json"
+
+    async def body(node: Node) -> None:
+        await node.start()
+        await node.rec.set_weight(VIP1, str(B2), 0)
+        weights.with_suffix(".tmp").mkdir()  # the new weights cannot be written
+        try:
+            mark = len(node.log.lines)
+            with pytest.raises(SupervisorError, match="runtime weights file"):
+                await node.rec.change("reload", base=smaller)
+            assert node.log.since(mark) == []
+            assert node.state.base is cfg and node.state.weights == {(VIP1, str(B2)): 0}
+        finally:
+            weights.with_suffix(".tmp").rmdir()
+    run(tmp_path, cfg, body, weights)
 
 
 def test_an_unknown_backend_changes_nothing(tmp_path: Path) -> None:
