@@ -7,7 +7,6 @@ that means for the data plane is the supervisor's business.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -89,8 +88,11 @@ class HealthMonitor:
     async def _stop_prober(self, key: CheckKey) -> None:
         task = self._tasks.pop(key)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, _STOP_GRACE)
+        # asyncio.wait, not wait_for under suppress(CancelledError): that also swallowed the cancellation of
+        # whoever was stopping us (a bounded shutdown step), which then never ended.
+        await asyncio.wait({task}, timeout=_STOP_GRACE)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("prober of %s ended with %r", key.target, task.exception())
         self._seen.pop(key, None)
 
     def _checker(self, spec: CheckSpec) -> Checker:

@@ -149,8 +149,9 @@ class BgpController:
         task = asyncio.create_task(self._withdraw_locked(candidate, "change"))
         self._background.add(task)
         task.add_done_callback(self._finished)
-        with contextlib.suppress(TimeoutError, BgpError):
-            await asyncio.wait_for(asyncio.shield(task), _FIRST_BOUND)
+        # asyncio.wait leaves the task running past the bound and never raises its error (_finished handles
+        # it), while our own cancellation goes through; wait_for(shield(...)) could swallow it (3.11).
+        await asyncio.wait({task}, timeout=_FIRST_BOUND)
 
     async def _withdraw_locked(self, config: Config | None, trigger: str) -> int:
         async with self._lock:
@@ -206,11 +207,12 @@ class BgpController:
         deadline = asyncio.get_running_loop().time() + _WITHDRAW_BOUND
         while True:
             try:
-                await asyncio.wait_for(self.withdraw_all(), _WITHDRAW_BOUND)
+                async with asyncio.timeout_at(deadline):  # the whole withdraw, retries included
+                    await self.withdraw_all()
                 events.emit("shutdown", phase="withdrawn", drain=f"{drain_time:g}s")
                 break
             except (BgpError, TimeoutError) as exc:
-                if asyncio.get_running_loop().time() > deadline:
+                if asyncio.get_running_loop().time() + _RETRY / 2 >= deadline:
                     events.emit("shutdown", logging.WARNING, phase="withdraw failed", error=repr(exc))
                     break
                 await asyncio.sleep(_RETRY / 2)

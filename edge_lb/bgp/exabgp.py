@@ -163,7 +163,8 @@ class ExaBgpSpeaker:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE)
+                async with asyncio.timeout(STOP_GRACE):  # not wait_for: it can swallow a cancel (3.11)
+                    await proc.wait()
             except TimeoutError:
                 await self._kill(proc)
             events.emit("exabgp", phase="stopped", pid=proc.pid, code=proc.returncode)
@@ -253,7 +254,8 @@ class ExaBgpSpeaker:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         try:
-            await asyncio.wait_for(proc.wait(), _REAP_TIMEOUT)
+            async with asyncio.timeout(_REAP_TIMEOUT):
+                await proc.wait()
         except TimeoutError:
             log.error("ExaBGP pid %d did not exit within %g s of SIGKILL", proc.pid, _REAP_TIMEOUT)
 

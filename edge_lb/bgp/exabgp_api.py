@@ -158,7 +158,8 @@ class ApiChannel:
     async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Bridge | None:
         hello = b""
         with contextlib.suppress(TimeoutError, OSError, ValueError):
-            hello = await asyncio.wait_for(reader.readline(), _HELLO_TIMEOUT)
+            async with asyncio.timeout(_HELLO_TIMEOUT):  # not wait_for: it can swallow a cancel (3.11)
+                hello = await reader.readline()
         words = hello.decode(errors="replace").split()
         ours = len(words) == 2 and words[0] == "bridge" and words[1].isdigit()
         if not ours or not self._accept(int(words[1])):

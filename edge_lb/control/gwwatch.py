@@ -182,7 +182,8 @@ class GatewayWatcher:
     async def _resolve_once(self) -> str:
         # In a worker thread: pyroute2's sync IPRoute runs its own event loop, which cannot nest in ours.
         try:
-            mac = await asyncio.wait_for(asyncio.to_thread(self._resolve, self.ifname), _RESOLVE_TIMEOUT)
+            async with asyncio.timeout(_RESOLVE_TIMEOUT):  # not wait_for: it can swallow a cancel (3.11)
+                mac = await asyncio.to_thread(self._resolve, self.ifname)
         except NetlinkError:
             raise
         except Exception as exc:  # pyroute2's errors, OSError, a timeout: the watcher must outlive them
