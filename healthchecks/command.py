@@ -3,7 +3,9 @@
 "{address}" and "{port}" in any argument become the target's, and the environment gains EDGE_LB_ADDRESS and
 EDGE_LB_PORT. The last line of stdout goes into the reason. The program runs in its own session so that on a
 timeout (or cancellation) the whole process group, including anything it forked, is killed, and the child is
-always reaped.
+always reaped. The verdict is the program's exit status, not the end of its output: a grandchild that
+detached (`setsid -f`) and keeps stdout open neither turns an exit 0 into a timeout nor keeps the pipe's read
+end, which the check closes every time, open in the supervisor.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from healthchecks.base import Result, Target
 from healthchecks.spec import CheckSpec
 
 TAIL = 512  # bytes of stdout kept; the rest is read and dropped so a chatty program never blocks on the pipe
-DRAIN = 1.0  # seconds to wait for the pipe's EOF after a kill (a grandchild that left the group may hold it)
+EOF_GRACE = 0.1  # s after the program exited for the rest of its output (a grandchild may hold the pipe)
 
 
 class ExecChecker:
@@ -35,48 +37,92 @@ class ExecChecker:
         argv = self.argv(target)
         env = {**os.environ, "EDGE_LB_ADDRESS": str(target.address), "EDGE_LB_PORT": str(target.port)}
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            proc, output = await _spawn(argv, env)
         except FileNotFoundError:
             return Result(ok=False, reason=f"exec: no such program {argv[0]}")
         except OSError as exc:
             return Result(ok=False, reason=f"exec: {reasons.os_error(exc)} {argv[0]}")
-        assert proc.stdout is not None
         try:
             async with asyncio.timeout(self.spec.timeout):
-                output = await _tail(proc.stdout, TAIL)
-                code = await proc.wait()
+                code = await proc.wait()  # the verdict is the child's exit, never the pipe's EOF
+                await output.eof_within(EOF_GRACE)
         except TimeoutError:
             await _kill(proc)
             return Result(ok=False, reason=f"{reasons.timeout(self.spec.timeout)} (killed)")
         except BaseException:  # cancelled: leave nothing running
             await _kill(proc)
             raise
-        return Result(ok=code == 0, reason=_exit_reason(code, _last_line(output)))
+        finally:
+            output.close()
+            _killpg(proc.pid)  # what it left in its group; a detached grandchild is not ours to kill
+        return Result(ok=code == 0, reason=_exit_reason(code, _last_line(output.tail)))
 
     async def aclose(self) -> None:
         pass
 
 
-async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
-    """Read the stream to its end, keeping only the last `keep` bytes."""
-    data = b""
-    while chunk := await stream.read(4096):
-        data = (data + chunk)[-keep:]
-    return data
+class _Tail(asyncio.Protocol):
+    """The read end of the program's stdout: keeps the last TAIL bytes. Closed by the check whatever
+    happens, so a grandchild that keeps the write end open holds no descriptor of ours."""
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.eof = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.tail = (self.tail + data)[-TAIL:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+    async def eof_within(self, seconds: float) -> None:
+        """The rest of what the program wrote: at once when every writer has closed, else after `seconds`."""
+        await asyncio.wait({self.eof}, timeout=seconds)  # neither cancels the future nor eats a cancel
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _spawn(argv: list[str], env: dict[str, str]) -> tuple[asyncio.subprocess.Process, _Tail]:
+    """The program in its own session, stdout into a pipe whose read end only we hold (and close)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd,
+            stderr=asyncio.subprocess.DEVNULL)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the child has its copy; ours would keep the pipe from ever reaching EOF
+    pipe = os.fdopen(read_fd, "rb", 0)
+    try:
+        _, output = await asyncio.get_running_loop().connect_read_pipe(_Tail, pipe)
+    except BaseException:
+        pipe.close()
+        _killpg(proc.pid)
+        await proc.wait()
+        raise
+    return proc, output
+
+
+def _killpg(pgid: int) -> None:
+    # Its own session: the group id is its pid. The kernel does not give that id to a new process while the
+    # group has members, so this reaches the program's leftovers or no one.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
-    """Kill the program's process group, reap the child, and drain the pipe so its transport closes."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group id is its pid
+    """Kill the program's process group and reap the child (its pipe is closed by the caller)."""
+    _killpg(proc.pid)
     await proc.wait()
-    assert proc.stdout is not None
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(DRAIN):
-            while await proc.stdout.read(4096):
-                pass
 
 
 def _last_line(output: bytes) -> str:
