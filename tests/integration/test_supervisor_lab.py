@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +221,44 @@ def test_an_mtu_change_is_followed_live(dlab: DataplaneLab) -> None:
     wait_for(lambda: dlab.lb_reasons()["STAT_DROP_TOO_BIG"] > before["STAT_DROP_TOO_BIG"], 5,
              "the same segment counted too big at MTU 1400")
     assert "event=link interface=eth0 old_mtu=1500 new_mtu=1400" in dlab.supervisor_log()
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """`path` read-only for everyone on the host (a read-only bind mount over itself), undone on exit."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True, timeout=10)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True, timeout=10)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True, timeout=10)
+
+
+def _cli(d: DataplaneLab, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "edge_lb", *argv, "-c", str(d.config_path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_a_read_only_state_dir_refuses_drains_and_reloads_whole(dlab: DataplaneLab) -> None:
+    """Runtime weights that cannot be kept across a restart are not made live: a drain is refused before any
+    map or route changes, and a reload that must rewrite the weights says "rejected" and changes nothing
+    (it used to say so after it had been applied)."""
+    start(dlab)
+    vip = f"{VIP}:{VIP_PORT}/tcp"
+    b2, b3 = dlab.server("b2").address, dlab.server("b3").address
+    assert _cli(dlab, "drain", "--vip", vip, "--backend", b2).returncode == 0
+    wait_for(lambda: dlab.backend_states()["b2"] == ("drained", 0), 5, "b2 drained")
+    b3_slots = dlab.backend_states()["b3"][1]
+    with _read_only(paths.STATE_DIR):
+        drain = _cli(dlab, "drain", "--vip", vip, "--backend", b3)
+        assert drain.returncode != 0 and "runtime weights file" in drain.stderr, drain
+        assert "Read-only file system" in drain.stderr, drain.stderr
+        dlab.config_path.write_text(dlab.config_text(roles=["b1", "b3"], check=CHECK))  # drops drained b2
+        reload = _cli(dlab, "reload")
+        assert reload.returncode == 2 and "runtime weights file" in reload.stdout + reload.stderr, reload
+        assert dlab.backend_states() == {"b1": dlab.backend_states()["b1"], "b2": ("drained", 0),
+                                         "b3": ("up", b3_slots)}, "nothing changed"
+    assert dlab.reload().startswith("reloaded"), "the same reload goes through once the dir is writable"
+    assert "b2" not in dlab.backend_states()
+    assert _cli(dlab, "drain", "--vip", vip, "--backend", b3).returncode == 0
