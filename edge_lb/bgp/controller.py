@@ -17,6 +17,7 @@ from typing import Protocol
 from edge_lb import events, paths
 from edge_lb.bgp.policy import Announcer, Prefix, Route, Speaker, desired_routes, withheld
 from edge_lb.config import Config, IPAddress
+from edge_lb.configbgp import Bgp
 from edge_lb.control.document import BgpStatus
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError
@@ -24,6 +25,7 @@ from edge_lb.errors import BgpError
 _POLL = 0.5  # seconds between looks at the disable file
 _RETRY = 1.0  # seconds before a refused sync is tried again
 _WITHDRAW_BOUND = 10.0  # seconds shutdown keeps trying to withdraw
+_PEERS_RETRY = 5.0  # seconds between attempts to have the speaker take a reload's peers
 _FIRST_BOUND = 0.5  # seconds a ring rewrite waits for its withdraw to be acked (ExaBGP takes ~3 ms)
 
 
@@ -91,6 +93,9 @@ class BgpController:
         # what both the running config and the candidate serve (else it would re-announce what the
         # withdraw-first just withdrew, while the old ring still looked servable).
         self._pending: Config | None = None
+        # The peers the speaker runs; a reload that changes [[bgp.peer]] is followed live (_follow_peers).
+        self._peers = self.config.bgp.peers if self.config.bgp is not None else ()
+        self._reloading: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> Config:
@@ -130,10 +135,34 @@ class BgpController:
         return routes
 
     async def sync(self, trigger: str) -> int:
+        self._follow_peers()
         async with self._lock:
             if self.stopping:
                 return 0
             return await self.announcer.sync(self.desired(), trigger)
+
+    def _follow_peers(self) -> None:
+        """A reload changed [[bgp.peer]]: the speaker takes the new list in the background (ExaBGP confirms it
+        within seconds; routes keep following health meanwhile)."""
+        bgp = self.config.bgp
+        if bgp is None or bgp.peers == self._peers or self._reloading is not None or self.stopping:
+            return
+        self._reloading = asyncio.create_task(self._new_peers(bgp), name="bgp peers reload")
+
+    async def _new_peers(self, bgp: Bgp) -> None:
+        try:
+            await self.speaker.reconfigure(bgp)
+        except BgpError as exc:
+            events.emit("bgp", logging.ERROR, action="peers reload", result="failed, retrying", error=exc)
+            await asyncio.sleep(_PEERS_RETRY)
+            return
+        finally:
+            self._reloading = None
+            self.poke()
+        self._peers = bgp.peers
+        events.emit("bgp", action="peers reload", result="applied",
+                    peers=" ".join(str(p.address) for p in bgp.peers))
+        self.announcer.forget()  # a new peer starts with no route; the others see no change on the wire
 
     async def withdraw_first(self, candidate: Config) -> None:
         """Before the maps change (the change path's first step): withdraw what `candidate`, with the health

@@ -43,11 +43,13 @@ from edge_lb import events
 from edge_lb.bgp.exabgp_api import ACK_TIMEOUT, ApiChannel
 from edge_lb.bgp.exabgp_config import (
     ENV_FILE,
+    check_md5,
     default_router_id,
     exabgp_environment,
     render_config,
     source_address,
 )
+from edge_lb.bgp.exabgp_reload import reload_peers
 from edge_lb.configbgp import Bgp
 from edge_lb.errors import BgpError
 
@@ -114,6 +116,7 @@ class ExaBgpSpeaker:
         self._connects = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._started = False
+        self._router_id = ""  # chosen at start()
 
     @property
     def config_path(self) -> Path:
@@ -141,8 +144,10 @@ class ExaBgpSpeaker:
             raise BgpError(f"ExaBGP speaker {self.instance}: already started")
         self._started, self._connects = True, 0
         try:
+            check_md5(self.bgp)
             local = await self._local_addresses()
-            text = render_config(self.bgp, default_router_id(self.bgp, local), local, self._bridge_argv())
+            self._router_id = default_router_id(self.bgp, local)
+            text = render_config(self.bgp, self._router_id, local, self._bridge_argv())
             await asyncio.to_thread(self._write_config, text)
             await self.channel.open()
             await self._launch()
@@ -174,9 +179,23 @@ class ExaBgpSpeaker:
     def _bridge_argv(self) -> list[str]:
         return [sys.executable, "-m", "edge_lb.bgp.exabgp_bridge", "--socket", str(self.channel.path)]
 
-    async def _local_addresses(self) -> dict[str, str]:
+    async def reconfigure(self, bgp: Bgp) -> None:
+        """A reload's new peer list: exabgp.conf rendered again and ExaBGP told to re-read it; only the peers
+        that changed move (exabgp_reload). BgpError (nothing rewritten) when it cannot be rendered; BgpError
+        after the rewrite when ExaBGP did not take it (a restart of ExaBGP would read it)."""
+        check_md5(bgp)
+        local = await self._local_addresses(bgp)
+        # The router id the sessions run with, even when the peer it was taken from went: a new one would
+        # re-establish every session.
+        text = render_config(bgp, str(bgp.router_id or self._router_id), local, self._bridge_argv())
+        await asyncio.to_thread(self._write_config, text)
+        self.bgp = bgp
+        self.channel.set_peers(str(p.address) for p in bgp.peers)
+        await reload_peers(self.channel, {str(p.address) for p in bgp.peers})
+
+    async def _local_addresses(self, bgp: Bgp | None = None) -> dict[str, str]:
         local = {}
-        for peer in self.bgp.peers:
+        for peer in (bgp or self.bgp).peers:
             address = str(peer.address)
             if peer.local_address is not None:
                 local[address] = str(peer.local_address)

@@ -76,6 +76,7 @@ class ApiChannel:
         self._server: asyncio.Server | None = None
         self._bridge: _Bridge | None = None
         self._pending: asyncio.Future[str] | None = None
+        self._answer_lines: list[str] | None = None  # the command in flight's answer, when it wants it
         self._orphans = 0  # acks still owed to commands that timed out
         self._lock = asyncio.Lock()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -85,6 +86,10 @@ class ApiChannel:
 
     def reset_peers(self, state: str) -> None:
         self._peers = dict.fromkeys(self._peers, state)
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """The peer list changed (a reload): new peers start "down", the others keep their state."""
+        self._peers = {peer: self._peers.get(peer, "down") for peer in peers}
 
     async def open(self) -> None:
         if len(os.fsencode(self.path)) > _SUN_PATH_MAX:
@@ -110,7 +115,9 @@ class ApiChannel:
         if self._bridge is not None:
             self._lost(self._bridge, why)
 
-    async def send(self, command: str) -> None:
+    async def send(self, command: str, answer_lines: list[str] | None = None) -> None:
+        """One command, returning on its "done"; BgpError on "error", a timeout or no bridge. `answer_lines`
+        collects the lines ExaBGP writes before the ack (the answer of a "show ..." command)."""
         if not command or not command.isprintable():
             raise BgpError(f"refusing an API command with control characters: {command!r}")
         async with self._lock:
@@ -119,6 +126,7 @@ class ApiChannel:
                 raise BgpError(f"ExaBGP is not running or its bridge is not connected: "
                                f"cannot send {command!r}")
             pending = self._pending = asyncio.get_running_loop().create_future()
+            self._answer_lines = answer_lines
             written = False
             try:
                 async with asyncio.timeout(self.ack_timeout):
@@ -140,6 +148,7 @@ class ApiChannel:
                 raise BgpError(f"sending {command!r} to ExaBGP: {exc}") from exc
             finally:
                 self._pending = None
+                self._answer_lines = None
         if answer != "done":
             raise BgpError(f"ExaBGP answered {answer!r} to {command!r}")
 
@@ -198,7 +207,9 @@ class ApiChannel:
             return
         change = parse_notification(line)
         if change is None:
-            if line:  # ExaBGP ends each notification with an extra empty line
+            if line and self._answer_lines is not None:
+                self._answer_lines.append(line)
+            elif line:  # ExaBGP ends each notification with an extra empty line
                 log.debug("ExaBGP: %s", line)
             return
         self._peers[change.peer] = change.state

@@ -4,12 +4,15 @@ router id it is rendered with, and the environment ExaBGP runs in. The process i
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import os
 import pwd
 import re
+import socket
 import string
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,10 +20,12 @@ from edge_lb import netlink
 from edge_lb.assets import asset_dir
 from edge_lb.configbgp import Bgp
 from edge_lb.errors import BgpError, NetlinkError
+from healthchecks.base import IPAddress
 
 TEMPLATES = asset_dir("exabgp_conf")
 PROCESS = "edge-lb"  # the bridge's process name in exabgp.conf
 ENV_FILE = "exabgp.env"
+TCP_MD5SIG = 14  # from <linux/tcp.h>
 _TOKEN = re.compile(r"[A-Za-z0-9_./:+=@%-]+")
 
 
@@ -65,10 +70,45 @@ def render_config(bgp: Bgp, router_id: str, local_addresses: Mapping[str, str],
             peer_as=_token(f"AS of peer {address}", peer.asn),
             hold_time=_token(f"hold time of peer {address}", peer.hold_time),
             afi="ipv4" if peer.address.version == 4 else "ipv6",
+            md5=_md5(peer.md5_password),
         ))
     bridge = " ".join(_token("bridge command word", word) for word in bridge_argv)
     neighbors = "\n".join(blocks)
     return _template("exabgp.conf.tmpl").substitute(process=PROCESS, bridge=bridge, neighbors=neighbors)
+
+
+def _md5(password: str | None) -> str:
+    """The neighbor's TCP MD5 statements: the key base64-encoded, so any printable key is one safe token."""
+    if password is None:
+        return ""
+    encoded = base64.b64encode(password.encode()).decode()
+    return f"\n    md5-password {_token('md5 key', encoded)};\n    md5-base64 true;"
+
+
+def check_md5(bgp: Bgp) -> None:
+    """BgpError when a peer has a TCP MD5 key and the kernel cannot sign TCP segments (no CONFIG_TCP_MD5SIG):
+    ExaBGP would otherwise fail each connect with a less clear error, and the session never come up."""
+    for peer in bgp.peers:
+        if peer.md5_password is None:
+            continue
+        family = socket.AF_INET if peer.address.version == 4 else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, _md5sig(peer.address, b"probe"))
+            except OSError as exc:
+                raise BgpError(f"peer {peer.address}: md5_password needs TCP MD5 signatures (TCP_MD5SIG), "
+                               f"which this kernel refuses ({exc.strerror or exc}); build it with "
+                               "CONFIG_TCP_MD5SIG=y, or remove the peer's md5_password") from None
+
+
+def _md5sig(address: IPAddress, key: bytes) -> bytes:
+    """struct tcp_md5sig: a sockaddr_storage (128 bytes) for the peer, flags, prefix length, key length,
+    ifindex, then the key in 80 bytes."""
+    if address.version == 4:
+        sockaddr = struct.pack("=HH4s", socket.AF_INET, 0, address.packed)
+    else:
+        sockaddr = struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, address.packed, 0)
+    return sockaddr.ljust(128, b"\0") + struct.pack("=BBHI80s", 0, 0, len(key), 0, key)
 
 
 def source_address(peer: str) -> str:

@@ -1,7 +1,8 @@
 """BGP, the pure part: which VIP routes this node should announce, and the ExaBGP API commands for them.
 
     desired_routes(config, serving, attached, disabled) -> {prefix: Route}      (policy)
-    render("announce" | "withdraw", route) -> "announce route 10.0.0.1/32 next-hop self med 10"
+    render("announce" | "withdraw", route) -> "announce route 10.0.0.1/32 next-hop self med 10
+                                               as-path [65001 65001] large-community [65001:1:2]"
     Announcer(speaker).sync(desired)                                               (diff -> commands)
 
 The speaker (edge_lb.bgp.exabgp.ExaBgpSpeaker, or FakeSpeaker in tests) carries the commands to the routers.
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge_lb import events
 from edge_lb.config import Config, IPAddress
-from edge_lb.configbgp import RouteAttrs
+from edge_lb.configbgp import Bgp, RouteAttrs
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError
 
@@ -28,6 +29,28 @@ Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Route:
     prefix: Prefix
     attrs: RouteAttrs = field(default_factory=RouteAttrs)
+    as_path: tuple[int, ...] = ()  # () lets ExaBGP send its default (our AS); else the whole path, ours first
+    down: bool = False  # announced with attrs.down_med although health would withdraw it (down = "med")
+
+    @property
+    def med(self) -> int | None:
+        return self.attrs.down_med if self.down else self.attrs.med
+
+
+class _AllHealthy(Mapping[tuple[VipKey, IPAddress], bool]):
+    """Every backend healthy: `withheld` with it says what withholds a prefix besides health."""
+
+    def __getitem__(self, key: tuple[VipKey, IPAddress]) -> bool:
+        return True
+
+    def get(self, key: object, default: object = None) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[tuple[VipKey, IPAddress]]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def host_prefix(address: IPAddress) -> Prefix:
@@ -54,10 +77,20 @@ def withheld(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], a
 
 def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
                    disabled: bool) -> dict[Prefix, Route]:
-    """The routes to announce: every VIP address nothing withholds (see `withheld`)."""
+    """The routes to announce: every VIP address nothing withholds (see `withheld`), and, with
+    down = "med", one that only health withholds, announced with its worse down_med."""
     why = withheld(config, healthy, attached, disabled)
-    return {host_prefix(v.address): Route(host_prefix(v.address), v.route) for v in config.vips
-            if why[host_prefix(v.address)] is None}
+    if any(v.route.down == "med" for v in config.vips):
+        beside_health = withheld(config, _AllHealthy(), attached, disabled)
+    local_as = config.bgp.local_as if config.bgp is not None else 0
+    routes = {}
+    for vip in config.vips:
+        prefix = host_prefix(vip.address)
+        down = why[prefix] is not None
+        if down and not (vip.route.down == "med" and beside_health[prefix] is None):
+            continue
+        routes[prefix] = Route(prefix, vip.route, vip.route.as_path(local_as), down)
+    return routes
 
 
 def render(action: str, route: Route) -> str:
@@ -66,10 +99,14 @@ def render(action: str, route: Route) -> str:
     if action not in ("announce", "withdraw"):
         raise ValueError(f"unknown BGP action {action!r}")
     parts = [action, "route", str(route.prefix), "next-hop", route.attrs.next_hop]
-    if route.attrs.med is not None:
-        parts += ["med", str(route.attrs.med)]
+    if route.med is not None:
+        parts += ["med", str(route.med)]
+    if route.as_path:
+        parts += ["as-path", "[" + " ".join(map(str, route.as_path)) + "]"]
     if route.attrs.communities:
         parts += ["community", "[" + " ".join(route.attrs.communities) + "]"]
+    if route.attrs.large_communities:
+        parts += ["large-community", "[" + " ".join(route.attrs.large_communities) + "]"]
     command = " ".join(parts)
     if not command.isprintable() or ";" in command:
         raise ValueError(f"refusing a BGP command with control characters: {command!r}")
@@ -83,6 +120,10 @@ class Speaker(Protocol):
     async def start(self) -> None: ...
 
     async def send(self, command: str) -> None: ...
+
+    async def reconfigure(self, bgp: Bgp) -> None:
+        """A reload's new peer list, taken live (the other sessions and their routes stay)."""
+        ...
 
     def peers(self) -> dict[str, str]:
         """Peer address -> session state ("up", "down", "connected", ...), as last reported."""
@@ -169,6 +210,11 @@ class FakeSpeaker:
         if self.refuse:
             raise BgpError(f"error: {command}")
         self.commands.append(command)
+
+    async def reconfigure(self, bgp: Bgp) -> None:
+        if self.refuse:
+            raise BgpError("error: reload")
+        self.commands.append(f"<peers {' '.join(str(p.address) for p in bgp.peers)}>")
 
     def peers(self) -> dict[str, str]:
         return dict(self.sessions)

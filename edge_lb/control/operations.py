@@ -75,10 +75,20 @@ def restart_only(old: Config, new: Config) -> list[str]:
         problems.append("node: changed; interface, MACs and MTU need a restart")
     if new.api != old.api:
         problems.append("api: changed; the listen address and token need a restart")
-    if new.bgp != old.bgp:
-        problems.append("bgp: changed; peers and session settings need a restart (routes follow health "
-                        "and [vip.bgp] live)")
+    problems += _bgp_restart_only(old, new)
     return problems
+
+
+def _bgp_restart_only(old: Config, new: Config) -> list[str]:
+    """Peers are added, removed or changed live (ExaBGP reloads its config: only those sessions move);
+    what every session carries needs a restart."""
+    if (old.bgp is None) != (new.bgp is None):
+        return ["bgp: added or removed; the BGP speaker starts and stops with the node (restart it)"]
+    if old.bgp is None or new.bgp is None:
+        return []
+    return [f"bgp.{key}: changed; every session would restart with it (restart the node; peers, drain_time "
+            "and disable_file reload live)"
+            for key in ("local_as", "router_id") if getattr(old.bgp, key) != getattr(new.bgp, key)]
 
 
 class NodeOperations:
