@@ -233,6 +233,8 @@ class BgpController:
         """Shutdown: withdraw first (retrying for up to 10 s: the bridge may be reconnecting), give routers
         drain_time to move traffic away, then stop the speaker (which ends the sessions)."""
         drain_time = self.config.bgp.drain_time if self.config.bgp is not None else 0.0
+        if not self.announcer.announced:
+            drain_time = 0.0  # nothing announced (a stop during startup): no traffic to move away
         deadline = asyncio.get_running_loop().time() + _WITHDRAW_BOUND
         while True:
             try:

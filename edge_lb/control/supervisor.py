@@ -7,7 +7,9 @@
     shutdown   SIGTERM/SIGINT: every step startup took is undone in reverse, each bounded: BGP withdraws and
                drains first, then checks stop and sockets close. The program stays attached and the maps
                pinned, so a restarted supervisor adopts them and no established flow is dropped.
-               `edge-lb unload` detaches and unpins for uninstall.
+               `edge-lb unload` detaches and unpins for uninstall. A SIGTERM during startup stops it where it
+               is (nothing more is started) and undoes what it did. Whatever hangs, even a blocked event
+               loop, the process ends within shutdown_bound(drain_time) of the signal (a timer thread).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +45,20 @@ from edge_lb.errors import EdgeLbError
 from healthchecks.factory import make_checker
 
 _STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
+_BGP_BOUND = 20.0  # seconds past drain_time for the BGP step: withdraw (10 s at most) and stopping ExaBGP
+_HARD_STOP = 50.0  # seconds past drain_time: the sum of the bounds above, then the process is ended by force
+EXIT_HUNG = 70  # the exit status when the backstop had to end a shutdown that overran its bound
+
+
+def shutdown_bound(drain_time: float) -> float:
+    """Seconds from SIGTERM to the end of the process, at most, in every phase (systemd's TimeoutStopSec must
+    be above it with the default drain_time)."""
+    return _HARD_STOP + drain_time
+
+
+def _hard_exit(bound: float) -> None:
+    events.emit("shutdown", logging.ERROR, phase="overran", bound=f"{bound:g}s", result="exiting now")
+    os._exit(EXIT_HUNG)
 
 MakeSpeaker = Callable[[Config, Callable[[], None]], Speaker]
 
@@ -69,18 +86,34 @@ class Supervisor:
         self._followers: list[Callable[[], Coroutine[Any, Any, None]]] = []  # main-loop link followers
         self._undo = contextlib.AsyncExitStack()  # what startup did, undone in reverse by shutdown
         self._tasks: list[asyncio.Task[Any]] = []
+        self._starting: asyncio.Task[None] | None = None  # cancelled by a SIGTERM that comes while starting
+        self._drain_time = 0.0  # [bgp].drain_time once the config is read: part of the shutdown bound
+        self._backstop: threading.Timer | None = None
 
     async def serve(self) -> None:
         try:
-            await self.startup()
+            self._starting = asyncio.create_task(self.startup(), name="startup")
+            try:
+                await self._starting
+            except asyncio.CancelledError:
+                if not self.stopping.is_set():
+                    raise
+                events.emit("shutdown", phase="startup stopped", started="undone in reverse")
+                return
             await self.main_loop()
         finally:
             await self.shutdown()
+
+    def disarm(self) -> None:
+        """The process is ending on its own: the backstop is not needed."""
+        if self._backstop is not None:
+            self._backstop.cancel()
 
     # -- startup
     async def startup(self) -> None:
         self._install_signals()
         config = load_config(self.config_path)
+        self._drain_time = config.bgp.drain_time if config.bgp is not None else 0.0
         instance = config.dataplane.instance
         events.emit("startup", phase="config", config=self.config_path, vips=len(config.vips),
                     instance=instance)
@@ -159,8 +192,10 @@ class Supervisor:
 
     def _on_shutdown(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         async def bounded() -> None:
+            bound = _BGP_BOUND + self._drain_time if what == "bgp" else _STEP_BOUND
             try:
-                await asyncio.wait_for(step(), _STEP_BOUND if what != "bgp" else None)
+                async with asyncio.timeout(bound):  # not wait_for: it can swallow a cancel (Python 3.11)
+                    await step()
             except Exception as exc:
                 events.emit("shutdown", logging.WARNING, phase="step failed", step=what, error=repr(exc))
         self._undo.push_async_callback(bounded)
@@ -175,6 +210,13 @@ class Supervisor:
         events.emit("shutdown", phase="requested", signal=why)
         self.ops.stopping = True
         self.stopping.set()
+        if self._backstop is None:
+            bound = shutdown_bound(self._drain_time)
+            self._backstop = threading.Timer(bound, _hard_exit, (bound,))
+            self._backstop.daemon = True
+            self._backstop.start()
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()  # startup stops where it is; shutdown undoes what it did
 
     def _on_sighup(self) -> None:
         if self.node is None:
@@ -198,10 +240,13 @@ class Supervisor:
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):
             task.cancel()
-        # Let them unwind: a command cut off mid-flight is accounted for before shutdown withdraws.
-        await asyncio.gather(*workers, stopper, return_exceptions=True)
-        for task in workers:
-            if task in done and not task.cancelled() and task.exception():
+        # Let them unwind (bounded): a command cut off mid-flight is accounted for before shutdown withdraws.
+        _, stuck = await asyncio.wait({*workers, stopper}, timeout=_STEP_BOUND)
+        for task in stuck:
+            events.emit("shutdown", logging.WARNING, phase="worker did not stop", worker=task.get_name())
+        failed = [t for t in workers if t.done() and not t.cancelled() and t.exception() is not None]
+        for task in failed:
+            if task in done:
                 raise EdgeLbError(f"{task.get_name()} stopped: {task.exception()}")
 
     # -- shutdown
@@ -232,5 +277,9 @@ def _nothing() -> None:
 def run(config_path: str) -> int:
     """Foreground until SIGTERM/SIGINT (what a systemd unit starts). Startup errors propagate to the CLI."""
     events.setup()
-    asyncio.run(Supervisor(config_path).serve())
+    supervisor = Supervisor(config_path)
+    try:
+        asyncio.run(supervisor.serve())
+    finally:
+        supervisor.disarm()
     return 0

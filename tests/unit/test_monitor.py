@@ -100,3 +100,46 @@ def test_flips_are_reported_and_a_spec_without_checker_fails_before_anything_sta
 
     asyncio.run(main())
     assert flips and flips[0][2].up and flips[0][2].reason == "slow ok"
+
+
+class StubbornChecker:
+    """A check that takes 0.5 s to clean up when cancelled (like killing an exec check's process group)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+
+    async def check(self, target: Target) -> Result:
+        self.running += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+        return Result(True, "never")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_stop_that_is_cancelled_ends_at_once() -> None:
+    """A bounded shutdown step cancels stop() at its bound: the cancellation must end it there (it used to be
+    swallowed while waiting for one prober, and stop() went on through every other)."""
+    checker = StubbornChecker()
+
+    async def main() -> None:
+        monitor = HealthMonitor(lambda s: checker, lambda *a: None)
+        monitor.start({key(i): NEW for i in range(3)})
+        for _ in range(100):
+            if checker.running == 3:
+                break
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(monitor.stop())
+        await asyncio.sleep(0.1)
+        stopping.cancel()
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert asyncio.get_running_loop().time() - began < 0.3
+        await monitor.stop()
+
+    asyncio.run(main())
