@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_lb import events, paths
-from edge_lb.api import sockets
+from edge_lb.api import accept_log, sockets
 from edge_lb.api.metrics import Metrics
 from edge_lb.bgp.controller import BgpController
 from edge_lb.bgp.policy import Speaker
@@ -46,7 +46,7 @@ from healthchecks.factory import make_checker
 
 _STEP_BOUND = 5.0  # seconds per shutdown step; then it is abandoned (the data plane keeps running)
 _BGP_BOUND = 20.0  # seconds past drain_time for the BGP step: withdraw (10 s at most) and stopping ExaBGP
-_HARD_STOP = 50.0  # seconds past drain_time: the sum of the bounds above, then the process is ended by force
+_HARD_STOP = 50.0  # seconds past drain_time, about the steps' bounds together; then the process is ended
 EXIT_HUNG = 70  # the exit status when the backstop had to end a shutdown that overran its bound
 
 
@@ -202,6 +202,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
+        accept_log.install(loop)  # a listener out of file descriptors: one line a minute, not 100 a second
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)

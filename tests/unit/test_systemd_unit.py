@@ -39,6 +39,8 @@ def test_stop_reaches_the_supervisor_alone_and_reload_is_sighup() -> None:
     steps = 3 * supervisor._STEP_BOUND  # control socket, gateway watcher, health checks
     drain = Bgp(local_as=1, peers=()).drain_time  # the default
     assert int(unit["TimeoutStopSec"]) >= controller._WITHDRAW_BOUND + drain + steps
+    # The supervisor's own backstop ends it before systemd's SIGKILL would (no drain, no withdraw then).
+    assert int(unit["TimeoutStopSec"]) > supervisor.shutdown_bound(drain)
     assert unit["ExecStart"].split()[1:] == ["run", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecStartPre"].split()[1:] == ["check", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
