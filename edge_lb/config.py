@@ -81,6 +81,9 @@ class Node:
     mac: str | None = None  # lower-case "aa:bb:cc:dd:ee:ff"; None: the interface's MAC
     gateway_mac: str | None = None  # None: resolved from the kernel for the default gateway
     mtu: int | None = None  # 1280..65535, the largest packet sent; None: the interface's (1500 in simulate)
+    # Seconds the node may be unable to judge its backends (its checks failing for local reasons: no file
+    # descriptors, its link down) before it withdraws its routes; None: 2 x the longest interval x fall.
+    local_fault_after: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +202,7 @@ _NODE = {
     "mac": mac,
     "gateway_mac": mac,
     "mtu": integer(1280, 65535),
+    "local_fault_after": number(0.5, 3600),
 }
 _DATAPLANE = {
     "instance": pattern(_INSTANCE, "[a-z0-9][a-z0-9_-]{0,31}"),

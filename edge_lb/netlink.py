@@ -2,6 +2,7 @@
 module that opens pyroute2's IPRoute or AsyncIPRoute.
 
     interface_mac / interface_mtu / interface_addresses(ifname)   a link's MAC, MTU and configured addresses
+    link_state(ifname)                                           administratively up, and its operstate
     gateway_address / gateway_mac(ifname)                        the default gateway through a link
     source_address(dst)                                          the kernel's source address towards dst
     xdp_prog_id(ifname)                                          the XDP program attached to a link
@@ -51,6 +52,13 @@ def interface_mac(ifname: str) -> str:
 def interface_mtu(ifname: str) -> int:
     with _ipr() as ipr:
         return int(_link(ipr, ifname).get_attr("IFLA_MTU"))
+
+
+def link_state(ifname: str) -> tuple[bool, str]:
+    """(administratively up, the kernel's operstate: "UP", "DOWN", "LOWERLAYERDOWN", "UNKNOWN", ...)."""
+    with _ipr() as ipr:
+        link = _link(ipr, ifname)
+        return bool(link["flags"] & 1), str(link.get_attr("IFLA_OPERSTATE"))  # 1: IFF_UP
 
 
 def interface_addresses(ifname: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

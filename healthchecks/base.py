@@ -48,6 +48,9 @@ class Target:
 class Result:
     ok: bool
     reason: str  # short, for logs and status: "connected", "connect: refused", "HTTP 503 (want 200)"
+    # Set when the check failed for a reason on this node (healthchecks.local.cause: "EMFILE", "link down",
+    # ...): the result says nothing about the backend, so it does not count against it.
+    local: str | None = None
 
 
 class Checker(Protocol):

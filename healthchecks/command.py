@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 
-from healthchecks import reasons
+from healthchecks import local, reasons
 from healthchecks.base import Result, Target
 from healthchecks.spec import CheckSpec
 
@@ -40,8 +40,9 @@ class ExecChecker:
             proc, output = await _spawn(argv, env)
         except FileNotFoundError:
             return Result(ok=False, reason=f"exec: no such program {argv[0]}")
-        except OSError as exc:
-            return Result(ok=False, reason=f"exec: {reasons.os_error(exc)} {argv[0]}")
+        except OSError as exc:  # EMFILE for the pipe, EAGAIN or ENOMEM for the fork: this node's
+            return Result(ok=False, reason=f"exec: {reasons.os_error(exc)} {argv[0]}",
+                          local=local.cause(exc.errno, None))
         try:
             async with asyncio.timeout(self.spec.timeout):
                 code = await proc.wait()  # the verdict is the child's exit, never the pipe's EOF

@@ -16,7 +16,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from healthchecks import reasons
+from healthchecks import local, reasons
 from healthchecks.base import Result, Target
 from healthchecks.spec import CheckSpec
 
@@ -38,7 +38,7 @@ class DnsChecker:
         try:
             sock = target.socket(socket.SOCK_DGRAM)
         except OSError as exc:
-            return Result(ok=False, reason=f"socket: {reasons.os_error(exc)}")
+            return local.failed("socket", exc, target)
         try:
             async with asyncio.timeout(self.spec.timeout):
                 wire = await _exchange(sock, target, query.to_wire())
@@ -46,7 +46,7 @@ class DnsChecker:
         except TimeoutError:
             return Result(ok=False, reason=reasons.timeout(self.spec.timeout))
         except OSError as exc:
-            return Result(ok=False, reason=f"udp: {reasons.os_error(exc)}")
+            return local.failed("udp", exc, target)
         except Exception as exc:  # the checker's contract: a failed check, never an exception
             return Result(ok=False, reason=reasons.clip(f"error: {type(exc).__name__}: {exc}"))
         finally:

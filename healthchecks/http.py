@@ -16,7 +16,7 @@ from contextvars import ContextVar
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
 
-from healthchecks import reasons
+from healthchecks import local, reasons
 from healthchecks.base import Result, Target
 from healthchecks.spec import CheckSpec
 
@@ -51,7 +51,7 @@ class HttpChecker:
             where = "connect: " if isinstance(exc, aiohttp.ConnectionTimeoutError) else ""
             return Result(ok=False, reason=where + reasons.timeout(self.spec.timeout))
         except aiohttp.ClientError as exc:
-            return Result(ok=False, reason=_client_error(exc))
+            return _client_error(exc, target)
         except Exception as exc:  # the checker's contract: a failed check, never an exception
             return Result(ok=False, reason=reasons.clip(f"error: {type(exc).__name__}: {exc}"))
         finally:
@@ -104,13 +104,18 @@ async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(data)
 
 
-def _client_error(exc: aiohttp.ClientError) -> str:
+def _client_error(exc: aiohttp.ClientError, target: Target) -> Result:
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+            exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientConnectorSSLError):
+        return local.failed("connect", exc.os_error, target)  # our socket factory's EMFILE lands here too
+    return Result(ok=False, reason=_client_text(exc))
+
+
+def _client_text(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return reasons.clip(f"TLS: {_tls_text(exc.certificate_error)}")
     if isinstance(exc, aiohttp.ClientConnectorSSLError):
         return reasons.clip(f"TLS: {_tls_text(exc.os_error)}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connect: {reasons.os_error(exc.os_error)}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "HTTP: server disconnected"
     if isinstance(exc, aiohttp.ClientResponseError):

@@ -2,7 +2,9 @@
 
 A backend changes state only after `rise` consecutive good results (down -> up) or `fall` consecutive bad ones
 (up -> down). A result that agrees with the current state resets the streak, so a backend that alternates
-good and bad never changes state: a flapping server does not flap the Maglev ring.
+good and bad never changes state: a flapping server does not flap the Maglev ring. A result that failed for a
+reason on this node (`local`: no file descriptors, its own link down) is not a result about the backend: it
+changes neither the state nor the streak, only the reason shown.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ NEW = Health(up=False, reason="not checked yet")  # a backend the data plane doe
 ADOPTED = Health(up=True, reason="up in the running data plane")  # kept serving across a restart
 
 
-def step(state: Health, ok: bool, reason: str, rise: int, fall: int) -> Health:
-    """The state after one check result."""
+def step(state: Health, ok: bool, reason: str, rise: int, fall: int, local: str | None = None) -> Health:
+    """The state after one check result (`local`: the cause when it failed for a reason on this node)."""
+    if local is not None and not ok:
+        return Health(up=state.up, streak=state.streak, reason=f"{reason} (local fault {local}: not counted)")
     if ok == state.up:
         return Health(up=state.up, streak=0, reason=reason)
     streak = state.streak + 1

@@ -1,7 +1,9 @@
 """Runs the checks: one prober task per (target, spec), bounded concurrency, jittered delays.
 
 The monitor owns only health. It calls on_change(key, old, new) when a backend's up/down state flips; what
-that means for the data plane is the supervisor's business.
+that means for the data plane is the supervisor's business. A result that failed for a reason on this node
+(Result.local, or the node's own fault during the check: `node_fault`) leaves the state as it was; every
+result is passed to `on_result`, so the node can count and judge its local faults.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from healthchecks import local
 from healthchecks.base import Checker, Result, Target
 from healthchecks.machine import Health, step
 from healthchecks.spec import CheckSpec
@@ -20,6 +23,8 @@ from healthchecks.spec import CheckSpec
 log = logging.getLogger("edge_lb.health")
 
 OnChange = Callable[["CheckKey", Health, Health], None]
+OnResult = Callable[["CheckKey", Result, "Observation"], None]
+NodeFault = Callable[[float, float], str | None]  # a check's (start, end), monotonic -> the node's fault then
 _STOP_GRACE = 2.0  # seconds the probers get to finish a check in flight on stop()
 _BACKSTOP = 1.0  # seconds past spec.timeout after which a checker that overran is cancelled
 
@@ -38,6 +43,8 @@ class Observation:
     checked_at: float | None = None  # time.time() of the last result; None: not checked yet
     checks: int = 0
     latency: float | None = None  # seconds the last check took
+    local: str | None = None  # the last result failed for this reason on this node (healthchecks.local)
+    local_since: float | None = None  # time.monotonic() when the current run of local results began
 
 
 def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
@@ -48,9 +55,13 @@ def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
 class HealthMonitor:
     def __init__(self, make_checker: Callable[[CheckSpec], Checker], on_change: OnChange, *,
                  concurrency: int = 1000, rand: Callable[[], float] = random.random,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 node_fault: NodeFault = lambda start, end: None, on_result: OnResult | None = None) -> None:
         self._make_checker = make_checker
         self._on_change = on_change
+        self._node_fault = node_fault
+        self._on_result = on_result
+        self._crashes: set[str] = set()  # checker exceptions logged with their traceback (once each)
         self._sem = asyncio.Semaphore(concurrency)
         self._rand = rand
         self._sleep = sleep
@@ -63,6 +74,10 @@ class HealthMonitor:
 
     def running(self) -> set[CheckKey]:
         return set(self._tasks)
+
+    def observations(self) -> list[Observation]:
+        """The running probers' observations (what the node judges its local faults on)."""
+        return [seen for key, seen in self._seen.items() if key in self._tasks]
 
     def start(self, wanted: Mapping[CheckKey, Health]) -> None:
         """Start the wanted probers not running yet, from the given health; running ones keep theirs.
@@ -112,15 +127,27 @@ class HealthMonitor:
             result, took = await self._check_once(key)
             if self._tasks.get(key) is not asyncio.current_task():
                 return  # stopped while checking (3.11's wait_for can swallow that cancellation)
-            seen = self._seen[key]
-            new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall)
-            self._seen[key] = Observation(new, time.time(), seen.checks + 1, took)
+            seen, new = self._record(key, result, took)
             if new.up != seen.health.up:
                 try:
                     self._on_change(key, seen.health, new)
                 except Exception:  # the prober must outlive a faulty listener
                     log.exception("health change listener failed for %s", key.target)
             delay = jittered(spec.fast_interval if new.changing else spec.interval, spec.jitter, self._rand)
+
+    def _record(self, key: CheckKey, result: Result, took: float) -> tuple[Observation, Health]:
+        """The result into the key's observation: judged by the machine unless it was this node's fault."""
+        spec, seen, now = key.spec, self._seen[key], time.monotonic()
+        result = local.blamed(result, self._node_fault(now - took, now))
+        new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall, result.local)
+        since = (seen.local_since or now) if result.local else None
+        self._seen[key] = Observation(new, time.time(), seen.checks + 1, took, result.local, since)
+        if self._on_result is not None:
+            try:
+                self._on_result(key, result, self._seen[key])
+            except Exception:  # the prober must outlive a faulty listener
+                log.exception("health result listener failed for %s", key.target)
+        return seen, new
 
     async def _check_once(self, key: CheckKey) -> tuple[Result, float]:
         """One check and the seconds it took (not counting the wait for a concurrency slot)."""
@@ -129,9 +156,13 @@ class HealthMonitor:
             try:
                 async with asyncio.timeout(key.spec.timeout + _BACKSTOP):  # no extra task, unlike wait_for
                     result = await self._checker(key.spec).check(key.target)
-            except TimeoutError:
-                result = Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)")
-            except Exception as exc:  # a checker bug must not kill the prober: count it as a failure
-                log.exception("checker %s failed on %s", key.spec.kind, key.target)
-                result = Result(False, f"checker error: {exc.__class__.__name__}")
+            except TimeoutError:  # the checker broke its own contract (or the loop stalled): not the backend
+                result = Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)",
+                                local.CHECKER_OVERRAN)
+            except Exception as exc:  # a checker bug must not kill the prober, nor count against the backend
+                name = f"{key.spec.kind} {exc.__class__.__name__}"
+                if name not in self._crashes:  # the traceback once; the node counts and logs the rest
+                    self._crashes.add(name)
+                    log.exception("checker %s failed on %s", key.spec.kind, key.target)
+                result = Result(False, f"checker error: {exc.__class__.__name__}", local.CHECKER_ERROR)
             return result, time.monotonic() - began

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from healthchecks import reasons
+from healthchecks import local, reasons
 from healthchecks.base import Result, Target
 from healthchecks.spec import CheckSpec
 
@@ -17,7 +17,7 @@ class TcpChecker:
         try:
             sock = target.socket()
         except OSError as exc:
-            return Result(ok=False, reason=f"socket: {reasons.os_error(exc)}")
+            return local.failed("socket", exc, target)
         try:
             async with asyncio.timeout(self.spec.timeout):
                 await asyncio.get_running_loop().sock_connect(sock, (str(target.address), target.port))
@@ -25,7 +25,7 @@ class TcpChecker:
         except TimeoutError:
             return Result(ok=False, reason=f"connect: {reasons.timeout(self.spec.timeout)}")
         except OSError as exc:
-            return Result(ok=False, reason=f"connect: {reasons.os_error(exc)}")
+            return local.failed("connect", exc, target)
         finally:
             sock.close()
         return Result(ok=True, reason="connected")

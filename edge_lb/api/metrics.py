@@ -15,6 +15,8 @@ grows while refreshes fail). Health, weights, ring shares and BGP are as they ar
     edge_lb_conntable_hits_total, edge_lb_conntable_misses_total
     edge_lb_bgp_peer_up {peer}, edge_lb_bgp_announced {prefix}
     edge_lb_node_disabled, edge_lb_dataplane_attached
+    edge_lb_local_faults_total, edge_lb_local_fault_checks               {cause}
+    edge_lb_local_fault_withdrawn
     edge_lb_ring_rebuild_seconds (histogram), edge_lb_ring_rebuilds_total, edge_lb_ring_slots_written_total
     edge_lb_snapshot_age_seconds
 """
@@ -104,6 +106,23 @@ def node_families(status: NodeDocument, counters: CounterSnapshot) -> Iterator[M
                             value=1 if bgp is not None and bgp["disabled"] else 0)
     yield GaugeMetricFamily("edge_lb_dataplane_attached", "1 while the XDP program is attached.",
                             value=1 if status.get("attached") else 0)
+    yield from local_fault_families(status)
+
+
+def local_fault_families(status: NodeDocument) -> Iterator[Metric]:
+    """Checks that failed for a reason on this node (EMFILE, its link down, ...): not the backends'."""
+    faults = status.get("local_faults")
+    total = _counter("edge_lb_local_faults", "Check results that failed for a reason on this node, not "
+                     "counted against the backend.", ["cause"])
+    checks = _gauge("edge_lb_local_fault_checks", "Checks whose last result was a local fault.", ["cause"])
+    for cause, count in (faults["counts"] if faults else {}).items():
+        total.add_metric([cause], count)
+    for cause, count in (faults["faulty"] if faults else {}).items():
+        checks.add_metric([cause], count)
+    yield from (total, checks)
+    yield GaugeMetricFamily("edge_lb_local_fault_withdrawn", "1 while the node cannot judge its backends "
+                            "(for longer than the bound): every VIP withdrawn.",
+                            value=1 if faults and faults["withdrawn"] else 0)
 
 
 class _NodeCollector:

@@ -14,7 +14,15 @@ from __future__ import annotations
 import copy
 from typing import Any, get_args
 
-from edge_lb.control.document import BackendRow, BackendState, BgpStatus, NodeView, Phase, VipRow
+from edge_lb.control.document import (
+    BackendRow,
+    BackendState,
+    BgpStatus,
+    LocalFaultStatus,
+    NodeView,
+    Phase,
+    VipRow,
+)
 
 Doc = dict[str, Any]
 
@@ -83,8 +91,25 @@ _SCHEMAS: Doc = {
         "config": _or_null({**_TEXT, "description": "the config file's path"}),
         "gateway_mac": _or_null(_TEXT),
         "mtu": _or_null({"type": "integer", "description": "the MTU the data plane checks against"}),
-        "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"}},
+        "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"},
+        "local_faults": {"oneOf": [_ref("LocalFaults"), {"type": "null"}],
+                         "description": "null: still starting"}},
         description="Null fields are not known yet (phase starting)."),
+    "LocalFaults": _typed(LocalFaultStatus, {
+        "cannot_judge": _or_null({**_TEXT, "description": "why this node cannot judge its backends now "
+                                  "(its link down, most checks failing for local reasons)"}),
+        "since": _or_null({"type": "number", "description": "epoch seconds"}),
+        "withdrawn": {"type": "boolean",
+                      "description": "cannot_judge has lasted `bound` seconds: every VIP is withheld from "
+                                     "BGP with the reason \"local fault\""},
+        "bound": {"type": "number", "minimum": 0, "description": "seconds ([node].local_fault_after)"},
+        "link": {**_TEXT, "description": "the node's own link: up, down (why), or unknown"},
+        "checks": _COUNT,
+        "faulty": {"type": "object", "additionalProperties": _COUNT,
+                   "description": "cause (EMFILE, link down, ...) -> checks whose last result was a local "
+                                  "fault, not counted against their backend"},
+        "counts": {"type": "object", "additionalProperties": _COUNT,
+                   "description": "cause -> local faults since start (edge_lb_local_faults_total)"}}),
     "Backend": _typed(BackendRow, {
         "address": _TEXT,
         "state": {"type": "string", "enum": list(get_args(BackendState)),

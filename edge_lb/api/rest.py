@@ -156,7 +156,8 @@ def _node(doc: NodeDocument) -> NodeView:
             "bgp": None if bgp is None else {"peers": dict(bgp["peers"]), "announced": list(bgp["announced"]),
                                              "withheld": dict(bgp["withheld"]),
                                              "disabled": bool(bgp["disabled"]),
-                                             "disable_file": str(bgp["disable_file"])}}
+                                             "disable_file": str(bgp["disable_file"])},
+            "local_faults": doc.get("local_faults")}
 
 
 # -- request parts

@@ -66,6 +66,10 @@ def _always() -> bool:
     return True
 
 
+def _no_fault() -> str | None:
+    return None
+
+
 def _by_family(item: tuple[Prefix, str | None]) -> tuple[int, Prefix]:
     """IPv4 prefixes before IPv6 ones (ipaddress refuses to compare across versions)."""
     return item[0].version, item[0]
@@ -76,11 +80,15 @@ class BgpController:
     `start()`, stopped by `drain()`."""
 
     def __init__(self, source: Source, make_speaker: Callable[[Callable[[], None]], Speaker],
-                 attached: Callable[[], bool] = _always) -> None:
+                 attached: Callable[[], bool] = _always,
+                 local_fault: Callable[[], str | None] = _no_fault) -> None:
         self.source = source
         speaker = make_speaker(self.restarted)
         self.speaker = speaker
         self.attached = attached  # the supervisor's view of the interface (it looks, and pokes on a change)
+        # "local fault: ..." while the node cannot judge its backends (NodeState.local_fault), read on
+        # every sync: the loop's 0.5 s poll follows it, like the attachment.
+        self.local_fault = local_fault
         self.announcer = Announcer(speaker)
         self.stopping = False
         self.dirty = asyncio.Event()
@@ -127,10 +135,10 @@ class BgpController:
                     disabled=self._disabled)
 
     def desired(self, config: Config | None = None) -> dict[Prefix, Route]:
-        serving = self.source.serving()
-        routes = desired_routes(config or self.config, serving, self.attached(), self._disabled)
+        serving, fault = self.source.serving(), self.local_fault()
+        routes = desired_routes(config or self.config, serving, self.attached(), self._disabled, fault)
         if config is None and self._pending is not None:
-            pending = desired_routes(self._pending, serving, self.attached(), self._disabled)
+            pending = desired_routes(self._pending, serving, self.attached(), self._disabled, fault)
             routes = {p: r for p, r in routes.items() if pending.get(p) == r}
         return routes
 
@@ -252,7 +260,8 @@ class BgpController:
         events.emit("shutdown", phase="bgp stopped")
 
     def status(self) -> BgpStatus:
-        why = withheld(self.config, self.source.serving(), self.attached(), self._disabled)
+        why = withheld(self.config, self.source.serving(), self.attached(), self._disabled,
+                       self.local_fault())
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
                 "withheld": {str(p): reason for p, reason in sorted(why.items(), key=_by_family)
                              if reason is not None},

@@ -1,6 +1,6 @@
 """BGP, the pure part: which VIP routes this node should announce, and the ExaBGP API commands for them.
 
-    desired_routes(config, serving, attached, disabled) -> {prefix: Route}      (policy)
+    desired_routes(config, serving, attached, disabled, local_fault) -> {prefix: Route}      (policy)
     render("announce" | "withdraw", route) -> "announce route 10.0.0.1/32 next-hop self med 10
                                                as-path [65001 65001] large-community [65001:1:2]"
     Announcer(speaker).sync(desired)                                               (diff -> commands)
@@ -58,12 +58,13 @@ def host_prefix(address: IPAddress) -> Prefix:
 
 
 def withheld(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
-             disabled: bool) -> dict[Prefix, str | None]:
+             disabled: bool, local_fault: str | None = None) -> dict[Prefix, str | None]:
     """Each VIP address's prefix -> None when it is to be announced, else why not. An address is announced
-    while the program is attached, the node is not disabled, and every VIP on that address has at least
-    min_healthy backends that can take new flows (healthy and weight > 0)."""
+    while the program is attached, the node is not disabled, it can judge its backends (`local_fault`:
+    "local fault: ..." while it cannot), and every VIP on that address has at least min_healthy backends
+    that can take new flows (healthy and weight > 0)."""
     node = "the node is disabled for maintenance" if disabled else (
-        None if attached else "the XDP program is not attached")
+        None if attached else "the XDP program is not attached") or local_fault
     why: dict[Prefix, str | None] = {}
     for vip in config.vips:
         prefix = host_prefix(vip.address)
@@ -76,12 +77,12 @@ def withheld(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], a
 
 
 def desired_routes(config: Config, healthy: Mapping[tuple[VipKey, IPAddress], bool], attached: bool,
-                   disabled: bool) -> dict[Prefix, Route]:
+                   disabled: bool, local_fault: str | None = None) -> dict[Prefix, Route]:
     """The routes to announce: every VIP address nothing withholds (see `withheld`), and, with
     down = "med", one that only health withholds, announced with its worse down_med."""
-    why = withheld(config, healthy, attached, disabled)
+    why = withheld(config, healthy, attached, disabled, local_fault)
     if any(v.route.down == "med" for v in config.vips):
-        beside_health = withheld(config, _AllHealthy(), attached, disabled)
+        beside_health = withheld(config, _AllHealthy(), attached, disabled, local_fault)
     local_as = config.bgp.local_as if config.bgp is not None else 0
     routes = {}
     for vip in config.vips:

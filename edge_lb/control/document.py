@@ -53,6 +53,19 @@ class BgpStatus(TypedDict):
     disable_file: str
 
 
+class LocalFaultStatus(TypedDict):
+    """edge_lb.control.localfaults.LocalFaults.status(): checks that failed for a reason on this node."""
+
+    cannot_judge: str | None  # why the node cannot judge its backends now; None: it can
+    since: float | None  # epoch seconds
+    withdrawn: bool  # cannot_judge has lasted `bound` seconds: BGP withholds every VIP
+    bound: float  # seconds
+    link: str  # "up", "down (why)", or "unknown" (not followed)
+    checks: int  # checks running
+    faulty: dict[str, int]  # cause -> checks whose last result was a local fault
+    counts: dict[str, int]  # cause -> local faults since start (edge_lb_local_faults_total)
+
+
 class Served(TypedDict):
     """edge_lb.control.status.document: what the data plane serves."""
 
@@ -76,6 +89,7 @@ class NodeDocument(TypedDict):
     applies: NotRequired[int]
     bgp: NotRequired[BgpStatus | None]  # None: no [bgp]
     attached: NotRequired[bool]
+    local_faults: NotRequired[LocalFaultStatus]
 
 
 class NodeView(TypedDict):
@@ -91,3 +105,4 @@ class NodeView(TypedDict):
     gateway_mac: str | None
     mtu: int | None
     bgp: BgpStatus | None
+    local_faults: LocalFaultStatus | None

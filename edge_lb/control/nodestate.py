@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from edge_lb import events
 from edge_lb.config import Config, IPAddress
 from edge_lb.control import overrides
+from edge_lb.control.linkwatch import LinkWatch
+from edge_lb.control.localfaults import LocalFaults
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.dataplane.node import Link, NodeMaps
-from healthchecks.base import Checker, Target
+from healthchecks.base import Checker, Result, Target
 from healthchecks.machine import ADOPTED, NEW, Health
-from healthchecks.monitor import CheckKey, HealthMonitor
+from healthchecks.monitor import CheckKey, HealthMonitor, Observation
 from healthchecks.spec import CheckSpec
 
 Pair = tuple[VipKey, IPAddress]
@@ -105,7 +107,9 @@ class NodeState:
         self.maps = maps
         self.running = Candidate.of(config, weights)
         self.link: Link = maps.link  # the kernel's word; written by the next change
-        self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency)
+        self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency,
+                                     node_fault=self._node_fault, on_result=self._observed)
+        self.faults = LocalFaults(self.monitor.observations, self.local_fault_bound)
         self.dirty = asyncio.Event()
         self.applies = 0
         self._triggers: set[str] = set()
@@ -140,6 +144,30 @@ class NodeState:
         health: a failed write is retried with it, never rolled back to the old value)."""
         self.link = link
         self.poke(trigger)
+
+    # -- local faults: checks failing for a reason on this node (healthchecks.local)
+    def follow_own_link(self, watch: LinkWatch) -> None:
+        """While `watch` says the node's link is (or just was) down, failed checks are the link's fault."""
+        self.faults.link = watch
+
+    def local_fault_bound(self) -> float:
+        """[node].local_fault_after, else 2 x the longest interval x fall of the running checks."""
+        configured = self.base.node.local_fault_after
+        if configured is not None:
+            return configured
+        specs = {k.spec for k in self.running.keys.values() if k is not None} or {CheckSpec()}
+        return 2 * max(spec.interval * spec.fall for spec in specs)
+
+    def local_fault(self) -> str | None:
+        """For BGP: "local fault: ..." once the node has been unable to judge its backends for the bound."""
+        return self.faults.withheld()
+
+    def _node_fault(self, start: float, end: float) -> str | None:
+        link = self.faults.link
+        return link.during(start, end) if link is not None else None
+
+    def _observed(self, key: CheckKey, result: Result, seen: Observation) -> None:
+        self.faults.observe(key, result, seen)
 
     def _changed(self, key: CheckKey, old: Health, new: Health) -> None:
         for (vip, address), k in self.running.keys.items():

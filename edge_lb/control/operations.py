@@ -129,7 +129,7 @@ class NodeOperations:
                 "config": self.config_path, "gateway_mac": state.maps.link.gw_mac, "mtu": state.maps.link.mtu,
                 "applies": state.applies,
                 "bgp": node.bgp.status() if node.bgp is not None else None,
-                "attached": node.attachment.on_interface}
+                "attached": node.attachment.on_interface, "local_faults": state.faults.status()}
 
     # -- changes, each through the one change path (Reconciler)
     async def reload(self) -> Doc:

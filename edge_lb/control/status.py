@@ -59,6 +59,23 @@ def _age(stamp: float | None, now: float) -> str:
     return "never" if stamp is None else f"{max(now - stamp, 0):.1f}s ago"
 
 
+def _local_faults(faults: Doc | None, now: float) -> list[str]:
+    """Checks failing for reasons on this node (not counted against backends), and whether the node can
+    judge its backends at all."""
+    if not faults:
+        return []
+    lines = [] if faults["link"] in ("up", "unknown") else [f"link {faults['link']}"]
+    if faults["cannot_judge"]:
+        then = ("every VIP withdrawn from BGP" if faults["withdrawn"]
+                else f"BGP withdraws once it lasts {faults['bound']:g}s")
+        lines.append(f"LOCAL FAULT, this node cannot judge its backends: {faults['cannot_judge']} "
+                     f"(since {_age(faults['since'], now)}): {then}; backends keep their states")
+    elif faults["faulty"]:
+        which = ", ".join(f"{cause} on {n}" for cause, n in sorted(faults["faulty"].items()))
+        lines.append(f"local faults (not counted against backends): {which} of {faults['checks']} checks")
+    return lines
+
+
 def render(doc: Doc, now: float | None = None) -> str:
     """A fixed-width table: one block per VIP, one row per backend."""
     now = time.time() if now is None else now
@@ -70,6 +87,7 @@ def render(doc: Doc, now: float | None = None) -> str:
     if doc.get("attached") is False:
         lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
                         "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
+    lines[-1:-1] = _local_faults(doc.get("local_faults"), now)
     bgp = doc.get("bgp")
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"

@@ -34,6 +34,7 @@ from edge_lb.config import Config, load_config
 from edge_lb.control import overrides
 from edge_lb.control.attachment import Attachment
 from edge_lb.control.gwwatch import GatewayWatcher
+from edge_lb.control.linkwatch import LinkWatch
 from edge_lb.control.mtuwatch import MtuWatcher
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
@@ -130,6 +131,7 @@ class Supervisor:
         counters.refresh()
         state = NodeState(maps, config, overrides.load(paths.weights(instance)), make_checker)
         self._on_shutdown("health checks", state.stop)
+        await self._watch_link(config, state)
         self._emit_adopted(maps)
         bgp = self._bgp(config, state, attachment)
         rec = Reconciler(state, bgp or NoRoutes(), weights_file=paths.weights(instance),
@@ -160,7 +162,15 @@ class Supervisor:
         if config.bgp is None:
             return None
         return BgpController(state, lambda restarted: self.make_speaker(config, restarted),
-                             lambda: attachment.on_interface)
+                             lambda: attachment.on_interface, state.local_fault)
+
+    async def _watch_link(self, config: Config, state: NodeState) -> None:
+        """The node's own link, followed before the first check: checks that fail while it is down are not
+        counted against their backends (control/localfaults.py)."""
+        watch = LinkWatch(config.node.interface)
+        await watch.start()
+        self._on_shutdown("link watch", watch.stop)
+        state.follow_own_link(watch)
 
     @staticmethod
     def _emit_adopted(maps: NodeMaps) -> None:

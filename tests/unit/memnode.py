@@ -99,7 +99,8 @@ class MemNode:
         self.attachment.prog_id, self.attachment.on_interface = 1, True  # as startup's record() finds it
         self.speaker = FakeSpeaker(sessions={PEER: "up"})
         self.bgp = (BgpController(self.state, lambda restarted: self.speaker,
-                                  lambda: self.attachment.on_interface) if bgp else None)
+                                  lambda: self.attachment.on_interface, local_fault=self.state.local_fault)
+                    if bgp else None)
         self.reconciler = Reconciler(self.state, self.bgp or NoRoutes(), weights_file=self.weights_file)
         self.counters = CounterSampler(self.io)
         self.ops = NodeOperations(str(self.config_path))
