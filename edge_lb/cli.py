@@ -13,6 +13,7 @@ from edge_lb.errors import ConfigError, EdgeLbError
 
 if TYPE_CHECKING:
     from edge_lb.config import Config
+    from edge_lb.control.instance import InstanceLock
 
 EXIT_CONFIG = 2
 EXIT_ERROR = 1
@@ -41,10 +42,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from edge_lb.dataplane.node import load_node
 
-    cfg = _config_without_supervisor(args.config,
-                                     "it owns the maps (change the config and `edge-lb reload` instead)")
-    dp, report = load_node(cfg, attach=not args.no_attach)
-    dp.close()
+    cfg, lock = _config_without_supervisor(
+        args.config, "load", "it owns the maps (change the config and `edge-lb reload` instead)")
+    try:
+        dp, report = load_node(cfg, attach=not args.no_attach)
+        dp.close()
+    finally:
+        lock.release()
     where = ("not attached" if args.no_attach
              else f"attached to {cfg.node.interface} ({cfg.dataplane.xdp_mode})")
     print(f"data plane {cfg.dataplane.instance}: {where}; {len(cfg.vips)} VIPs; "
@@ -55,10 +59,13 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_unload(args: argparse.Namespace) -> int:
     from edge_lb.dataplane.loader import Dataplane, remove_pins
 
-    cfg = _config_without_supervisor(args.config,
-                                     "stop it first (it withdraws the VIPs before anything is detached)")
-    Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
-    removed = remove_pins(cfg.dataplane.instance)
+    cfg, lock = _config_without_supervisor(
+        args.config, "unload", "stop it first (it withdraws the VIPs before anything is detached)")
+    try:
+        Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
+        removed = remove_pins(cfg.dataplane.instance)
+    finally:
+        lock.release()
     print(f"detached from {cfg.node.interface}; unpinned {len(removed)} maps of {cfg.dataplane.instance}")
     return 0
 
@@ -116,7 +123,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from edge_lb.api import sockets
     from edge_lb.control import status
 
-    doc = asyncio.run(sockets.status_doc(_socket(args)))
+    try:
+        doc = asyncio.run(sockets.status_doc(_socket(args)))
+    except EdgeLbError as exc:
+        raise _unreachable(args, exc) from exc
     print(json.dumps(doc, indent=2) if args.json else status.render(doc), end="" if not args.json else "\n")
     return 0
 
@@ -165,21 +175,40 @@ def cmd_disable(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_without_supervisor(path: str, why: str) -> Config:
-    """The config, when no supervisor runs for its instance; else EdgeLbError saying why that matters."""
+def _config_without_supervisor(path: str, command: str, why: str) -> tuple[Config, InstanceLock]:
+    """The config and its instance held for `command` (release the lock when done), when no supervisor (or
+    other load/unload) holds it; else EdgeLbError naming the holder and why that matters. The instance lock
+    decides, not the control socket: a running supervisor whose socket was deleted still holds it."""
     from edge_lb.config import load_config
+    from edge_lb.control.instance import InstanceLock
 
     cfg = load_config(path)
-    if _supervisor_running(cfg.dataplane.instance):
+    lock = InstanceLock.take(cfg.dataplane.instance, f"edge-lb {command}", why)
+    if _supervisor_running(cfg.dataplane.instance):  # a second guard: its lock file deleted under it
+        lock.release()
         raise EdgeLbError(f"a supervisor is running for instance {cfg.dataplane.instance}: {why}")
-    return cfg
+    return cfg, lock
 
 
 def _supervisor_running(instance: str) -> bool:
+    """Its API answers (disable/enable go through it then; else they write the switch file directly)."""
     from edge_lb import paths
     from edge_lb.api import sockets
 
     return sockets.listening(paths.socket(instance))
+
+
+def _unreachable(args: argparse.Namespace, exc: EdgeLbError) -> EdgeLbError:
+    """The API did not answer: say who holds the instance, if anyone (its socket may have been deleted)."""
+    from edge_lb.config import instance_of
+    from edge_lb.control.instance import holder
+
+    instance = instance_of(args.config)
+    who = holder(instance)
+    if who is None:
+        return exc
+    return EdgeLbError(f"{exc}. Instance {instance} is held by {who}: it runs but its control socket "
+                       f"{_socket(args)} does not answer (deleted?); restart it to get its API back")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

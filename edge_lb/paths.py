@@ -1,6 +1,7 @@
 """Every per-instance path edge-lb uses, and the roots they hang from. One function per path:
 
     socket(instance)          RUN_DIR/<instance>.sock             the supervisor's control socket (REST API)
+    lock(instance)            RUN_DIR/<instance>.lock             flock()ed by whoever owns the instance
     exabgp_run(instance)      RUN_DIR/<instance>.bgp/             ExaBGP's config, API socket and log
     weights(instance)         STATE_DIR/<instance>.weights.json   runtime weights set through the API
     disable_switch(instance)  STATE_DIR/<instance>.disabled       default BGP maintenance switch
@@ -24,6 +25,12 @@ PIN_ROOT = Path("/sys/fs/bpf/edge_lb")
 def socket(instance: str) -> Path:
     """The supervisor's Unix control socket: the CLI's way in."""
     return RUN_DIR / f"{instance}.sock"
+
+
+def lock(instance: str) -> Path:
+    """The instance's lock file: `edge-lb run` holds an exclusive flock on it for its whole life (load and
+    unload for theirs); it names the holder's PID. Deleting it does not release the lock held on it."""
+    return RUN_DIR / f"{instance}.lock"
 
 
 def exabgp_run(instance: str) -> Path:

@@ -34,6 +34,7 @@ from edge_lb.config import Config, load_config
 from edge_lb.control import overrides
 from edge_lb.control.attachment import Attachment
 from edge_lb.control.gwwatch import GatewayWatcher
+from edge_lb.control.instance import SECOND_RUN, InstanceLock
 from edge_lb.control.linkwatch import LinkWatch
 from edge_lb.control.mtuwatch import MtuWatcher
 from edge_lb.control.nodestate import NodeState
@@ -116,6 +117,7 @@ class Supervisor:
         config = load_config(self.config_path)
         self._drain_time = config.bgp.drain_time if config.bgp is not None else 0.0
         instance = config.dataplane.instance
+        self._undo.callback(InstanceLock.take(instance, "edge-lb run", SECOND_RUN).release)  # undone last
         events.emit("startup", phase="config", config=self.config_path, vips=len(config.vips),
                     instance=instance)
         attachment = Attachment(config.node.interface)

@@ -279,6 +279,7 @@ def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -
             supervisor.wait(timeout=15)
     with contextlib.suppress(FileNotFoundError):
         paths.socket(instance).unlink()
+    paths.lock(instance).unlink(missing_ok=True)  # the instance lock's file (its lock died with its holder)
     shutil.rmtree(paths.exabgp_run(instance), ignore_errors=True)  # ExaBGP's config and log
     with contextlib.suppress(FileNotFoundError):
         paths.weights(instance).unlink()  # runtime weights set through the API
