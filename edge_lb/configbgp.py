@@ -5,6 +5,8 @@
     router_id = "10.200.1.2"        # optional: the first IPv4 peer's local address
     drain_time = 2.0                # seconds between withdrawing everything and stopping, on shutdown
     disable_file = "/var/lib/edge-lb/default.disabled"   # optional; its existence withdraws every VIP
+    heartbeat_timeout = 2.0         # seconds without the supervisor's heartbeat (a hung supervisor) before
+                                    #   ExaBGP's bridge withdraws every route; below every peer's hold_time
       [[bgp.peer]]
       address = "10.200.1.1"
       as = 65000
@@ -75,6 +77,7 @@ class Bgp:
     router_id: ipaddress.IPv4Address | None = None  # None: the first IPv4 local address
     drain_time: float = 2.0  # seconds between withdrawing everything and stopping, on shutdown
     disable_file: str | None = None  # None: /var/lib/edge-lb/<instance>.disabled
+    heartbeat_timeout: float = 2.0  # seconds; edge_lb.bgp.exabgp_bridge withdraws everything past it
 
 
 def _router_id(value: Any) -> ipaddress.IPv4Address:
@@ -142,7 +145,7 @@ def _md5_file(value: Any) -> str:
 
 
 BGP = {"local_as": _ASN, "router_id": _router_id, "drain_time": number(0, 60),  # below systemd's stop timeout
-       "disable_file": file_path}
+       "disable_file": file_path, "heartbeat_timeout": number(1.0, 60)}  # >= 4 beats (every 0.25 s)
 PEER = {"address": address, "as": _ASN, "hold_time": integer(3, 65535), "local_address": address,
         "md5_password": _md5, "md5_password_file": _md5_file}
 ROUTE = {"next_hop": _next_hop, "med": integer(0, _U32), "communities": _communities,
@@ -162,9 +165,19 @@ def parse_bgp(root: Table) -> Bgp | None:
     _unique_peers(table, peers)
     if "router_id" not in values and peers and all(p.address.version == 6 for p in peers):
         table.problem("router_id", "required when no peer is IPv4 (a BGP identifier is an IPv4 address)")
+    _heartbeat_below_hold(table, values.get("heartbeat_timeout", 2.0), peers)
     if "local_as" not in values:
         return None
     return Bgp(**values, peers=peers)
+
+
+def _heartbeat_below_hold(table: Table, timeout: float, peers: tuple[Peer, ...]) -> None:
+    """A hung supervisor must lose its routes no later than a dead node loses its sessions."""
+    hold = min((p.hold_time for p in peers), default=None)
+    if hold is not None and timeout >= hold:
+        table.problem("heartbeat_timeout", f"{timeout:g} s must be below the smallest [[bgp.peer]] hold_time "
+                                           f"({hold} s): a hung supervisor would keep its routes longer than "
+                                           "a dead node")
 
 
 def check_families(bgp: Bgp, vips: list[tuple[Table, IPAddress, RouteAttrs]]) -> None:

@@ -14,6 +14,7 @@ grows while refreshes fail). Health, weights, ring shares and BGP are as they ar
     edge_lb_packets_total (enum lb_stat without STAT_, lower case)      {reason}
     edge_lb_conntable_hits_total, edge_lb_conntable_misses_total
     edge_lb_bgp_peer_up {peer}, edge_lb_bgp_announced {prefix}
+    edge_lb_bgp_speaker_up, edge_lb_bgp_speaker_restarts_total, edge_lb_watchdog_ok, edge_lb_loop_lag_seconds
     edge_lb_node_disabled, edge_lb_dataplane_attached
     edge_lb_local_faults_total, edge_lb_local_fault_checks               {cause}
     edge_lb_local_fault_withdrawn
@@ -125,6 +126,27 @@ def local_fault_families(status: NodeDocument) -> Iterator[Metric]:
                             value=1 if faults and faults["withdrawn"] else 0)
 
 
+def watchdog_families(status: NodeDocument) -> Iterator[Metric]:
+    """The hang watchdog's judgement and the BGP speaker's liveness (a wedged ExaBGP is restarted)."""
+    bgp, dog = status.get("bgp"), status.get("watchdog")
+    speaker = bgp.get("speaker") if bgp is not None else None
+    up = GaugeMetricFamily("edge_lb_bgp_speaker_up", "1 while ExaBGP answers its commands (0: wedged, "
+                           "restarting, stopped).", labels=[])
+    restarts = CounterMetricFamily("edge_lb_bgp_speaker_restarts", "ExaBGP restarts (it died, or did not "
+                                   "answer and was killed).", labels=[])
+    if speaker is not None:
+        up.add_metric([], 1 if speaker["state"] == "up" else 0)
+        restarts.add_metric([], speaker["restarts"])
+    yield from (up, restarts)
+    ok = GaugeMetricFamily("edge_lb_watchdog_ok", "1 while the main loop and the health checks make "
+                           "progress (systemd is pinged, ExaBGP's bridge gets its heartbeat).", labels=[])
+    lag = GaugeMetricFamily("edge_lb_loop_lag_seconds", "How late the main loop's last tick came.", labels=[])
+    if dog is not None:
+        ok.add_metric([], 1 if dog["ok"] else 0)
+        lag.add_metric([], dog["loop_lag"])
+    yield from (ok, lag)
+
+
 class _NodeCollector:
     def __init__(self, ops: Operations) -> None:
         self.ops = ops
@@ -136,6 +158,7 @@ class _NodeCollector:
         status = self.ops.status()
         yield from backend_families(status)
         yield from node_families(status, counters)
+        yield from watchdog_families(status)
         yield GaugeMetricFamily("edge_lb_snapshot_age_seconds",
                                 "Seconds since the counter sampler read the data plane's counter maps.",
                                 value=counters.age())

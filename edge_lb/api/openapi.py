@@ -21,7 +21,9 @@ from edge_lb.control.document import (
     LocalFaultStatus,
     NodeView,
     Phase,
+    SpeakerStatus,
     VipRow,
+    WatchdogStatus,
 )
 
 Doc = dict[str, Any]
@@ -80,7 +82,24 @@ _SCHEMAS: Doc = {
                      "description": "prefix -> why this node does not announce it (disabled, detached, a VIP "
                                     "below its min_healthy)"},
         "disabled": {"type": "boolean", "description": "the maintenance switch: every VIP withdrawn"},
-        "disable_file": {**_TEXT, "description": "the file whose presence keeps the node disabled"}}),
+        "disable_file": {**_TEXT, "description": "the file whose presence keeps the node disabled"},
+        "speaker": _ref("Speaker")}),
+    "Speaker": _typed(SpeakerStatus, {
+        "state": {"type": "string", "enum": ["starting", "up", "wedged", "restarting", "stopped"],
+                  "description": "wedged: ExaBGP left a command unanswered; it is killed and restarted"},
+        "pid": _or_null({"type": "integer", "description": "ExaBGP's pid while it runs"}),
+        "restarts": _COUNT,
+        "reason": _or_null({**_TEXT, "description": "why it is not up"}),
+        "last_answer": _or_null({"type": "number", "minimum": 0,
+                                 "description": "seconds since ExaBGP last answered a command"})}),
+    "Watchdog": _typed(WatchdogStatus, {
+        "ok": {"type": "boolean", "description": "the main loop and the check scheduler make progress: "
+                                                 "systemd is pinged and ExaBGP's bridge keeps the routes"},
+        "reason": _or_null({**_TEXT, "description": "why not"}),
+        "loop_lag": {"type": "number", "minimum": 0, "description": "seconds the loop's last tick was late"},
+        "checks_age": _or_null({"type": "number", "minimum": 0,
+                                "description": "seconds since a check last completed; null: none run"}),
+        "systemd": {"type": "boolean", "description": "systemd's WatchdogSec is set: WATCHDOG=1 is sent"}}),
     "Node": _typed(NodeView, {
         "phase": {"type": "string", "enum": list(get_args(Phase))},
         "instance": _or_null(_TEXT),
@@ -92,6 +111,7 @@ _SCHEMAS: Doc = {
         "gateway_mac": _or_null(_TEXT),
         "mtu": _or_null({"type": "integer", "description": "the MTU the data plane checks against"}),
         "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"},
+        "watchdog": {"oneOf": [_ref("Watchdog"), {"type": "null"}], "description": "null: still starting"},
         "local_faults": {"oneOf": [_ref("LocalFaults"), {"type": "null"}],
                          "description": "null: still starting"}},
         description="Null fields are not known yet (phase starting)."),

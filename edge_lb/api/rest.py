@@ -156,8 +156,9 @@ def _node(doc: NodeDocument) -> NodeView:
             "bgp": None if bgp is None else {"peers": dict(bgp["peers"]), "announced": list(bgp["announced"]),
                                              "withheld": dict(bgp["withheld"]),
                                              "disabled": bool(bgp["disabled"]),
-                                             "disable_file": str(bgp["disable_file"])},
-            "local_faults": doc.get("local_faults")}
+                                             "disable_file": str(bgp["disable_file"]),
+                                             "speaker": bgp["speaker"]},
+            "watchdog": doc.get("watchdog"), "local_faults": doc.get("local_faults")}
 
 
 # -- request parts

@@ -265,4 +265,5 @@ class BgpController:
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
                 "withheld": {str(p): reason for p, reason in sorted(why.items(), key=_by_family)
                              if reason is not None},
-                "disabled": self._disabled, "disable_file": str(disable_path(self.config))}
+                "disabled": self._disabled, "disable_file": str(disable_path(self.config)),
+                "speaker": self.speaker.liveness_status()}

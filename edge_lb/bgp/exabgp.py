@@ -49,8 +49,10 @@ from edge_lb.bgp.exabgp_config import (
     render_config,
     source_address,
 )
+from edge_lb.bgp.exabgp_liveness import Liveness
 from edge_lb.bgp.exabgp_reload import reload_peers
 from edge_lb.configbgp import Bgp
+from edge_lb.control.document import SpeakerStatus
 from edge_lb.errors import BgpError
 
 log = logging.getLogger("edge_lb.bgp.exabgp")
@@ -110,11 +112,13 @@ class ExaBgpSpeaker:
         self._on_restart = on_restart
         self.channel = ApiChannel(self.run_dir / "api.sock", [str(p.address) for p in bgp.peers],
                                   accept=self._is_ours, on_connect=self._bridge_connected,
-                                  ack_timeout=ack_timeout)
+                                  on_withdrawn=self._bridge_withdrew, ack_timeout=ack_timeout)
+        self.liveness = Liveness(self.channel, self._kill_wedged)
         self._proc: asyncio.subprocess.Process | None = None
         self._launched_at = 0.0
         self._connects = 0
         self._supervisor: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._started = False
         self._router_id = ""  # chosen at start()
 
@@ -139,6 +143,13 @@ class ExaBgpSpeaker:
     async def send(self, command: str) -> None:
         await self.channel.send(command)
 
+    def heartbeat(self) -> None:
+        """The supervisor makes progress: the bridge keeps the routes (edge_lb.bgp.exabgp_bridge)."""
+        self.channel.heartbeat()
+
+    def liveness_status(self) -> SpeakerStatus:
+        return self.liveness.status(self.pid)
+
     async def start(self) -> None:
         if self._started:
             raise BgpError(f"ExaBGP speaker {self.instance}: already started")
@@ -155,10 +166,14 @@ class ExaBgpSpeaker:
             await self.stop()
             raise
         self._supervisor = asyncio.create_task(self._supervise(), name=f"exabgp-{self.instance}")
+        self._watch = asyncio.create_task(self.liveness.run(), name=f"exabgp-{self.instance} liveness")
 
     async def stop(self) -> None:
         """Stop supervising, SIGTERM ExaBGP, SIGKILL after STOP_GRACE, reap, close the socket. Idempotent."""
         task, self._supervisor = self._supervisor, None
+        if self._watch is not None:
+            self._watch.cancel()
+        self.liveness.stopped()
         if task is not None:
             task.cancel()
             await asyncio.wait({task}, timeout=_REAP_TIMEOUT)
@@ -177,7 +192,8 @@ class ExaBgpSpeaker:
         self._started = False
 
     def _bridge_argv(self) -> list[str]:
-        return [sys.executable, "-m", "edge_lb.bgp.exabgp_bridge", "--socket", str(self.channel.path)]
+        return [sys.executable, "-m", "edge_lb.bgp.exabgp_bridge", "--socket", str(self.channel.path),
+                "--heartbeat-timeout", f"{self.bgp.heartbeat_timeout:g}"]
 
     async def reconfigure(self, bgp: Bgp) -> None:
         """A reload's new peer list: exabgp.conf rendered again and ExaBGP told to re-read it; only the peers
@@ -281,7 +297,21 @@ class ExaBgpSpeaker:
     def _is_ours(self, pid: int) -> bool:
         return self._proc is not None and self._proc.returncode is None and pid == self._proc.pid
 
+    def _kill_wedged(self) -> None:
+        """Liveness judged ExaBGP wedged: SIGKILL (it works on a stopped process too); _supervise restarts."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    def _bridge_withdrew(self) -> None:
+        """The bridge withdrew every route (no heartbeat): announce again what should be."""
+        try:
+            self._on_restart()
+        except Exception:
+            log.exception("the bridge withdrew: on_restart failed")
+
     def _bridge_connected(self, pid: int) -> None:
+        self.liveness.connected()
         self._connects += 1
         if self._connects == 1:
             return
@@ -302,6 +332,7 @@ class ExaBgpSpeaker:
             ran = time.monotonic() - self._launched_at
             events.emit("exabgp", logging.WARNING, phase="died", code=code, pid=self._proc.pid,
                         ran=f"{ran:.1f}s")
+            self.liveness.died(code)
             self.channel.disconnect("ExaBGP exited")
             self.channel.reset_peers("down")
             if ran >= STABLE_RUN:

@@ -10,11 +10,13 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_lb import events
+from edge_lb.bgp.exabgp_bridge import HEARTBEAT, WITHDREW
 from edge_lb.errors import BgpError
 
 log = logging.getLogger("edge_lb.bgp.exabgp")
@@ -65,6 +67,7 @@ class ApiChannel:
     def __init__(self, path: Path, peers: Iterable[str], *,
                  accept: Callable[[int], bool] = lambda pid: True,
                  on_connect: Callable[[int], None] = lambda pid: None,
+                 on_withdrawn: Callable[[], None] = lambda: None,
                  ack_timeout: float = ACK_TIMEOUT) -> None:
         self.path = path
         self.ack_timeout = ack_timeout
@@ -72,6 +75,10 @@ class ApiChannel:
         self.closing = False  # set while ExaBGP is being stopped: losing the bridge is then expected
         self._accept = accept
         self._on_connect = on_connect
+        self._on_withdrawn = on_withdrawn
+        # Liveness (monotonic): when the command in flight was written, and when ExaBGP last answered one.
+        self.sent_at: float | None = None
+        self.answered_at: float | None = None
         self._peers = dict.fromkeys(peers, "down")
         self._server: asyncio.Server | None = None
         self._bridge: _Bridge | None = None
@@ -111,6 +118,20 @@ class ApiChannel:
         if self._handlers:
             await asyncio.wait(set(self._handlers), timeout=_HELLO_TIMEOUT)
 
+    def heartbeat(self) -> None:
+        """Tell the bridge the supervisor makes progress (it withdraws every route when these stop)."""
+        bridge = self._bridge
+        if bridge is not None and not bridge.writer.is_closing():
+            bridge.writer.write(f"{HEARTBEAT}\n".encode())
+
+    def unanswered_for(self, now: float | None = None) -> float:
+        """Seconds the command in flight has waited for ExaBGP's answer (0 with none in flight)."""
+        sent = self.sent_at
+        return 0.0 if sent is None else (time.monotonic() if now is None else now) - sent
+
+    def busy(self) -> bool:
+        return self._lock.locked()
+
     def disconnect(self, why: str) -> None:
         if self._bridge is not None:
             self._lost(self._bridge, why)
@@ -131,7 +152,7 @@ class ApiChannel:
             try:
                 async with asyncio.timeout(self.ack_timeout):
                     bridge.writer.write(f"{command}\n".encode())
-                    written = True
+                    written, self.sent_at = True, time.monotonic()
                     await bridge.writer.drain()
                     answer = await pending
             except TimeoutError:
@@ -147,7 +168,7 @@ class ApiChannel:
             except OSError as exc:
                 raise BgpError(f"sending {command!r} to ExaBGP: {exc}") from exc
             finally:
-                self._pending = None
+                self._pending, self.sent_at = None, None
                 self._answer_lines = None
         if answer != "done":
             raise BgpError(f"ExaBGP answered {answer!r} to {command!r}")
@@ -177,6 +198,8 @@ class ApiChannel:
         bridge = _Bridge(reader, writer, int(words[1]))
         self.disconnect("replaced by a new bridge")
         self._bridge, self._orphans = bridge, 0
+        self.answered_at = time.monotonic()  # a new bridge: ExaBGP just ran it
+        self.heartbeat()  # arms the bridge's watch at once: a hang before the first worker beat is caught too
         self.connected.set()
         events.emit("exabgp", phase="bridge connected", pid=bridge.pid)
         try:
@@ -197,6 +220,7 @@ class ApiChannel:
 
     def _dispatch(self, line: str) -> None:
         if line in ("done", "error"):
+            self.answered_at = time.monotonic()
             if self._orphans:
                 self._orphans -= 1
                 log.debug("late ExaBGP ack %r of a command that timed out: dropped", line)
@@ -204,6 +228,11 @@ class ApiChannel:
                 self._pending.set_result(line)
             else:
                 log.warning("ExaBGP ack %r with no command in flight: dropped", line)
+            return
+        if line.startswith(f"{WITHDREW} "):
+            events.emit("bgp", logging.WARNING, action="withdrawn by the bridge", routes=line.split()[-1],
+                        reason="no heartbeat from the supervisor (it was hung): re-announcing what serves")
+            self._on_withdrawn()
             return
         change = parse_notification(line)
         if change is None:

@@ -19,6 +19,7 @@ from typing import Protocol
 from edge_lb import events
 from edge_lb.config import Config, IPAddress
 from edge_lb.configbgp import Bgp, RouteAttrs
+from edge_lb.control.document import SpeakerStatus
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.errors import BgpError
 
@@ -130,6 +131,14 @@ class Speaker(Protocol):
         """Peer address -> session state ("up", "down", "connected", ...), as last reported."""
         ...
 
+    def heartbeat(self) -> None:
+        """The supervisor makes progress (its watchdog says): routes stay (edge_lb.bgp.exabgp_bridge)."""
+        ...
+
+    def liveness_status(self) -> SpeakerStatus:
+        """Does the daemon answer (edge_lb.bgp.exabgp_liveness)."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -203,6 +212,7 @@ class FakeSpeaker:
     commands: list[str] = field(default_factory=list)
     refuse: bool = False
     sessions: dict[str, str] = field(default_factory=dict)
+    beats: int = 0
 
     async def start(self) -> None:
         self.commands.append("<started>")
@@ -219,6 +229,12 @@ class FakeSpeaker:
 
     def peers(self) -> dict[str, str]:
         return dict(self.sessions)
+
+    def heartbeat(self) -> None:
+        self.beats += 1
+
+    def liveness_status(self) -> SpeakerStatus:
+        return {"state": "up", "pid": None, "restarts": 0, "reason": None, "last_answer": None}
 
     async def stop(self) -> None:
         self.commands.append("<stopped>")

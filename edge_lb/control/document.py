@@ -43,6 +43,26 @@ class VipRow(TypedDict):
     bytes: int
 
 
+class SpeakerStatus(TypedDict):
+    """The BGP speaker's liveness (edge_lb.bgp.exabgp_liveness): does ExaBGP answer its commands."""
+
+    state: str  # "starting", "up", "wedged" (no answer: killed, restarting), "restarting", "stopped"
+    pid: int | None
+    restarts: int  # since the supervisor started
+    reason: str | None  # why it is not up
+    last_answer: float | None  # seconds since ExaBGP last answered; None: never
+
+
+class WatchdogStatus(TypedDict):
+    """edge_lb.control.watchdog.Watchdog.status(): does the supervisor make progress."""
+
+    ok: bool  # the loop and the check scheduler make progress: systemd is pinged, the bridge gets heartbeats
+    reason: str | None  # why not
+    loop_lag: float  # seconds the main loop's last tick came late
+    checks_age: float | None  # seconds since a health check last completed (None: no checks run)
+    systemd: bool  # WatchdogSec is set: WATCHDOG=1 is sent
+
+
 class BgpStatus(TypedDict):
     """edge_lb.bgp.controller.BgpController.status()."""
 
@@ -51,6 +71,7 @@ class BgpStatus(TypedDict):
     withheld: dict[str, str]  # prefix -> why it is not announced
     disabled: bool
     disable_file: str
+    speaker: SpeakerStatus
 
 
 class LocalFaultStatus(TypedDict):
@@ -90,6 +111,7 @@ class NodeDocument(TypedDict):
     bgp: NotRequired[BgpStatus | None]  # None: no [bgp]
     attached: NotRequired[bool]
     local_faults: NotRequired[LocalFaultStatus]
+    watchdog: NotRequired[WatchdogStatus]
 
 
 class NodeView(TypedDict):
@@ -106,3 +128,4 @@ class NodeView(TypedDict):
     mtu: int | None
     bgp: BgpStatus | None
     local_faults: LocalFaultStatus | None
+    watchdog: WatchdogStatus | None

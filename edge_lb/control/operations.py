@@ -32,6 +32,7 @@ from edge_lb.control.attachment import Attachment
 from edge_lb.control.document import NodeDocument
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
+from edge_lb.control.watchdog import Watchdog
 from edge_lb.dataplane.counters import CounterSampler, CounterSnapshot
 from edge_lb.errors import ConfigError, EdgeLbError, SupervisorError
 
@@ -100,6 +101,7 @@ class NodeOperations:
         self.stopping = False
         self._node: RunningNode | None = None
         self._nothing_read = CounterSnapshot.empty()  # until the node (and its sampler) exists
+        self.watchdog: Watchdog | None = None  # the supervisor's: shown in status
 
     def serve(self, node: RunningNode) -> None:
         self._node = node
@@ -118,6 +120,12 @@ class NodeOperations:
         return self._nothing_read if self._node is None else self._node.counters.snapshot
 
     def status(self) -> NodeDocument:
+        doc = self._status()
+        if self.watchdog is not None and self._node is not None:
+            doc["watchdog"] = self.watchdog.status()
+        return doc
+
+    def _status(self) -> NodeDocument:
         node = self._node
         if node is None:
             return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}

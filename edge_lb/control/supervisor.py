@@ -40,6 +40,7 @@ from edge_lb.control.mtuwatch import MtuWatcher
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
+from edge_lb.control.watchdog import Watchdog, notify
 from edge_lb.dataplane.counters import CounterSampler
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.node import Link, NodeMaps, link_for
@@ -81,6 +82,7 @@ class Supervisor:
         self.make_speaker = make_speaker
         self.stopping = asyncio.Event()
         self.ops = NodeOperations(self.config_path)
+        self.watchdog = self.ops.watchdog = Watchdog()  # systemd's WatchdogSec and the BGP bridge's heartbeat
         self.metrics = Metrics(self.ops)
         self.control = sockets.ControlServer(self.ops, [self.metrics.add_routes])
         self.node: RunningNode | None = None  # set at the end of startup
@@ -151,6 +153,7 @@ class Supervisor:
             self._gateway_changed(self._early_mac)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
+        notify("READY=1")  # systemd Type=notify: started only now
 
     def _follow_mtu(self, config: Config, state: NodeState) -> None:
         """[node].mtu unset: the interface's MTU is followed live (a main-loop worker)."""
@@ -248,6 +251,7 @@ class Supervisor:
                                        name="attachment")]
         if node.bgp is not None:
             workers.append(asyncio.create_task(node.bgp.run(), name="bgp"))
+        workers.append(asyncio.create_task(self.watchdog.run(node.state.monitor, node.bgp), name="watchdog"))
         workers += [asyncio.create_task(follow(), name="link follower") for follow in self._followers]
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -265,6 +269,7 @@ class Supervisor:
     # -- shutdown
     async def shutdown(self) -> None:
         """Undo startup in reverse, each step bounded on its own: one stuck step does not skip the others."""
+        notify("STOPPING=1")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

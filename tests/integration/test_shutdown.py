@@ -129,7 +129,14 @@ def exabgp_left(d: DataplaneLab) -> list[str]:
     assert d.lb is not None
     pids = subprocess.run(["ip", "netns", "pids", d.lb.ns.name], capture_output=True, text=True, timeout=10,
                           check=True).stdout.split()
-    return [p for p in pids if "exabgp" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    return [p for p in pids if "exabgp" in _cmdline(p)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # it exited after the listing
+        return ""
 
 
 def finish(d: DataplaneLab, log_path: Path, code: int, took: float, what: str) -> str:
@@ -142,7 +149,7 @@ def finish(d: DataplaneLab, log_path: Path, code: int, took: float, what: str) -
     assert code == 0, log[-3000:]
     assert took < BOUND, f"{what}: {took:.1f} s (bound {BOUND:g} s)"
     assert "event=shutdown phase=done" in log, log[-3000:]
-    for trouble in ("worker did not stop", '"step failed"', "overran"):
+    for trouble in ('phase="worker did not stop"', 'phase="step failed"', "phase=overran"):
         assert trouble not in log, log[-3000:]
     assert not exabgp_left(d), "ExaBGP outlived its supervisor"
     return log

@@ -79,6 +79,9 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
     async def body(client: Client, mem: MemNode) -> None:
         node = await answer(client, "GET", "/api/v1/node", 200)
         assert 0 <= node.pop("uptime") < 60
+        assert node.pop("watchdog") is None, "the in-memory node runs no watchdog"
+        assert node["bgp"].pop("speaker") == {"state": "up", "pid": None, "restarts": 0, "reason": None,
+                                              "last_answer": None}
         assert node.pop("local_faults") == {
             "cannot_judge": None, "since": None, "withdrawn": False, "bound": 0.1, "link": "unknown",
             "checks": 2, "faulty": {}, "counts": {}}

@@ -23,6 +23,7 @@ import pytest
 from edge_lb.bgp import exabgp
 from edge_lb.bgp.exabgp import ExaBgpSpeaker
 from edge_lb.bgp.exabgp_api import ApiChannel, PeerChange, parse_notification
+from edge_lb.bgp.exabgp_bridge import HEARTBEAT
 from edge_lb.bgp.exabgp_config import default_router_id, exabgp_environment, render_config
 from edge_lb.configbgp import Bgp, Peer
 from edge_lb.errors import BgpError
@@ -156,6 +157,12 @@ class FakeBridge:
         await self.writer.drain()
 
     async def expect(self) -> str:
+        """The next command (the channel's heartbeats, for the real bridge alone, are skipped)."""
+        while (line := await self.line()) == HEARTBEAT:
+            pass
+        return line
+
+    async def line(self) -> str:
         return (await asyncio.wait_for(self.reader.readline(), 5)).decode().rstrip("\n")
 
     async def close(self) -> None:

@@ -156,6 +156,24 @@ def test_bgp_and_node_switches(ops: CountingOperations) -> None:
     assert names(s, "edge_lb_bgp_announced", "prefix") == set()
 
 
+def test_speaker_liveness_and_the_watchdog(ops: CountingOperations) -> None:
+    ops.doc["bgp"]["speaker"] = {"state": "wedged", "pid": 42, "restarts": 3, "reason": "no answer",
+                                 "last_answer": 4.0}
+    ops.doc["watchdog"] = {"ok": False, "reason": "late", "loop_lag": 1.5, "checks_age": 0.2, "systemd": True}
+    metrics = Metrics(ops)
+    s = scrape(metrics)
+    assert value(s, "edge_lb_bgp_speaker_up") == 0
+    assert value(s, "edge_lb_bgp_speaker_restarts_total") == 3
+    assert value(s, "edge_lb_watchdog_ok") == 0 and value(s, "edge_lb_loop_lag_seconds") == 1.5
+    ops.doc["bgp"]["speaker"]["state"] = "up"
+    ops.doc["watchdog"]["ok"] = True
+    s = scrape(metrics)
+    assert value(s, "edge_lb_bgp_speaker_up") == 1 and value(s, "edge_lb_watchdog_ok") == 1
+    ops.doc = {"phase": "starting", "pid": 1, "config": "/etc/edge-lb.toml", "vips": []}
+    s = scrape(metrics)
+    assert not [n for n, _ in s if n.startswith(("edge_lb_bgp_speaker", "edge_lb_watchdog"))]
+
+
 def test_without_bgp_and_while_starting() -> None:
     ops = CountingOperations()
     ops.doc = {"phase": "starting", "pid": 1, "config": "/etc/edge-lb.toml", "vips": []}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import configparser
 import shutil
+import socket
 import subprocess
 import sys
+from ipaddress import ip_address
 from pathlib import Path
 
 from edge_lb.bgp import controller
-from edge_lb.configbgp import Bgp
-from edge_lb.control import supervisor
+from edge_lb.configbgp import Bgp, Peer
+from edge_lb.control import supervisor, watchdog
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "edge-lb@.service"
 EDGE_LB = Path(sys.executable).parent / "edge-lb"
@@ -45,3 +47,23 @@ def test_stop_reaches_the_supervisor_alone_and_reload_is_sighup() -> None:
     assert unit["ExecStartPre"].split()[1:] == ["check", "-c", "/etc/edge-lb/%i.toml"]
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert unit["Restart"] == "on-failure"
+
+
+def test_the_unit_waits_for_ready_and_restarts_a_supervisor_that_makes_no_progress(tmp_path: Path) -> None:
+    unit = service()
+    assert unit["Type"] == "notify" and unit["NotifyAccess"] == "main"
+    assert int(unit["TimeoutStartSec"]) >= 120, "startup compiles the XDP program before READY=1"
+    # Pinged every WatchdogSec / 4 while healthy: a late tick (up to LAG_BOUND) or a slow check round (its
+    # period + slack) must not get a working supervisor killed; a hang must, well within a minute.
+    seconds = int(unit["WatchdogSec"])
+    assert 4 * watchdog.LAG_BOUND + watchdog._SLACK < seconds <= 60
+    assert unit["Restart"] == "on-failure", "a watchdog kill counts as a failure: restarted"
+    # The other layer: a hung supervisor's routes go before a dead node's would (the default hold time).
+    assert Bgp(local_as=1, peers=()).heartbeat_timeout < Peer(address=ip_address("10.0.0.1"), asn=1).hold_time
+    # READY=1 reaches a socket like systemd's (the unit's Type=notify waits for it).
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(5)
+        assert watchdog.notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+        assert sock.recv(64) == b"READY=1"

@@ -1,0 +1,172 @@
+"""edge_lb.control.watchdog: sd_notify over a fake NOTIFY_SOCKET, WatchdogSec from the environment, and the
+progress judgement (loop lag, check scheduler) that gates systemd's ping and the BGP bridge's heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from edge_lb.bgp.policy import FakeSpeaker
+from edge_lb.control import watchdog
+from edge_lb.control.watchdog import LAG_BOUND, Scheduler, Watchdog, notify, watchdog_interval
+from healthchecks.base import Target
+from healthchecks.fake import FakeChecker
+from healthchecks.machine import Health
+from healthchecks.monitor import CheckKey, HealthMonitor, Observation
+from healthchecks.spec import CheckSpec
+
+
+def receiver(path: Path | str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    return sock
+
+
+def test_notify_sends_one_datagram_to_the_notify_socket(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with receiver(path) as sock:
+        assert notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_notify_reaches_an_abstract_socket() -> None:
+    name = f"edge-lb-test-{os.getpid()}"
+    with receiver("\0" + name) as sock:
+        assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(4096) == b"WATCHDOG=1"
+
+
+def test_notify_without_systemd_or_with_a_dead_socket_says_false(tmp_path: Path) -> None:
+    assert notify("READY=1", {}) is False
+    assert notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
+
+
+def test_watchdog_interval_is_for_our_pid_only() -> None:
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000"}, pid=7) == 20.0
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "7"}, pid=7) == 20.0
+    assert watchdog_interval({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "8"}, pid=7) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "x"}) is None
+    assert watchdog_interval({}) is None
+
+
+# --- the judgement ------------------------------------------------------------------------------------------
+
+SPEC = CheckSpec(kind="tcp", port=80, interval=1.0, timeout=0.5, jitter=0.0)
+
+
+@dataclass
+class FakeMonitor:
+    """What Scheduler reads of a HealthMonitor: the running probers and how many checks each completed."""
+
+    checks: dict[CheckKey, int] = field(default_factory=dict)
+
+    def running(self) -> set[CheckKey]:
+        return set(self.checks)
+
+    def observation(self, key: CheckKey) -> Observation | None:
+        return Observation(Health(up=True), checks=self.checks[key]) if key in self.checks else None
+
+
+@dataclass
+class Clock:
+    now: float = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _key(address: str = "10.0.0.1") -> CheckKey:
+    return CheckKey(Target(ipaddress.ip_address(address), 80), SPEC)
+
+
+def _watchdog(clock: Clock, **env: str) -> tuple[Watchdog, list[str]]:
+    sent: list[str] = []
+    dog = Watchdog({"WATCHDOG_USEC": "4000000", **env}, clock,
+                   notify_to=lambda message: sent.append(message) or True)
+    return dog, sent
+
+
+def test_pings_and_beats_while_checks_complete_and_stops_both_when_they_stall() -> None:
+    clock, monitor, speaker = Clock(), FakeMonitor({_key(): 0}), FakeSpeaker()
+    dog, sent = _watchdog(clock)
+    scheduler = Scheduler(monitor, clock)  # type: ignore[arg-type]
+    for _ in range(8):  # 4 s of ticks, a check completing every second
+        clock.now += 0.5
+        monitor.checks[_key()] += 1
+        dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert dog.ok and dog.status()["systemd"] is True
+    assert sent.count("WATCHDOG=1") == 4  # every interval / 4 = 1 s
+    assert speaker.beats == 8
+    # The checks stop completing: past the slowest check's period + slack, no ping and no heartbeat.
+    bound = SPEC.interval + SPEC.timeout + 1.0 + watchdog._SLACK
+    stalled_at = None
+    for _ in range(20):
+        clock.now += 0.5
+        dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+        if not dog.ok and stalled_at is None:
+            stalled_at, beats, pings = clock.now, speaker.beats, sent.count("WATCHDOG=1")
+    assert stalled_at is not None and bound <= stalled_at - 104.0 <= bound + 1.5
+    assert speaker.beats == beats and sent.count("WATCHDOG=1") == pings
+    assert dog.status()["reason"] is not None and "no health check completed" in str(dog.status()["reason"])
+    monitor.checks[_key()] += 1  # they resume
+    clock.now += 1.0
+    dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert dog.ok and speaker.beats == beats + 1 and sent.count("WATCHDOG=1") == pings + 1
+
+
+def test_a_lagging_loop_is_not_pinged_but_still_beats_and_no_checks_is_progress() -> None:
+    clock, speaker = Clock(), FakeSpeaker()
+    dog, sent = _watchdog(clock)
+    scheduler = Scheduler(FakeMonitor(), clock)  # type: ignore[arg-type]
+    clock.now += 2.0
+    dog.tick(scheduler, LAG_BOUND + 0.5, clock.now, speaker.heartbeat)
+    assert not dog.ok and "late" in str(dog.reason) and sent == []
+    assert speaker.beats == 1, "a loop that ticks shows progress by ticking: the bridge keeps the routes"
+    clock.now += 0.25
+    dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert dog.ok and sent == ["WATCHDOG=1"] and dog.status()["checks_age"] is None
+
+
+def test_without_watchdogsec_nothing_is_sent_to_systemd() -> None:
+    clock = Clock()
+    sent: list[str] = []
+    dog = Watchdog({}, clock, notify_to=lambda message: sent.append(message) or True)
+    dog.tick(Scheduler(FakeMonitor(), clock), 0.0, clock.now, None)  # type: ignore[arg-type]
+    assert dog.ok and sent == [] and dog.status()["systemd"] is False
+
+
+def test_run_pings_a_real_notify_socket_while_real_checks_complete(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchdog, "TICK", 0.05)
+    path = tmp_path / "notify.sock"
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+
+    async def run() -> list[bytes]:
+        monitor = HealthMonitor(lambda spec: FakeChecker(), lambda *args: None)
+        fast = CheckSpec(kind="tcp", port=80, interval=0.05, fast_interval=0.05, timeout=0.05)
+        monitor.start({CheckKey(Target(ipaddress.ip_address("10.0.0.1"), 80), fast): Health(up=True)})
+        dog = Watchdog(env)
+        with receiver(path) as sock:
+            sock.setblocking(False)
+            task = asyncio.create_task(dog.run(monitor, None))
+            await asyncio.sleep(0.6)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await monitor.stop()
+            got: list[bytes] = []
+            while True:
+                try:
+                    got.append(sock.recv(64))
+                except BlockingIOError:
+                    return got
+
+    got = asyncio.run(run())
+    assert got and set(got) == {b"WATCHDOG=1"}, got
