@@ -2,8 +2,10 @@
 
     client --- router --- lb (edge-lb run)        b1 b2 b3: decap + HTTP on the VIP and their own address
 
-(a) the LB's own link goes down for a few seconds: no backend is marked down, status says why, and no held
-    connection is reset once it is back (before: every backend down, then re-hashed flows reset);
+(a) the LB's own link goes down for a few seconds, set down on the LB (its routes go: checks fail at once
+    with ENETUNREACH) or losing its carrier (the router's end set down: routes stay, checks time out and only
+    the link state tells): no backend is marked down, status says why, and no held connection is reset once
+    it is back (before: every backend down, then re-hashed flows reset);
 (b) the supervisor runs out of file descriptors: the checks fail with EMFILE, the backends stay up, the data
     plane keeps serving, the fault is logged, counted and shown, and it clears when the limit is raised.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_lb.control import status
-from edge_lb.lab.labs import DataplaneLab, wait_for
+from edge_lb.lab.labs import ENCAP_PREFIX, VIP, DataplaneLab, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -41,29 +43,47 @@ def faults(d: DataplaneLab) -> dict[str, object]:
     return doc
 
 
-def test_own_link_down_marks_no_backend_down_and_resets_no_held_connection(dlab: DataplaneLab) -> None:
-    assert dlab.lb is not None
+def _link(d: DataplaneLab, how: str, up: bool) -> None:
+    """The LB's link down or up: set so on the LB ("admin"), or its carrier lost ("carrier": the router's end
+    set down). Each puts back the routes the kernel removed with the link."""
+    assert d.lb is not None and d.router is not None
+    state = "up" if up else "down"
+    if how == "admin":
+        d.lb.ns.ip("link", "set", "dev", "eth0", state)
+        if up:
+            d.lb.ns.route("default", via="10.77.2.1")
+        return
+    d.router.ip("link", "set", "dev", d.lb.router_if, state)
+    if up:
+        d.router.route(f"{VIP}/32", via=d.lb.address)
+        d.router.route(ENCAP_PREFIX, via=d.lb.address)
+
+
+@pytest.mark.parametrize(("how", "shown", "causes"), [
+    ("admin", "eth0 administratively down", {"link down", "ENETUNREACH"}),
+    ("carrier", "eth0 operstate", {"link down"}),
+])
+def test_own_link_down_marks_no_backend_down_and_resets_no_held_connection(
+        dlab: DataplaneLab, how: str, shown: str, causes: set[str]) -> None:
     start(dlab)
     held = dlab.hold(40)
     before = held.round()
     assert len(set(before)) == 3, before
-    dlab.lb.ns.ip("link", "set", "dev", "eth0", "down")
+    _link(dlab, how, up=False)
     try:
         took = wait_for(lambda: "link down" in str(faults(dlab)["cannot_judge"]), 3, "the link fault shown")
-        print(f"link fault shown {took:.2f} s after `ip link set eth0 down`")
+        print(f"link fault ({how}) shown {took:.2f} s after the link went down")
         time.sleep(DOWN_FOR)
         doc = dlab.status()
         states = dlab.backend_states()
     finally:
-        dlab.lb.ns.ip("link", "set", "dev", "eth0", "up")
-        dlab.lb.ns.route("default", via="10.77.2.1")  # an administratively downed link loses its routes
+        _link(dlab, how, up=True)
     assert {s for s, _ in states.values()} == {"up"}, states
-    assert doc["local_faults"]["withdrawn"] is True, "past the bound the node says it would withdraw"
-    assert doc["local_faults"]["faulty"].get("link down", 0) + doc["local_faults"]["faulty"].get(
-        "ENETUNREACH", 0) == 3, doc["local_faults"]
+    local = doc["local_faults"]
+    assert local["withdrawn"] is True, "past the bound the node says it would withdraw"
+    assert set(local["faulty"]) <= causes and sum(local["faulty"].values()) == 3, local
     text = status.render(doc)
-    assert "link eth0 administratively down" in text or "link down" in text, text
-    assert "LOCAL FAULT, this node cannot judge its backends" in text, text
+    assert shown in text and "LOCAL FAULT, this node cannot judge its backends" in text, text
     after = held.round()
     reset = sum(1 for was, now in zip(before, after, strict=True) if was != now)
     print(f"held connections moved or reset after link-up: {reset} of {len(before)}")
