@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 bird2 iproute2 ethtool bpftool clang llvm
+APT_PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 bird2 frr iproute2 ethtool bpftool clang llvm
               libbpf-dev tcpdump procps iputils-ping curl chromium python3-wheel systemd)
 VENV=.venv
 

@@ -87,9 +87,10 @@ def _bgp_restart_only(old: Config, new: Config) -> list[str]:
         return ["bgp: added or removed; the BGP speaker starts and stops with the node (restart it)"]
     if old.bgp is None or new.bgp is None:
         return []
-    return [f"bgp.{key}: changed; every session would restart with it (restart the node; peers, drain_time "
-            "and disable_file reload live)"
-            for key in ("local_as", "router_id") if getattr(old.bgp, key) != getattr(new.bgp, key)]
+    return [f"bgp.{key}: changed; ExaBGP takes it only when it starts, with every session (restart the "
+            "node; peers, drain_time and disable_file reload live)"
+            for key in ("local_as", "router_id", "heartbeat_timeout")  # the bridge's: set when ExaBGP starts
+            if getattr(old.bgp, key, None) != getattr(new.bgp, key, None)]
 
 
 class NodeOperations:

@@ -43,6 +43,7 @@ from edge_lb.dataplane import bpfsys
 from edge_lb.dataplane.counters import reason_names
 from edge_lb.errors import LabError
 from edge_lb.lab.bird import Bird
+from edge_lb.lab.frr import Frr, FrrPeer, frr_conf
 from edge_lb.lab.labs import (
     PY,
     Holder,
@@ -111,7 +112,9 @@ class BgpLab:
     nodes: dict[int, LbNode] = field(default_factory=dict)  # number (1..) -> LB node
     servers: list[Node] = field(default_factory=list)
     http: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # role -> its HTTP server
-    bird: Bird | None = None  # BIRD on the router
+    bird: Bird | None = None  # BIRD on the router (router="bird")
+    router_kind: str = "bird"  # or "frr": FRR (zebra + bgpd) as the router, lab/frr.py
+    frr: Frr | None = None
 
     # -- building ----------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -136,7 +139,7 @@ class BgpLab:
         self.servers = [self._link(f"b{i + 1}", 21 + i) for i in range(self.backends)]
         for server in self.servers:
             self.http[role_of(server)] = start_backend(server, VIP, HTTP_PORT)
-        self._start_bird()
+        self._start_router()
         for node in self.nodes.values():
             self._prepare_lb(node)
         self.client.ns.run(["ping", "-c", "1", "-W", "2", ROUTER_ID])  # the client's ARP entry, up front
@@ -182,8 +185,13 @@ class BgpLab:
                 "  ipv4 { import filter vip_in; export none; };\n"
                 "}\n" + peers)
 
-    def _start_bird(self) -> None:
+    def _start_router(self) -> None:
         assert self.router is not None
+        if self.router_kind == "frr":
+            self.frr = Frr(self.router, self.lab.tmpdir)
+            self.frr.start(frr_conf(ROUTER_ID, ROUTER_AS, [FrrPeer(n.address, n.asn, n.router_address)
+                                                           for n in self.nodes.values()], "10.88.100.0/24"))
+            return
         self.bird = Bird(self.router, self.lab.tmpdir)
         self.bird.start(self.bird_conf())
 
@@ -191,6 +199,14 @@ class BgpLab:
         """name -> state ("up", "start", "down") of every BIRD protocol; BGP is "up" when Established."""
         assert self.bird is not None
         return self.bird.protocols()
+
+    def router_sessions(self) -> dict[str, str]:
+        """LB node name ("lb1") -> its BGP session's state on the router, "up" when Established."""
+        if self.frr is not None:
+            by_address = self.frr.sessions()
+            return {n.name: by_address.get(n.address, "none") for n in self.nodes.values()}
+        protocols = self.bird_protocols()
+        return {n.name: protocols.get(n.name, "none") for n in self.nodes.values()}
 
     def router_nexthops(self) -> set[str]:
         """Gateways of the router's kernel route for the VIP (empty without one)."""
@@ -209,8 +225,8 @@ class BgpLab:
             return wait_for(lambda: self.router_nexthops() == expected, timeout,
                             f"router next hops for {VIP} == {sorted(expected)}")
         except LabError as exc:
-            raise LabError(f"{exc}; they are {sorted(self.router_nexthops())}; BIRD: "
-                           f"{self.bird_protocols()}") from None
+            raise LabError(f"{exc}; they are {sorted(self.router_nexthops())}; {self.router_kind}: "
+                           f"{self.router_sessions()}") from None
 
     # -- LB node config and processes -------------------------------------------------------------------
     def config_path(self, node: int) -> Path:

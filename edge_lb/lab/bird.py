@@ -3,12 +3,14 @@
     bird = Bird(router, lab.tmpdir)
     bird.start(conf_text)          # returns once BIRD answers on bird.ctl (LabError after BIRD_TIMEOUT)
     bird.protocols()               # {"lb1": "up", ...}
+    bird.routes("10.88.100.1/32")  # {"lb1": {"as_path": "65001 65001", "med": "500", ...}, ...}
 
 Its files are in tmpdir: bird.conf, bird.ctl, bird.pid, bird.log.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from edge_lb.errors import LabError
 from edge_lb.lab.netns import Netns
 
+_ROUTE_HEAD = re.compile(r"unicast \[(?P<proto>\S+) [^\]]*\](?P<best> \*)?")
 BIRD_TIMEOUT = 10.0  # seconds for BIRD to answer on its control socket, and for any birdc command
 
 
@@ -59,6 +62,15 @@ class Bird:
         """A birdc command's output, e.g. birdc("show", "route", "all")."""
         return self._birdc(*argv).stdout
 
+    def routes(self, prefix: str) -> dict[str, dict[str, str]]:
+        """Each protocol's route for `prefix` with its BGP attributes (route_attributes); {} for none."""
+        out = self._birdc("show", "route", "for", prefix, "all", check=False)
+        if "Network not found" in out.stdout:
+            return {}
+        if out.returncode != 0:
+            raise LabError(f"birdc show route for {prefix} all: exit {out.returncode}: {out.stdout}")
+        return route_attributes(out.stdout)
+
     def protocols(self) -> dict[str, str]:
         """name -> state ("up", "start", "down") of every BIRD protocol; BGP is "up" when Established."""
         rows = self.birdc("show", "protocols").splitlines()
@@ -67,3 +79,18 @@ class Bird:
 
     def log(self) -> str:
         return (self.tmpdir / "bird.log").read_text(errors="replace")
+
+
+def route_attributes(show_route_all: str) -> dict[str, dict[str, str]]:
+    """`birdc show route for PREFIX all` -> {protocol: {"as_path": "65001 65001", "med": "500",
+    "large_community": "(65001, 1, 2)", "best": "yes"|"no", ...}}: each route's BGP.* attributes."""
+    routes: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in show_route_all.splitlines():
+        match = _ROUTE_HEAD.search(line)
+        if match:
+            current = routes.setdefault(match["proto"], {"best": "yes" if match["best"] else "no"})
+        elif current is not None and line.strip().startswith("BGP."):
+            key, _, value = line.strip()[4:].partition(":")
+            current[key.strip()] = value.strip()
+    return routes

@@ -1,7 +1,8 @@
 """The BGP lab before the supervisor speaks BGP: each LB node announces the VIP with a static ExaBGP (a test
-scaffold) and balances with `edge-lb load`; BIRD on the router spreads flows over both with ECMP.
+scaffold) and balances with `edge-lb load`; the router (BIRD 2, and again FRR) spreads flows over both with
+ECMP; a withdraw on a live session and a lost session each leave one next hop.
 
-    client --- router (BIRD, AS 65000) ---+--- lb1 (ExaBGP AS 65001 + XDP)
+    client --- router (BIRD or FRR, AS 65000) ---+--- lb1 (ExaBGP AS 65001 + XDP)
                  |                         +--- lb2 (ExaBGP AS 65002 + XDP)
                 b1 b2 b3 (decap + HTTP on the VIP)
 """
@@ -9,53 +10,34 @@ scaffold) and balances with `edge-lb load`; BIRD on the router spreads flows ove
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edge_lb.lab.bgplab import ROUTER_AS, VIP, BgpLab
+from edge_lb.lab.bgplab import BgpLab
 from edge_lb.lab.labs import PY, wait_for
 from edge_lb.lab.netns import Lab
+from edge_lb.lab.staticbgp import set_static_route, start_static_exabgp
 
 pytestmark = pytest.mark.root
 
-EXABGP = Path(sys.executable).parent / "exabgp"
 UDP_FLOWS = 1000
 
 
-def exabgp_conf(bl: BgpLab, node: int) -> str:
-    """A process-less ExaBGP config announcing the VIP to the router (a bare `route` inside `neighbor` is
-    rejected by ExaBGP 4.2 and 5: it goes in `static`)."""
-    lb = bl.node(node)
-    return (f"neighbor {lb.router_address} {{\n"
-            f"    router-id {lb.address};\n    local-address {lb.address};\n"
-            f"    local-as {lb.asn};\n    peer-as {ROUTER_AS};\n    hold-time 3;\n"
-            "    family { ipv4 unicast; }\n"
-            f"    static {{ route {VIP}/32 next-hop self; }}\n"
-            "}\n")
-
-
-def start_static_exabgp(bl: BgpLab, node: int) -> subprocess.Popen[bytes]:
-    """ExaBGP in the node's namespace, as root (no privilege drop), without its named-pipe CLI (the pipe
-    directory is shared by every namespace)."""
-    conf = bl.lab.tmpdir / f"exabgp-lb{node}.conf"
-    conf.write_text(exabgp_conf(bl, node))
-    env = {"exabgp_daemon_user": "root", "exabgp_daemon_drop": "false", "exabgp_api_cli": "false",
-           "exabgp_daemon_daemonize": "false"}
-    return bl.node(node).ns.spawn([str(EXABGP), "server", str(conf)],
-                                  bl.lab.tmpdir / f"exabgp-lb{node}.log", env=env)
-
-
-@pytest.fixture
-def blab(lab: Lab) -> Iterator[BgpLab]:
-    bl = BgpLab(lab)
+@pytest.fixture(params=["bird", "frr"])
+def blab(lab: Lab, request: pytest.FixtureRequest) -> Iterator[BgpLab]:
+    """The lab with BIRD 2 or FRR as the router (the versions the README names)."""
+    if request.param == "frr" and not Path("/usr/lib/frr/bgpd").exists():
+        pytest.skip("needs FRR (apt-get install frr; scripts/setup.sh installs it)")
+    bl = BgpLab(lab, router_kind=request.param)
     try:
         bl.build()
         yield bl
     finally:
+        if bl.frr is not None:
+            print(f"--- frr ---\n{bl.frr.log()[-4000:]}")
         bl.close()
 
 
@@ -87,8 +69,8 @@ def test_static_exabgp_ecmp_split_and_failover(blab: BgpLab) -> None:
     speakers = {n: start_static_exabgp(blab, n) for n in blab.nodes}
     blab.wait_nexthops({lb1, lb2}, 30)
     print(f"\nroute with both next hops {time.monotonic() - started:.2f} s after starting both ExaBGPs")
-    protocols = blab.bird_protocols()
-    assert (protocols["lb1"], protocols["lb2"]) == ("up", "up"), protocols
+    sessions = blab.router_sessions()
+    assert sessions == {"lb1": "up", "lb2": "up"}, sessions
 
     split = udp_split(blab, UDP_FLOWS, 20000)
     print(f"{UDP_FLOWS} UDP flows: lb1 {split[1]}, lb2 {split[2]}")
@@ -99,11 +81,20 @@ def test_static_exabgp_ecmp_split_and_failover(blab: BgpLab) -> None:
     assert result["failures"] == 0, result["errors"]
     assert set(result["served"]) <= {"b1", "b2", "b3"} and len(result["served"]) >= 2, result
 
-    speakers[1].kill()  # SIGKILL by PID: the kernel closes its TCP session, BIRD withdraws at once
+    # A withdraw on a live session: lb1's ExaBGP re-reads a config without the route (SIGUSR1)
+    set_static_route(blab, 1, speakers[1], announce=False)
+    reloaded = time.monotonic()
+    blab.wait_nexthops({lb2}, 10)
+    print(f"lb1 withdrew: its next hop gone {1000 * (time.monotonic() - reloaded):.0f} ms after SIGUSR1")
+    assert blab.router_sessions()["lb1"] == "up", "a withdraw, not a lost session"
+    set_static_route(blab, 1, speakers[1], announce=True)
+    blab.wait_nexthops({lb1, lb2}, 10)
+
+    speakers[1].kill()  # SIGKILL by PID: the kernel closes its TCP session, the router withdraws at once
     killed = time.monotonic()
     blab.wait_nexthops({lb2}, 10)
     print(f"lb1's next hop gone {1000 * (time.monotonic() - killed):.0f} ms after its ExaBGP was killed")
-    assert blab.bird_protocols()["lb1"] != "up"
+    assert blab.router_sessions()["lb1"] != "up"
 
     after = udp_split(blab, 200, 30000)
     assert after == {1: 0, 2: 200}, after

@@ -57,8 +57,9 @@ protocol bgp lb6 from lbpeer {{
 """
 
 # The stand-in supervisor, run inside lb. argv: run_dir events_path peers_json. stdin: "announce PREFIX",
-# "withdraw PREFIX", "stop". Events: "<monotonic> <kind> <text>", kinds: started, error, ok, refused, peers,
-# restart, reannounced, stopped. on_restart re-announces everything announced, as the supervisor does.
+# "withdraw PREFIX", "peers JSON" (reconfigure: a reload's peer list), "stop". Events: "<monotonic> <kind>
+# <text>", kinds: started, error, ok, refused, peers, reconfigured, restart, reannounced, stopped.
+# on_restart re-announces everything announced, as the supervisor does.
 DRIVER = r"""
 import asyncio, ipaddress, json, logging, sys, time
 from pathlib import Path
@@ -75,8 +76,13 @@ out = open(events_path, "a", buffering=1)
 def note(kind, text=""):
     out.write(f"{time.monotonic():.6f} {kind} {text}\n")
 
+def make_bgp(peers):
+    # each peer: [address, asn] or [address, asn, md5 key]
+    return Bgp(local_as=65001, peers=tuple(Peer(address=ipaddress.ip_address(p[0]), asn=p[1],
+                                                md5_password=p[2] if len(p) > 2 else None) for p in peers))
+
 async def main():
-    bgp = Bgp(local_as=65001, peers=tuple(Peer(address=ipaddress.ip_address(a), asn=n) for a, n in peers))
+    bgp = make_bgp(peers)
     restarted = asyncio.Event()
     speaker = ExaBgpSpeaker(bgp, "t", Path(run_dir), restarted.set)
     announced = {}
@@ -121,9 +127,19 @@ async def main():
     reader = asyncio.StreamReader()
     protocol = asyncio.StreamReaderProtocol(reader)
     await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)
-    while line := (await reader.readline()).decode().split():
+    while line := (await reader.readline()).decode().strip().split(None, 1):
         if line[0] == "stop":
             break
+        if line[0] == "peers":  # a reload's peer list, then everything announced again (as the controller)
+            try:
+                await speaker.reconfigure(make_bgp(json.loads(line[1])))
+            except BgpError as exc:
+                note("refused", "peers " + " ".join(str(exc).split()))
+                continue
+            note("reconfigured", line[1])
+            for prefix in list(announced):
+                await send("announce", prefix)
+            continue
         await send(line[0], line[1])
     for task in tasks:
         task.cancel()
@@ -236,6 +252,10 @@ def _wait_gone(pid: int, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 def bgp_lab(lab: Lab) -> BgpLab:
+    return _bgp_lab(lab, BIRD_CONF)
+
+
+def _bgp_lab(lab: Lab, bird_conf: str) -> BgpLab:
     if shutil.which("bird") is None:
         pytest.skip("needs BIRD 2 (apt-get install bird2)")
     lb, rt = lab.netns("lb"), lab.netns("rt")
@@ -245,7 +265,7 @@ def bgp_lab(lab: Lab) -> BgpLab:
     rt.addr(RT_IF, f"{RT4}/24")
     rt.addr(RT_IF, f"{RT6}/64")
     conf = lab.tmpdir / "bird.conf"
-    conf.write_text(BIRD_CONF)
+    conf.write_text(bird_conf)
     # -f: foreground, so the pid spawn() records (and the lab stops) is BIRD's own.
     rt.spawn(["bird", "-f", "-c", str(conf), "-s", str(lab.tmpdir / "bird.ctl"), "-P",
               str(lab.tmpdir / "bird.pid")], lab.tmpdir / "bird.log")
@@ -340,3 +360,56 @@ def test_stop_withdraws_everything_and_cleans_up(bgp_lab: BgpLab) -> None:
     bgp_lab.wait_route(VIP4, present=False, timeout=3)
     assert not (bgp_lab.run_dir / "api.sock").exists()
     assert "Thank you for using ExaBGP" in (bgp_lab.run_dir / "exabgp.log").read_text()
+
+
+KEY = "s3cret key"  # TCP MD5 on the IPv6 session (BIRD: password); spaces survive exabgp.conf (base64)
+BIRD_CONF_MD5 = BIRD_CONF.replace(f"neighbor {LB6} as 65001; source address {RT6};",
+                                  f'neighbor {LB6} as 65001; source address {RT6}; password "{KEY}";')
+
+
+def _since(bgp_lab: BgpLab, protocol: str) -> str:
+    """BIRD's "Since" of a protocol: when its state last changed (a reset session changes it)."""
+    for row in bgp_lab.bird().splitlines():
+        cols = row.split()
+        if cols and cols[0] == protocol:
+            return f"{cols[3]} {cols[4]}"
+    raise AssertionError(f"no BIRD protocol {protocol}: {bgp_lab.bird()}")
+
+
+@pytest.mark.root
+def test_peers_added_and_removed_live_the_other_session_and_routes_untouched(lab: Lab) -> None:
+    """speaker.reconfigure (what a reload that changes [[bgp.peer]] runs): an IPv6 peer with a TCP MD5 key
+    is added beside the IPv4 one, then the IPv4 one is removed; the session that stays is never reset
+    (BIRD's "since" unchanged, no "down" seen) and its routes stay in the router's table throughout."""
+    bgp_lab = _bgp_lab(lab, BIRD_CONF_MD5)
+    bgp_lab.start_driver([(RT4, 65000)])
+    assert bgp_lab.wait_event(("started", "error")).kind == "started"
+    bgp_lab.wait_peers_up(RT4)
+    bgp_lab.command(f"announce {VIP4}/32")
+    bgp_lab.wait_route(VIP4, present=True)
+    bgp_lab.wait_event(("ok",))
+    since4 = _since(bgp_lab, "lb4")
+    assert _since(bgp_lab, "lb6") and "Established" not in bgp_lab.bird().split("lb6")[1].splitlines()[0]
+
+    sent = bgp_lab.command("peers " + json.dumps([[RT4, 65000], [RT6, 65000, KEY]], separators=(",", ":")))
+    done = bgp_lab.wait_event(("reconfigured", "refused"))
+    assert done.kind == "reconfigured", done.text
+    up = bgp_lab.wait_peers_up(RT4, RT6)
+    print(f"IPv6 peer (TCP MD5) added: reload taken {(done.at - sent) * 1000:.0f} ms, session up "
+          f"{up.at - sent:.2f} s after the command")
+    conf = (bgp_lab.run_dir / "exabgp.conf").read_text()
+    assert "md5-base64 true;" in conf and KEY not in conf
+    bgp_lab.command(f"announce {VIP6}/128")
+    bgp_lab.wait_route(VIP6, present=True)
+    assert f"via {LB6}" in bgp_lab.route(VIP6)
+    assert bgp_lab.route(VIP4), "the IPv4 route stayed"
+    assert _since(bgp_lab, "lb4") == since4, "the IPv4 session was not reset"
+    since6 = _since(bgp_lab, "lb6")
+
+    bgp_lab.command("peers " + json.dumps([[RT6, 65000, KEY]], separators=(",", ":")))
+    assert bgp_lab.wait_event(("reconfigured", "refused"), count=2).kind == "reconfigured"
+    gone = bgp_lab.wait_route(VIP4, present=False)
+    print(f"IPv4 peer removed: its route gone {gone - sent:.2f} s after the first command")
+    assert bgp_lab.route(VIP6) and _since(bgp_lab, "lb6") == since6, "the IPv6 session and route stayed"
+    downs = [e for e in bgp_lab.events("peers") if json.loads(e.text).get(RT6) == "down" and e.at > up.at]
+    assert not downs, downs

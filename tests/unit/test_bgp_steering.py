@@ -186,8 +186,8 @@ def test_md5_kernel_check_passes_here_and_names_the_peer_if_refused(
     ({"peers": [PEERS[0], *PEERS[1:], {"address": "10.0.0.9", "as": 65009}]}, None),
     ({"peers": [PEERS[1], {"address": "10.0.0.1", "as": 65000, "md5_password": "k"}]}, None),
     ({"drain_time": 5}, None),
-    ({"local_as": 65002}, "bgp.local_as: changed; every session would restart"),
-    ({"router_id": "10.9.9.9"}, "bgp.router_id: changed; every session would restart"),
+    ({"local_as": 65002}, "bgp.local_as: changed; ExaBGP takes it only when it starts"),
+    ({"router_id": "10.9.9.9"}, "bgp.router_id: changed; ExaBGP takes it only when it starts"),
 ])
 def test_reload_takes_peer_changes_and_refuses_session_wide_ones(change: dict[str, Any],
                                                                  refused: str | None) -> None:

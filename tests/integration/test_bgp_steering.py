@@ -1,0 +1,88 @@
+"""BGP steering end to end: lb1 runs `edge-lb run` with [vip.bgp] as_path_prepend, large_communities and
+down = "med"; lb2 is a static ExaBGP announcing the same VIP plainly (a second site). Every assertion reads
+the BIRD router: its kernel route (which next hops carry traffic) and `birdc show route ... all` (the
+attributes each node's route arrived with).
+
+    client --- router (BIRD, AS 65000) ---+--- lb1  edge-lb, prepends twice, large community, down med 500
+                                          +--- lb2  static ExaBGP, plain
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from edge_lb.lab.bgplab import VIP, BgpLab
+from edge_lb.lab.labs import PY, wait_for
+from edge_lb.lab.netns import Lab
+from edge_lb.lab.staticbgp import set_static_route, start_static_exabgp
+
+pytestmark = pytest.mark.root
+
+STEER = ('  as_path_prepend = 2\n  large_communities = ["65001:1:2"]\n  down = "med"\n'
+         '  down_med = 500\n')
+
+
+@pytest.fixture
+def slab(lab: Lab) -> Iterator[BgpLab]:
+    bl = BgpLab(lab)
+    try:
+        bl.build()
+        bl.write_config(1, route=STEER)
+        bl.start_supervisor(1)
+        yield bl
+    finally:
+        print(f"--- supervisor lb1 ---\n{bl.supervisor_log(1)[-4000:]}")
+        bl.close()
+
+
+def routes(bl: BgpLab) -> dict[str, dict[str, str]]:
+    assert bl.bird is not None
+    return bl.bird.routes(f"{VIP}/32")
+
+
+def lb1_route(bl: BgpLab) -> dict[str, str]:
+    return routes(bl).get("lb1", {})
+
+
+def test_prepend_and_large_community_steer_and_down_med_keeps_a_backup_route(slab: BgpLab) -> None:
+    lb1, lb2 = slab.node(1).address, slab.node(2).address
+    static = start_static_exabgp(slab, 2)
+    wait_for(lambda: set(routes(slab)) == {"lb1", "lb2"}, 20, "the router has the VIP from both nodes")
+
+    # Prepend: lb1's path is 3 ASes long, lb2's 1: the router uses lb2 only (no ECMP across them).
+    route = lb1_route(slab)
+    print(f"lb1's route at the router: {route}")
+    assert route["as_path"] == "65001 65001 65001", route
+    assert route["large_community"] == "(65001, 1, 2)", route
+    assert "med" not in route, route
+    slab.wait_nexthops({lb2}, 10)
+    assert routes(slab)["lb2"]["best"] == "yes"
+
+    # The plain site withdraws: the prepended route is the one left, and it carries the traffic.
+    set_static_route(slab, 2, static, announce=False)
+    slab.wait_nexthops({lb1}, 10)
+    assert slab.http_get(10)["failures"] == 0
+
+    # Every backend down: with down = "med" lb1 keeps announcing, with MED 500 (default: withdrawn).
+    for role in ("b1", "b2", "b3"):
+        slab.stop_http(role)
+    took = wait_for(lambda: lb1_route(slab).get("med") == "500", 15, "lb1's route with MED 500")
+    print(f"every backend down -> lb1 announces with MED 500 after {took:.2f} s")
+    assert slab.router_nexthops() == {lb1}, "still announced: a backup route, not a withdraw"
+    status = slab.status(1)["bgp"]
+    assert status["announced"] == [f"{VIP}/32"] and f"{VIP}/32" in status["withheld"], status
+    assert lb1_route(slab)["as_path"] == "65001 65001 65001"
+
+    # A backend back: the normal route again (no MED).
+    slab.start_http("b2")
+    wait_for(lambda: "med" not in lb1_route(slab), 15, "lb1's route without MED")
+
+    # down = "med" is for health only: the maintenance switch still withdraws.
+    subprocess.run([PY, "-m", "edge_lb", "disable", "-c", str(slab.config_path(1))], timeout=30, check=True)
+    slab.wait_nexthops(set(), 10)
+    assert "lb1" not in routes(slab)
+    subprocess.run([PY, "-m", "edge_lb", "enable", "-c", str(slab.config_path(1))], timeout=30, check=True)
+    slab.wait_nexthops({lb1}, 10)
