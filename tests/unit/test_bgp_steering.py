@@ -188,6 +188,7 @@ def test_md5_kernel_check_passes_here_and_names_the_peer_if_refused(
     ({"drain_time": 5}, None),
     ({"local_as": 65002}, "bgp.local_as: changed; ExaBGP takes it only when it starts"),
     ({"router_id": "10.9.9.9"}, "bgp.router_id: changed; ExaBGP takes it only when it starts"),
+    ({"heartbeat_timeout": 1.5}, "bgp.heartbeat_timeout: changed; ExaBGP takes it only when it starts"),
 ])
 def test_reload_takes_peer_changes_and_refuses_session_wide_ones(change: dict[str, Any],
                                                                  refused: str | None) -> None:
