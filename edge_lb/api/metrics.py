@@ -20,6 +20,8 @@ grows while refreshes fail). Health, weights, ring shares and BGP are as they ar
     edge_lb_local_fault_withdrawn
     edge_lb_ring_rebuild_seconds (histogram), edge_lb_ring_rebuilds_total, edge_lb_ring_slots_written_total
     edge_lb_snapshot_age_seconds
+    edge_lb_api_connections, edge_lb_api_connection_limit,
+    edge_lb_api_connections_evicted_total, edge_lb_api_connections_refused_total   {site}
 """
 
 from __future__ import annotations
@@ -147,6 +149,21 @@ def watchdog_families(status: NodeDocument) -> Iterator[Metric]:
     yield from (ok, lag)
 
 
+def api_families(status: NodeDocument) -> Iterator[Metric]:
+    """The API sites' connections (edge_lb.api.gate): unix (the control socket) and tcp ([api].listen)."""
+    site = ["site"]
+    open_ = _gauge("edge_lb_api_connections", "Open connections to the API site.", site)
+    limit = _gauge("edge_lb_api_connection_limit", "The most connections the API site holds.", site)
+    evicted = _counter("edge_lb_api_connections_evicted", "Idle connections closed to make room.", site)
+    refused = _counter("edge_lb_api_connections_refused", "New connections refused: every one busy.", site)
+    for name, counts in sorted(status.get("api", {}).items()):
+        open_.add_metric([name], counts["open"])
+        limit.add_metric([name], counts["limit"])
+        evicted.add_metric([name], counts["evicted"])
+        refused.add_metric([name], counts["refused"])
+    yield from (open_, limit, evicted, refused)
+
+
 class _NodeCollector:
     def __init__(self, ops: Operations) -> None:
         self.ops = ops
@@ -158,6 +175,7 @@ class _NodeCollector:
         status = self.ops.status()
         yield from backend_families(status)
         yield from node_families(status, counters)
+        yield from api_families(status)
         yield from watchdog_families(status)
         yield GaugeMetricFamily("edge_lb_snapshot_age_seconds",
                                 "Seconds since the counter sampler read the data plane's counter maps.",

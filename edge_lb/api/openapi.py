@@ -15,6 +15,7 @@ import copy
 from typing import Any, get_args
 
 from edge_lb.control.document import (
+    ApiSite,
     BackendRow,
     BackendState,
     BgpStatus,
@@ -113,8 +114,17 @@ _SCHEMAS: Doc = {
         "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no BGP configured"},
         "watchdog": {"oneOf": [_ref("Watchdog"), {"type": "null"}], "description": "null: still starting"},
         "local_faults": {"oneOf": [_ref("LocalFaults"), {"type": "null"}],
-                         "description": "null: still starting"}},
+                         "description": "null: still starting"},
+        "api": {"type": "object", "additionalProperties": _ref("ApiSite"),
+                "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"}},
         description="Null fields are not known yet (phase starting)."),
+    "ApiSite": _typed(ApiSite, {
+        "open": _COUNT,
+        "limit": {**_COUNT, "description": "over it, the longest-idle connection is closed (or the new one "
+                                           "answered 503 when every one is busy)"},
+        "evicted": {**_COUNT, "description": "idle connections closed to make room, since start"},
+        "refused": {**_COUNT, "description": "new connections refused because every one was busy, since "
+                                             "start"}}),
     "LocalFaults": _typed(LocalFaultStatus, {
         "cannot_judge": _or_null({**_TEXT, "description": "why this node cannot judge its backends now "
                                   "(its link down, most checks failing for local reasons)"}),

@@ -158,7 +158,9 @@ def _node(doc: NodeDocument) -> NodeView:
                                              "disabled": bool(bgp["disabled"]),
                                              "disable_file": str(bgp["disable_file"]),
                                              "speaker": bgp["speaker"]},
-            "watchdog": doc.get("watchdog"), "local_faults": doc.get("local_faults")}
+            "watchdog": doc.get("watchdog"), "local_faults": doc.get("local_faults"),
+            "api": {site: {"open": s["open"], "limit": s["limit"], "evicted": s["evicted"],
+                           "refused": s["refused"]} for site, s in doc.get("api", {}).items()}}
 
 
 # -- request parts

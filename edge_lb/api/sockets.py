@@ -7,16 +7,20 @@ two sites of the supervisor's event loop.
                                    need the bearer token ([api].token or token_file). On loopback, a Host
                                    header that is a DNS name gets 403 (DNS rebinding from a browser)
 
-A second supervisor for the same instance is refused (the socket is live); a stale socket is replaced.
+Each site holds at most a bounded number of connections and times out idle and slow clients
+(edge_lb.api.gate; the numbers: edge_lb.control.limits), so the API never takes the health checks' sockets.
+The instance lock (edge_lb.control.instance) keeps a second supervisor off the instance; a live socket is
+refused too, and a stale one replaced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +28,16 @@ import aiohttp
 from aiohttp import web
 
 from edge_lb.api import dashboard, rest
+from edge_lb.api.gate import IDLE, LINGER, Gate
 from edge_lb.config import Api, check_token
 from edge_lb.configtools import Invalid
+from edge_lb.control import limits
+from edge_lb.control.document import ApiSite
 from edge_lb.control.operations import Operations
 from edge_lb.errors import SupervisorError
 
 Doc = dict[str, Any]
+Listen = Callable[[Callable[[], asyncio.Protocol]], Awaitable[asyncio.Server]]
 
 
 def listening(path: Path) -> bool:
@@ -60,6 +68,8 @@ class ControlServer:
         self.ops = ops
         self.extra = [*extra, dashboard.add_routes]
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
+        self.gates: dict[str, Gate] = {}  # site ("unix", "tcp") -> its connections
         self.path: Path | None = None
 
     async def start(self, path: Path) -> None:
@@ -73,7 +83,9 @@ class ControlServer:
         app = rest.make_app(self.ops, token=None, require_token=False, extra=self.extra)
         umask = os.umask(0o177)  # born 0600: never reachable by others, not even before the chmod
         try:
-            await self._serve(app, lambda runner: web.UnixSite(runner, str(path)), f"cannot listen on {path}")
+            await self._serve(app, Gate("unix", limits.api_limit(limits.API_UNIX)),
+                              lambda conn: asyncio.get_running_loop().create_unix_server(conn, str(path)),
+                              f"cannot listen on {path}")
         finally:
             os.umask(umask)
         os.chmod(path, 0o660)
@@ -85,21 +97,35 @@ class ControlServer:
         loopback = ipaddress.ip_address(settings.host).is_loopback
         app = rest.make_app(self.ops, token=read_token(settings), require_token=True, extra=self.extra,
                            literal_hosts_only=loopback)
-        await self._serve(app, lambda runner: web.TCPSite(runner, settings.host, settings.port),
+        listen: Listen = lambda conn: asyncio.get_running_loop().create_server(  # noqa: E731
+            conn, settings.host, settings.port, backlog=128)
+        await self._serve(app, Gate("tcp", limits.api_limit(limits.API_TCP)), listen,
                           f"cannot listen on {settings.listen} ([api].listen)")
 
-    async def _serve(self, app: web.Application, site: Callable[[web.AppRunner], web.BaseSite],
-                     what: str) -> None:
-        runner = web.AppRunner(app, access_log=None)
+    async def _serve(self, app: web.Application, gate: Gate, listen: Listen, what: str) -> None:
+        """The app behind the gate: aiohttp speaks HTTP on each connection the gate admits."""
+        app.middlewares.insert(0, gate.middleware)  # outermost: a request is in progress from the start
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE, lingering_time=LINGER)
         await runner.setup()
+        assert runner.server is not None
+        gate.make_handler = runner.server
         try:
-            await site(runner).start()
+            server = await listen(gate.protocol)
         except OSError as exc:
             await runner.cleanup()
             raise SupervisorError(f"{what}: {exc.strerror or exc}") from exc
         self._runners.append(runner)
+        self._servers.append(server)
+        self.gates[gate.site] = gate
+
+    def connections(self) -> dict[str, ApiSite]:
+        """Each site's open, limit, evicted and refused connections (status "api", /metrics)."""
+        return {site: gate.stats() for site, gate in self.gates.items()}
 
     async def stop(self) -> None:
+        for server in reversed(self._servers):
+            server.close()  # no new connections; the runners close the open ones
+        self._servers.clear()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

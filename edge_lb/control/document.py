@@ -94,6 +94,15 @@ class Served(TypedDict):
     ring_size: int
 
 
+class ApiSite(TypedDict):
+    """One API site's connections (edge_lb.api.gate.Gate.stats): "unix" (the control socket) or "tcp"."""
+
+    open: int
+    limit: int  # over it, the longest-idle connection is closed, or the new one refused if none is idle
+    evicted: int  # idle connections closed to make room, since start
+    refused: int  # new connections answered 503 because every one was busy, since start
+
+
 class NodeDocument(TypedDict):
     """NodeOperations.status(): while starting only phase, pid, config and (no) vips."""
 
@@ -110,6 +119,7 @@ class NodeDocument(TypedDict):
     applies: NotRequired[int]
     bgp: NotRequired[BgpStatus | None]  # None: no [bgp]
     attached: NotRequired[bool]
+    api: NotRequired[dict[str, ApiSite]]  # site -> its connections
     local_faults: NotRequired[LocalFaultStatus]
     watchdog: NotRequired[WatchdogStatus]
 
@@ -129,3 +139,4 @@ class NodeView(TypedDict):
     bgp: BgpStatus | None
     local_faults: LocalFaultStatus | None
     watchdog: WatchdogStatus | None
+    api: dict[str, ApiSite]  # site -> its connections

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ from edge_lb.bgp.controller import BgpController, disable_path, set_switch
 from edge_lb.config import Config, load_config
 from edge_lb.control import status
 from edge_lb.control.attachment import Attachment
-from edge_lb.control.document import NodeDocument
+from edge_lb.control.document import ApiSite, NodeDocument
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
 from edge_lb.control.watchdog import Watchdog
@@ -102,6 +103,7 @@ class NodeOperations:
         self.stopping = False
         self._node: RunningNode | None = None
         self._nothing_read = CounterSnapshot.empty()  # until the node (and its sampler) exists
+        self.api: Callable[[], dict[str, ApiSite]] = dict  # the API sites' connections (ControlServer's)
         self.watchdog: Watchdog | None = None  # the supervisor's: shown in status
 
     def serve(self, node: RunningNode) -> None:
@@ -129,7 +131,8 @@ class NodeOperations:
     def _status(self) -> NodeDocument:
         node = self._node
         if node is None:
-            return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": []}
+            return {"phase": "starting", "pid": os.getpid(), "config": self.config_path, "vips": [],
+                    "api": self.api()}
         config, state = node.state.config, node.state
         served = status.document(state, node.counters.snapshot)
         return {"vips": served["vips"], "ring_size": served["ring_size"],
@@ -138,6 +141,7 @@ class NodeOperations:
                 "config": self.config_path, "gateway_mac": state.maps.link.gw_mac, "mtu": state.maps.link.mtu,
                 "applies": state.applies,
                 "bgp": node.bgp.status() if node.bgp is not None else None,
+                "api": self.api(),
                 "attached": node.attachment.on_interface, "local_faults": state.faults.status()}
 
     # -- changes, each through the one change path (Reconciler)

@@ -76,6 +76,17 @@ def _local_faults(faults: Doc | None, now: float) -> list[str]:
     return lines
 
 
+def _api(sites: Doc | None) -> list[str]:
+    """The API's connections per site, and how often a site was at its limit."""
+    if not sites:
+        return []
+    each = sorted(sites.items())
+    line = "API connections: " + ", ".join(f"{site} {s['open']} of {s['limit']}" for site, s in each)
+    shed = [f"{site} {s['evicted']} idle closed, {s['refused']} refused" for site, s in each
+            if s["evicted"] or s["refused"]]
+    return [line + (f" (at the limit since start: {'; '.join(shed)})" if shed else "")]
+
+
 def render(doc: Doc, now: float | None = None) -> str:
     """A fixed-width table: one block per VIP, one row per backend."""
     now = time.time() if now is None else now
@@ -84,6 +95,7 @@ def render(doc: Doc, now: float | None = None) -> str:
     head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
     lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
              f"config {doc.get('config', '?')}", ""]
+    lines[-1:-1] = _api(doc.get("api"))
     if doc.get("attached") is False:
         lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
                         "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]

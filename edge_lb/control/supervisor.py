@@ -31,7 +31,7 @@ from edge_lb.api.metrics import Metrics
 from edge_lb.bgp.controller import BgpController
 from edge_lb.bgp.policy import Speaker
 from edge_lb.config import Config, load_config
-from edge_lb.control import overrides
+from edge_lb.control import limits, overrides
 from edge_lb.control.attachment import Attachment
 from edge_lb.control.gwwatch import GatewayWatcher
 from edge_lb.control.instance import SECOND_RUN, InstanceLock
@@ -85,6 +85,7 @@ class Supervisor:
         self.watchdog = self.ops.watchdog = Watchdog()  # systemd's WatchdogSec and the BGP bridge's heartbeat
         self.metrics = Metrics(self.ops)
         self.control = sockets.ControlServer(self.ops, [self.metrics.add_routes])
+        self.ops.api = self.control.connections  # status and /metrics show the API's connections
         self.node: RunningNode | None = None  # set at the end of startup
         self._early_mac: str | None = None  # a gateway MAC change seen before the node existed
         self._followers: list[Callable[[], Coroutine[Any, Any, None]]] = []  # main-loop link followers
@@ -120,6 +121,7 @@ class Supervisor:
         self._drain_time = config.bgp.drain_time if config.bgp is not None else 0.0
         instance = config.dataplane.instance
         self._undo.callback(InstanceLock.take(instance, "edge-lb run", SECOND_RUN).release)  # undone last
+        limits.raise_nofile()
         events.emit("startup", phase="config", config=self.config_path, vips=len(config.vips),
                     instance=instance)
         attachment = Attachment(config.node.interface)

@@ -79,6 +79,7 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
     async def body(client: Client, mem: MemNode) -> None:
         node = await answer(client, "GET", "/api/v1/node", 200)
         assert 0 <= node.pop("uptime") < 60
+        assert node.pop("api") == {}, "no API sites around the in-memory node's operations"
         assert node.pop("watchdog") is None, "the in-memory node runs no watchdog"
         assert node["bgp"].pop("speaker") == {"state": "up", "pid": None, "restarts": 0, "reason": None,
                                               "last_answer": None}

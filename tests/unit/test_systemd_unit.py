@@ -67,3 +67,17 @@ def test_the_unit_waits_for_ready_and_restarts_a_supervisor_that_makes_no_progre
         sock.settimeout(5)
         assert watchdog.notify("READY=1", {"NOTIFY_SOCKET": str(path)})
         assert sock.recv(64) == b"READY=1"
+
+
+def test_open_files_leave_the_checks_their_budget_beside_the_api() -> None:
+    """The unit's LimitNOFILE is what the supervisor raises its soft limit to; the API's two sites may hold
+    api_limit() connections each, and everything else is the health checks' (issue 12, item 2)."""
+    from edge_lb.control import limits
+
+    nofile = int(service()["LimitNOFILE"])
+    assert nofile >= 65536
+    api = limits.api_limit(limits.API_TCP, nofile) + limits.api_limit(limits.API_UNIX, nofile)
+    assert api == 320
+    assert limits.api_limit(limits.API_TCP, 1024) == limits.api_limit(limits.API_UNIX, 1024) == 64
+    probers = 500 * 10  # 500 VIPs x 10 backends, one socket each at a time
+    assert nofile - api - 100 > 10 * probers
