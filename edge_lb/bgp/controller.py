@@ -259,11 +259,18 @@ class BgpController:
         await self.speaker.stop()
         events.emit("shutdown", phase="bgp stopped")
 
+    def _down_med(self, prefix: Prefix, reason: str) -> str:
+        """A withheld reason, saying so when the route is announced anyway with its down MED."""
+        route = self.announcer.announced.get(prefix)
+        if route is None or not route.down:
+            return reason
+        return f'{reason}; announced with med {route.med} instead (down = "med")'
+
     def status(self) -> BgpStatus:
         why = withheld(self.config, self.source.serving(), self.attached(), self._disabled,
                        self.local_fault())
         return {"peers": self.speaker.peers(), "announced": sorted(str(p) for p in self.announcer.announced),
-                "withheld": {str(p): reason for p, reason in sorted(why.items(), key=_by_family)
-                             if reason is not None},
+                "withheld": {str(p): self._down_med(p, reason)
+                             for p, reason in sorted(why.items(), key=_by_family) if reason is not None},
                 "disabled": self._disabled, "disable_file": str(disable_path(self.config)),
                 "speaker": self.speaker.liveness_status()}

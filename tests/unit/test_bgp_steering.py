@@ -245,3 +245,30 @@ def test_controller_follows_a_reloads_peers_and_announces_to_the_new_one(tmp_pat
 
     asyncio.run(main())
     assert speaker.commands == [announce, "<peers 10.0.0.1 10.0.0.9>", announce], speaker.commands
+
+
+def test_status_says_a_withheld_route_is_announced_with_its_down_med(tmp_path: Path) -> None:
+    speaker = FakeSpeaker()
+    healthy: dict[Any, bool] = dict(UP)
+
+    class Source:
+        config = config(STEER, disable_file=str(tmp_path / "off"))
+
+        def serving(self) -> dict[Any, bool]:
+            return healthy
+
+    ctl = BgpController(Source(), lambda restarted: speaker)
+
+    async def main() -> None:
+        await ctl.sync("start")
+        assert ctl.status()["withheld"] == {}
+        healthy.clear()
+        await ctl.sync("health")
+
+    asyncio.run(main())
+    assert speaker.commands[-1].startswith("announce route 10.200.1.1/32 next-hop self med 500 ")
+    status = ctl.status()
+    assert status["announced"] == ["10.200.1.1/32"]
+    assert status["withheld"] == {"10.200.1.1/32": (
+        '10.200.1.1:80/tcp: 0 backends take new flows, min_healthy is 1; announced with med 500 instead '
+        '(down = "med")')}
