@@ -311,3 +311,44 @@ def test_a_node_that_cannot_judge_withdraws_and_announces_again_as_it_was(tmp_pa
 
 def test_verdict_defaults() -> None:
     assert Verdict() == Verdict(None, None, False, {}, 0)
+
+
+def test_status_text_names_a_minority_of_local_faults_and_the_link() -> None:
+    doc = {"vips": [], "local_faults": {
+        "cannot_judge": None, "since": None, "withdrawn": False, "bound": 8.0,
+        "link": "down (eth0 operstate DOWN)", "checks": 3, "faulty": {"ENETUNREACH": 1},
+        "counts": {"ENETUNREACH": 4}}}
+    text = status.render(doc, now=0.0)
+    assert "link down (eth0 operstate DOWN)" in text
+    assert "local faults (not counted against backends): ENETUNREACH on 1 of 3 checks" in text
+    doc["local_faults"] = {**doc["local_faults"], "since": 0.0, "link": "up",
+                           "cannot_judge": "EMFILE (too many open files) on 2 of 3 checks"}
+    text = status.render(doc, now=3.0)
+    assert ("LOCAL FAULT, this node cannot judge its backends: EMFILE (too many open files) on 2 of 3 checks "
+            "(since 3.0s ago): BGP withdraws once it lasts 8s") in text
+    assert "link up" not in text
+
+
+def test_the_link_watch_reads_the_kernel_and_keeps_its_word_when_it_cannot() -> None:
+    from edge_lb.errors import NetlinkError
+
+    answers: list[object] = [(True, "UP"), (True, "LOWERLAYERDOWN"), OSError(24, "Too many open files"),
+                             NetlinkError("interface 'eth0' not found"), (True, "UP")]
+
+    def read(ifname: str) -> tuple[bool, str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, tuple)
+        return answer
+
+    async def main() -> list[str | None]:
+        watch = LinkWatch("eth0", read=read)
+        seen = []
+        for _ in range(5):
+            await watch._refresh()
+            seen.append(watch.fault)
+        return seen
+
+    assert asyncio.run(main()) == [None, "eth0 operstate LOWERLAYERDOWN", "eth0 operstate LOWERLAYERDOWN",
+                                   "eth0: interface 'eth0' not found", None]
