@@ -87,6 +87,19 @@ def _api(sites: Doc | None) -> list[str]:
     return [line + (f" (at the limit since start: {'; '.join(shed)})" if shed else "")]
 
 
+def _hang(doc: Doc) -> list[str]:
+    """The hang watchdog and ExaBGP's liveness, said only when one of them is not well."""
+    lines = []
+    dog = doc.get("watchdog")
+    if dog and not dog["ok"]:
+        lines.append(f"WATCHDOG: no progress ({dog['reason']}): systemd is not pinged")
+    speaker = (doc.get("bgp") or {}).get("speaker")
+    if speaker and speaker["state"] != "up":
+        why = f": {speaker['reason']}" if speaker["reason"] else ""
+        lines.append(f"BGP speaker (ExaBGP) {speaker['state'].upper()}{why} ({speaker['restarts']} restarts)")
+    return lines
+
+
 def render(doc: Doc, now: float | None = None) -> str:
     """A fixed-width table: one block per VIP, one row per backend."""
     now = time.time() if now is None else now
@@ -100,6 +113,7 @@ def render(doc: Doc, now: float | None = None) -> str:
         lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
                         "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
     lines[-1:-1] = _local_faults(doc.get("local_faults"), now)
+    lines[-1:-1] = _hang(doc)
     bgp = doc.get("bgp")
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"

@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,3 +171,18 @@ def test_run_pings_a_real_notify_socket_while_real_checks_complete(tmp_path: Pat
 
     got = asyncio.run(run())
     assert got and set(got) == {b"WATCHDOG=1"}, got
+
+
+def test_status_says_when_the_watchdog_or_the_speaker_is_not_well() -> None:
+    from edge_lb.control.status import render
+
+    doc: dict[str, Any] = {"phase": "running", "vips": [], "bgp": {
+        "peers": {}, "announced": [], "withheld": {}, "disabled": False, "disable_file": "/x",
+        "speaker": {"state": "up", "pid": 7, "restarts": 0, "reason": None, "last_answer": 0.5}},
+        "watchdog": {"ok": True, "reason": None, "loop_lag": 0.0, "checks_age": 0.1, "systemd": False}}
+    assert "WATCHDOG" not in render(doc) and "speaker" not in render(doc)
+    doc["watchdog"]["ok"], doc["watchdog"]["reason"] = False, "the main loop ran 4.90 s late"
+    doc["bgp"]["speaker"].update(state="wedged", reason="no answer to a command within 3 s", restarts=1)
+    text = render(doc)
+    assert "WATCHDOG: no progress (the main loop ran 4.90 s late)" in text
+    assert "BGP speaker (ExaBGP) WEDGED: no answer to a command within 3 s (1 restarts)" in text
