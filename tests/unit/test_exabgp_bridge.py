@@ -86,16 +86,16 @@ def test_the_bridge_withdraws_everything_when_heartbeats_stop_and_says_so(tmp_pa
                 conn, _ = server.accept()
                 with conn, conn.makefile("rb") as received:
                     received.readline()  # bridge <pid>
+                    began = time.monotonic()  # the last heartbeat
                     conn.sendall(f"{HEARTBEAT}\n{A1}\n".encode())
                     assert proc.stdout.readline() == f"{A1}\n".encode(), "heartbeats are not relayed"
                     proc.stdin.write(b"done\n")
                     proc.stdin.flush()
                     assert received.readline() == b"done\n"
-                    began = time.monotonic()  # the last heartbeat was sent before the announce
                     line = proc.stdout.readline()
                     took = time.monotonic() - began
                     assert line == b"withdraw route 10.81.100.1/32 next-hop self med 10\n"
-                    assert 0.3 <= took <= 3.0, took
+                    assert 0.45 <= took <= 3.0, took
                     assert received.readline() == f"{WITHDREW} 1\n".encode()
                     proc.stdin.write(b"done\nneighbor 10.81.1.1 up\n")  # its own ack: swallowed
                     proc.stdin.flush()
@@ -141,9 +141,10 @@ def test_liveness_probes_an_idle_exabgp_and_kills_one_that_does_not_answer(tmp_p
             await _until(lambda: liveness.status(1)["last_answer"] is not None)
             assert liveness.status(1)["state"] == "up" and not killed
             assert await bridge.expect() == PROBE  # the next one: left unanswered
+            assert not killed
             began = time.monotonic()
             await _until(lambda: killed)
-            assert 0.3 <= time.monotonic() - began <= 2.0
+            assert time.monotonic() - began <= 2.0
             status = liveness.status(1)
             assert status["state"] == "wedged" and "no answer" in str(status["reason"])
             assert channel.peers() == {p: "unknown" for p in channel.peers()}
