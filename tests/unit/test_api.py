@@ -88,7 +88,7 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
             "checks": 2, "faulty": {}, "counts": {}}
         assert node == {"phase": "running", "instance": "mem", "interface": "eth0", "attached": True,
                         "pid": os.getpid(), "config": str(mem.config_path),
-                        "gateway_mac": "02:00:00:00:00:02",
+                        "gateway_mac": "02:00:00:00:00:02", "mtu": 1500,
                         "bgp": {"peers": {"10.9.0.1": "up"}, "announced": ["10.0.0.1/32"], "withheld": {},
                                 "disabled": False, "disable_file": str(mem.config_path.parent / "disabled")}}
 
