@@ -92,7 +92,10 @@ def _call(args: argparse.Namespace, method: str, url: str, body: dict[str, Any] 
 
     from edge_lb.api import sockets
 
-    return asyncio.run(sockets.request(_socket(args), method, url, body))
+    try:
+        return asyncio.run(sockets.request(_socket(args), method, url, body))
+    except EdgeLbError as exc:
+        raise _unreachable(args, exc) from exc
 
 
 def _check(code: int, doc: Any, what: str) -> Any:

@@ -61,9 +61,11 @@ def test_deleting_the_socket_does_not_free_the_instance(run_dir: Path, tmp_path:
         for command in ("load", "unload"):
             assert main([command, "-c", str(config)]) == 1
             assert f"instance default is held by pid {os.getpid()} edge-lb run" in capsys.readouterr().err
-        assert main(["status", "-c", str(config)]) == 1
-        err = capsys.readouterr().err
-        assert "does not exist" in err and f"held by pid {os.getpid()} edge-lb run" in err, err
+        drain = ["drain", "--vip", "10.200.1.1:80/tcp", "--backend", "10.0.0.1"]
+        for command in (["status"], ["reload"], drain):
+            assert main([*command, "-c", str(config)]) == 1
+            err = capsys.readouterr().err
+            assert "does not exist" in err and f"held by pid {os.getpid()} edge-lb run" in err, err
     finally:
         lock.release()
 
