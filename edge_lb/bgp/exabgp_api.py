@@ -241,7 +241,8 @@ class ApiChannel:
             elif line:  # ExaBGP ends each notification with an extra empty line
                 log.debug("ExaBGP: %s", line)
             return
-        self._peers[change.peer] = change.state
+        if change.peer in self._peers:  # not a peer a reload just removed (its "down" comes after)
+            self._peers[change.peer] = change.state
         events.emit("exabgp", phase="peer", peer=change.peer, state=change.state,
                     reason=change.reason or None)
 

@@ -87,3 +87,72 @@ def test_prepend_and_large_community_steer_and_down_med_keeps_a_backup_route(sla
     assert "lb1" not in routes(slab)
     subprocess.run([PY, "-m", "edge_lb", "enable", "-c", str(slab.config_path(1))], timeout=30, check=True)
     slab.wait_nexthops({lb1}, 10)
+
+
+@pytest.fixture
+def plain(lab: Lab) -> Iterator[BgpLab]:
+    bl = BgpLab(lab)
+    try:
+        bl.build()
+        bl.start_supervisor(1)
+        yield bl
+    finally:
+        print(f"--- supervisor lb1 ---\n{bl.supervisor_log(1)[-4000:]}")
+        bl.close()
+
+
+def _since(bl: BgpLab, protocol: str) -> str:
+    """BIRD's "Since" of a protocol (changes when its session is reset)."""
+    assert bl.bird is not None
+    for row in bl.bird.birdc("show", "protocols").splitlines():
+        cols = row.split()
+        if cols and cols[0] == protocol:
+            return f"{cols[3]} {cols[4]}"
+    raise AssertionError(f"no BIRD protocol {protocol}")
+
+
+def test_reload_adds_and_removes_a_peer_without_touching_the_other_session(plain: BgpLab) -> None:
+    """`edge-lb reload` with a second [[bgp.peer]] (the router on a second subnet of the same link), then
+    without the first: the new session comes up and gets the route, the removed one ends, the one that stays
+    is never reset and the router keeps the VIP's route throughout."""
+    lb = plain.node(1)
+    assert plain.router is not None and plain.bird is not None
+    bird = plain.bird
+    second, local2 = "10.88.19.1", "10.88.19.2"  # BIRD takes a second session to one neighbor only this way
+    plain.router.addr(lb.link.router_if, f"{second}/24")
+    lb.ns.addr("eth0", f"{local2}/24")
+    conf = plain.lab.tmpdir / "bird.conf"
+    conf.write_text(conf.read_text() + f"protocol bgp lb1b from lbpeer {{ neighbor {local2} as {lb.asn}; "
+                                       f"source address {second}; }}\n")
+    bird.birdc("configure")
+    plain.wait_nexthops({lb.address}, 15)
+    since = _since(plain, "lb1")
+    base = plain.config_text(1)
+    peer_b = (f'\n[[bgp.peer]]\naddress = "{second}"\nas = 65000\nhold_time = 3\n'
+              f'local_address = "{local2}"\n')
+
+    plain.config_path(1).write_text(base + peer_b)
+    assert plain.reload(1).startswith("reloaded ")
+    took = wait_for(lambda: bird.protocols().get("lb1b") == "up"
+                    and "lb1b" in bird.routes(f"{VIP}/32"), 20, "the added peer up with the route")
+    print(f"reload adding a peer: session up with the route {took:.2f} s after the reload answered")
+    assert plain.router_nexthops() == {lb.address, local2}, "the route over both sessions (ECMP)"
+    assert _since(plain, "lb1") == since, "the other session was not reset"
+    assert set(plain.status(1)["bgp"]["peers"]) == {lb.router_address, second}
+
+    since_b = _since(plain, "lb1b")
+    only_b = base.replace(f'address = "{lb.router_address}"', f'address = "{second}"')
+    only_b = only_b.replace(f'local_address = "{lb.address}"', f'local_address = "{local2}"')
+    plain.config_path(1).write_text(only_b)
+    assert plain.reload(1).startswith("reloaded ")
+    wait_for(lambda: bird.protocols().get("lb1") != "up", 20, "the removed peer's session down")
+    plain.wait_nexthops({local2}, 10)
+    assert set(bird.routes(f"{VIP}/32")) == {"lb1b"}
+    assert _since(plain, "lb1b") == since_b, "the session that stays was not reset"
+    assert set(plain.status(1)["bgp"]["peers"]) == {second}
+
+    plain.config_path(1).write_text(base.replace("local_as = 65001", "local_as = 65009"))
+    out = subprocess.run([PY, "-m", "edge_lb", "reload", "-c", str(plain.config_path(1))],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and "bgp.local_as: changed; ExaBGP takes it only when it starts" in (
+        out.stdout + out.stderr), out

@@ -14,7 +14,9 @@ import pytest
 
 from edge_lb.bgp import exabgp_config
 from edge_lb.bgp.controller import BgpController
+from edge_lb.bgp.exabgp_api import ApiChannel
 from edge_lb.bgp.exabgp_config import check_md5, render_config
+from edge_lb.bgp.exabgp_reload import summary_peers
 from edge_lb.bgp.policy import FakeSpeaker, Route, desired_routes, host_prefix, render
 from edge_lb.config import Config, parse_config
 from edge_lb.configbgp import Bgp, Peer, RouteAttrs
@@ -272,3 +274,19 @@ def test_status_says_a_withheld_route_is_announced_with_its_down_med(tmp_path: P
     assert status["withheld"] == {"10.200.1.1/32": (
         '10.200.1.1:80/tcp: 0 backends take new flows, min_healthy is 1; announced with med 500 instead '
         '(down = "med")')}
+
+
+def test_the_channel_follows_a_reloads_peers_and_a_removed_peers_late_down_stays_out(tmp_path: Path) -> None:
+    channel = ApiChannel(tmp_path / "api.sock", ["10.0.0.1", "10.0.0.9"])
+    channel._dispatch("neighbor 10.0.0.9 up")
+    channel.set_peers(["10.0.0.9", "fd00:9::1"])
+    channel._dispatch("neighbor 10.0.0.1 down - stop, message [removed]")
+    assert channel.peers() == {"10.0.0.9": "up", "fd00:9::1": "down"}
+
+
+def test_summary_peers_reads_show_neighbor_summary() -> None:
+    lines = ["Peer            AS        up/down state       |     #sent     #recvd",
+             "10.88.11.1      65000     0:00:05 established          1          0",
+             "fd00:9::1       65000        down active               0          0"]
+    assert summary_peers(lines) == {"10.88.11.1", "fd00:9::1"}
+    assert summary_peers([]) == set()
