@@ -15,7 +15,10 @@ it started. After that lines are relayed unchanged, except:
                         a blocked loop) must not keep attracting traffic its node no longer checks. ExaBGP's
                         acks of those withdraws are the bridge's own and are not relayed.
     edge-lb withdrew N  (bridge -> supervisor) the bridge withdrew N routes: the supervisor re-sends what it
-                        wants announced (Announcer.forget), so routes come back only when it says so.
+                        wants announced (Announcer.forget). Until heartbeats resume, announces are held (the
+                        bridge answers "done" itself) and withdraws go through; the next heartbeat sends what
+                        the supervisor then wants announced. A supervisor whose loop runs but whose checks
+                        stall (no heartbeats) thus stays withdrawn too: routes come back only when it says so.
 
 The bridge exits as soon as either side closes: ExaBGP gone (stdin EOF) or supervisor gone (socket EOF);
 ExaBGP then respawns it, or is itself on its way out. Stdlib only, blocking I/O, one thread per direction
@@ -73,33 +76,42 @@ class Routes:
     """What the bridge relayed (announced routes, acks owed) and the supervisor's heartbeat. Thread-safe.
 
     `owed` holds one entry per command written to ExaBGP, in order: True when the bridge sent it itself (its
-    ack is swallowed), False when the supervisor did (its ack is relayed). ExaBGP answers in order."""
+    ack is swallowed), False when the supervisor did (its ack is relayed). ExaBGP answers in order.
+    `announced` is what the supervisor wants announced, by key: it outlives an expiry and is sent again at the
+    next heartbeat."""
 
     def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout = timeout
         self.clock = clock
-        self.announced: dict[str, str] = {}  # key (see route_of) -> the command that withdraws it
+        self.announced: dict[str, tuple[str, str]] = {}  # key (see route_of) -> (announce, withdraw)
         self.owed: collections.deque[bool] = collections.deque()
         self.last_beat: float | None = None  # None: no heartbeat yet, nothing is watched
         self.expired = False
         self._lock = threading.Lock()
 
-    def beat(self) -> None:
+    def beat(self) -> list[str]:
+        """A heartbeat; after an expiry, the announces to send again (their acks are the bridge's)."""
         with self._lock:
+            again = [announce for announce, _ in self.announced.values()] if self.expired else []
             self.last_beat, self.expired = self.clock(), False
+            self.owed.extend([True] * len(again))
+            return again
 
-    def relayed(self, command: str) -> None:
-        """The supervisor's command, about to be written to ExaBGP."""
+    def relayed(self, command: str) -> bool:
+        """The supervisor's command: True when it is to be written to ExaBGP now, False when it is an announce
+        held while the heartbeat is expired (the caller answers "done" for ExaBGP)."""
         with self._lock:
-            self.owed.append(False)
             found = route_of(command)
-            if found is None:
-                return
-            action, key, withdraw = found
-            if action == "announce":
-                self.announced[key] = withdraw
-            else:
-                self.announced.pop(key, None)
+            if found is not None:
+                action, key, withdraw = found
+                if action == "announce":
+                    self.announced[key] = (command, withdraw)
+                    if self.expired:
+                        return False
+                else:
+                    self.announced.pop(key, None)
+            self.owed.append(False)
+            return True
 
     def answer_is_ours(self) -> bool:
         """An ack from ExaBGP: True when it answers the bridge's own command (not to be relayed)."""
@@ -107,13 +119,12 @@ class Routes:
             return self.owed.popleft() if self.owed else False
 
     def take_expired(self) -> list[str] | None:
-        """The withdraws to send when the heartbeat has just expired (the routes are forgotten); else None."""
+        """The withdraws to send when the heartbeat has just expired; else None."""
         with self._lock:
             if self.last_beat is None or self.expired or self.clock() - self.last_beat <= self.timeout:
                 return None
             self.expired = True
-            commands = list(self.announced.values())
-            self.announced.clear()
+            commands = [withdraw for _, withdraw in self.announced.values()]
             self.owed.extend([True] * len(commands))
             return commands
 
@@ -172,11 +183,19 @@ class Bridge:
     def _from_supervisor(self) -> None:
         for line in _lines(self.sock.recv):
             if line == HEARTBEAT:
-                self.routes.beat()
+                with self._to_exabgp:
+                    again = self.routes.beat()
+                    self._write(again)
+                if again:
+                    print(f"edge-lb bridge: heartbeat back: announced {len(again)} route(s) again",
+                          file=sys.stderr, flush=True)
             elif line:
                 with self._to_exabgp:
-                    self.routes.relayed(line)
-                    self._write([line])
+                    now = self.routes.relayed(line)
+                    if now:
+                        self._write([line])
+                if not now:
+                    self._up("done")  # held until the next heartbeat
 
     def _from_exabgp(self) -> None:
         for line in _lines(lambda n: os.read(self.stdin, n)):

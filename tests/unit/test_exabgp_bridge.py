@@ -46,26 +46,32 @@ class Clock:
 def test_routes_expire_once_after_the_first_heartbeat_and_own_the_withdraws_acks() -> None:
     clock = Clock()
     routes = Routes(2.0, clock)
-    routes.relayed(A1)
-    routes.relayed(A2)
-    routes.relayed("withdraw route 10.81.100.1/32 next-hop self med 10")
-    routes.relayed(A1)
+    assert routes.relayed(A1) and routes.relayed(A2)
+    assert routes.relayed("withdraw route 10.81.100.1/32 next-hop self med 10")
+    assert routes.relayed(A1)
     clock.now += 60
     assert routes.take_expired() is None, "no heartbeat yet: nothing is watched (an old supervisor)"
-    routes.beat()
+    assert routes.beat() == []
     clock.now += 2.0
     assert routes.take_expired() is None
     clock.now += 0.1
-    assert sorted(routes.take_expired() or []) == sorted([
-        "withdraw route 10.81.100.1/32 next-hop self med 10",
-        "neighbor 10.81.1.1 withdraw route 10.81.100.2/32 next-hop self"])
-    assert routes.take_expired() is None and routes.announced == {}
+    assert routes.take_expired() == ["neighbor 10.81.1.1 withdraw route 10.81.100.2/32 next-hop self",
+                                     "withdraw route 10.81.100.1/32 next-hop self med 10"]
+    assert routes.take_expired() is None
     # The supervisor's four commands are answered first (relayed), then the bridge's two (swallowed).
     assert [routes.answer_is_ours() for _ in range(7)] == [False] * 4 + [True] * 2 + [False]
-    routes.beat()
-    routes.relayed(A1)
+    # Expired: an announce is held (not for ExaBGP), a withdraw goes through and is forgotten.
+    a3 = "announce route 10.81.100.3/32 next-hop self"
+    assert not routes.relayed(a3) and not routes.owed
+    assert routes.relayed("neighbor 10.81.1.1 withdraw route 10.81.100.2/32 next-hop self")
+    assert routes.relayed("version")
+    # The heartbeat is back: what the supervisor now wants is announced again, its acks the bridge's.
+    assert routes.beat() == [A1, a3]
+    assert list(routes.owed) == [False, False, True, True]
+    assert routes.beat() == []
     clock.now += 3
-    assert routes.take_expired() == ["withdraw route 10.81.100.1/32 next-hop self med 10"]
+    assert routes.take_expired() == ["withdraw route 10.81.100.1/32 next-hop self med 10",
+                                     "withdraw route 10.81.100.3/32 next-hop self"]
 
 
 def _bridge(path: Path, timeout: float) -> subprocess.Popen[bytes]:
@@ -100,10 +106,14 @@ def test_the_bridge_withdraws_everything_when_heartbeats_stop_and_says_so(tmp_pa
                     proc.stdin.write(b"done\nneighbor 10.81.1.1 up\n")  # its own ack: swallowed
                     proc.stdin.flush()
                     assert received.readline() == b"neighbor 10.81.1.1 up\n"
-                    conn.sendall(f"{HEARTBEAT}\n{A1}\n".encode())  # the supervisor runs again: re-sends
-                    assert proc.stdout.readline() == f"{A1}\n".encode()
-                    proc.stdin.write(b"done\n")
+                    conn.sendall(f"{A2}\n".encode())  # no heartbeat yet: held, answered by the bridge
+                    assert received.readline() == b"done\n"
+                    conn.sendall(f"{HEARTBEAT}\nversion\n".encode())  # the supervisor runs again
+                    sent = [proc.stdout.readline() for _ in range(3)]
+                    assert sent == [f"{A1}\n".encode(), f"{A2}\n".encode(), b"version\n"]
+                    proc.stdin.write(b"done\ndone\nexabgp 5.0.15\ndone\n")
                     proc.stdin.flush()
+                    assert received.readline() == b"exabgp 5.0.15\n"
                     assert received.readline() == b"done\n", "the supervisor's own acks are relayed again"
                 assert proc.wait(timeout=5) == 0
             finally:
