@@ -11,6 +11,11 @@ Progress is two things:
 - the check scheduler: some health check completed within the slowest check's own period (interval with
   jitter, its timeout) plus slack. No checks running counts as progress.
 
+After a stall of [bgp].heartbeat_timeout or more (the bridge withdrew everything meanwhile), the heartbeat
+that would announce again waits until every prober completed a check newer than the stall and none is half-way
+through a rise/fall streak (RESYNC_MAX at most): a backend that died while the supervisor was stopped is down
+before its node is announced again.
+
 Two layers act on a hang: the bridge (edge_lb.bgp.exabgp_bridge) withdraws every route once the heartbeat
 stops for [bgp].heartbeat_timeout, with or without systemd; systemd (WatchdogSec in the unit) kills and
 restarts the supervisor once WATCHDOG=1 stops. A loop that ticks shows progress by ticking, so the heartbeat
@@ -37,6 +42,7 @@ TICK = 0.25  # s between the worker's looks; the bridge's heartbeat_timeout is a
 LAG_BOUND = 1.0  # s a tick may come late before the loop counts as stalled
 _SLACK = 2.0  # s past the slowest check's period (and its 1 s backstop): the scheduler stalled
 _JUDGE_EVERY = 1.0  # s between sums over the probers (cheap, but O(probers))
+RESYNC_MAX = 10.0  # s a heartbeat may wait, after a stall, for health checks newer than the stall
 
 
 def notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
@@ -92,14 +98,29 @@ class Scheduler:
             self._done, self._changed = done, now
         return now - self._changed if keys else None
 
+    def fresh_since(self, since: float) -> bool:
+        """Every prober completed a check after `since` (epoch seconds) and none is half-way through a
+        rise/fall streak: health is as it is now, not as it was before a stall."""
+        for key in self.monitor.running():
+            seen = self.monitor.observation(key)
+            if seen is None or seen.checked_at is None or seen.checked_at < since or seen.health.changing:
+                return False
+        return True
+
 
 class Watchdog:
     """Judges progress on every tick; status() shows the last judgement."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ, clock: Callable[[], float] = time.monotonic,
-                 notify_to: Callable[[str], bool] | None = None) -> None:
+                 notify_to: Callable[[str], bool] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.interval = watchdog_interval(environ)
         self.clock = clock
+        self.wall = wall
+        # A stall this long ([bgp].heartbeat_timeout) had the bridge withdraw everything: the next heartbeat,
+        # which announces again, waits for health checks newer than the stall (a backend may have died).
+        self.resync_after = float("inf")
+        self._resync: tuple[float, float] | None = None  # (epoch the stall began, monotonic it ended)
         self.notify = notify_to or (lambda message: notify(message, environ))
         self.ok = True
         self.reason: str | None = None
@@ -117,6 +138,8 @@ class Watchdog:
         """Until cancelled: tick, judge, ping systemd and beat the bridge while there is progress."""
         scheduler = Scheduler(monitor, self.clock)
         beat = bgp.speaker.heartbeat if bgp is not None else None
+        if bgp is not None and bgp.config.bgp is not None:
+            self.resync_after = bgp.config.bgp.heartbeat_timeout
         last = self.clock()
         while True:
             await asyncio.sleep(TICK)
@@ -133,7 +156,11 @@ class Watchdog:
                   if checks_stalled else
                   f"the main loop ran {lag:.2f} s late" if lag > LAG_BOUND else None)
         self._judgement(reason)
-        if not checks_stalled and beat is not None:
+        if lag >= self.resync_after:
+            self._resync = (self.wall() - lag, now)
+            events.emit("watchdog", logging.WARNING, stalled=f"{lag:.1f}s",
+                        effect="BGP announces again once health checks newer than the stall completed")
+        if not checks_stalled and not self._held(scheduler, now) and beat is not None:
             try:
                 beat()
             except Exception:  # the watchdog must outlive a faulty speaker; the bridge then withdraws
@@ -141,6 +168,17 @@ class Watchdog:
         if reason is None and self.interval is not None and now - self._pinged >= self.interval / 4:
             self._pinged = now
             self.notify("WATCHDOG=1")
+
+    def _held(self, scheduler: Scheduler, now: float) -> bool:
+        """After a long stall: no heartbeat until fresh checks (RESYNC_MAX at most)."""
+        if self._resync is None:
+            return False
+        since, ended = self._resync
+        if scheduler.fresh_since(since) or now - ended > RESYNC_MAX:
+            self._resync = None
+            events.emit("watchdog", resynced=f"{now - ended:.1f}s after the stall")
+            return False
+        return True
 
     def _judgement(self, reason: str | None) -> None:
         ok = reason is None

@@ -2,7 +2,7 @@
 
 - a stopped supervisor (SIGSTOP) no longer attracts traffic: ExaBGP's bridge misses its heartbeat and
   withdraws the node's route within [bgp].heartbeat_timeout while the BGP session stays up; SIGCONT
-  announces it again.
+  announces it again once its checks are newer than the stall (a backend that died meanwhile is down by then).
   (Before: the route was kept for as long as the supervisor was stopped, and flows hashed to a backend that
   died meanwhile failed, 5 of 5 requests in the issue's run.)
 - a stopped ExaBGP (SIGSTOP) is seen: status and /metrics say the speaker is wedged, it is killed and
@@ -89,9 +89,14 @@ def test_a_stopped_supervisor_is_withdrawn_by_the_bridge_and_announced_on_sigcon
         assert hlab.router_nexthops() == {lb2}, "nothing re-announces while the supervisor is stopped"
     finally:
         hlab.kill_supervisor(1, signal.SIGCONT)
-    hlab.start_http("b1")
     took = hlab.wait_nexthops(both(hlab), 10)
-    print(f"SIGCONT -> lb1 announced again in {took:.2f} s")
+    b1 = hlab.status(1)["vips"][0]["backends"][0]
+    print(f"SIGCONT -> lb1 announced again in {took:.2f} s, b1 {b1['state']} in its status")
+    assert b1["state"] == "down", "announced again only on checks newer than the stall (b1 died meanwhile)"
+    result = hlab.http_get(20)
+    print(f"after SIGCONT, b1 still dead: {result['failures']} of 20 requests failed")
+    assert result["failures"] == 0, result
+    hlab.start_http("b1")
     wait_for(lambda: 'action="withdrawn by the bridge"' in hlab.supervisor_log(1), 10,
              "the supervisor told of the bridge's withdraw")
 

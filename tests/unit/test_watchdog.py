@@ -65,15 +65,21 @@ SPEC = CheckSpec(kind="tcp", port=80, interval=1.0, timeout=0.5, jitter=0.0)
 
 @dataclass
 class FakeMonitor:
-    """What Scheduler reads of a HealthMonitor: the running probers and how many checks each completed."""
+    """What Scheduler reads of a HealthMonitor: the running probers, how many checks each completed, when the
+    last one did (epoch) and the streak under way."""
 
     checks: dict[CheckKey, int] = field(default_factory=dict)
+    checked_at: dict[CheckKey, float] = field(default_factory=dict)
+    streak: dict[CheckKey, int] = field(default_factory=dict)
 
     def running(self) -> set[CheckKey]:
         return set(self.checks)
 
     def observation(self, key: CheckKey) -> Observation | None:
-        return Observation(Health(up=True), checks=self.checks[key]) if key in self.checks else None
+        if key not in self.checks:
+            return None
+        return Observation(Health(up=True, streak=self.streak.get(key, 0)), self.checked_at.get(key),
+                           self.checks[key])
 
 
 @dataclass
@@ -186,3 +192,36 @@ def test_status_says_when_the_watchdog_or_the_speaker_is_not_well() -> None:
     text = render(doc)
     assert "WATCHDOG: no progress (the main loop ran 4.90 s late)" in text
     assert "BGP speaker (ExaBGP) WEDGED: no answer to a command within 3 s (1 restarts)" in text
+
+
+def test_after_a_long_stall_the_heartbeat_waits_for_checks_newer_than_the_stall() -> None:
+    clock, speaker = Clock(), FakeSpeaker()
+    wall = Clock(1000.0)
+    one, two = _key("10.0.0.1"), _key("10.0.0.2")
+    monitor = FakeMonitor({one: 5, two: 5}, {one: 990.0, two: 990.0})
+    dog = Watchdog({}, clock, wall=wall)
+    dog.resync_after = 2.0
+    scheduler = Scheduler(monitor, clock)  # type: ignore[arg-type]
+
+    def step(lag: float = 0.0, seconds: float = 1.0) -> int:
+        clock.now += seconds
+        wall.now += seconds
+        monitor.checks[one] += 1  # the scheduler runs throughout (judged once a second)
+        dog.tick(scheduler, lag, clock.now, speaker.heartbeat)
+        return speaker.beats
+
+    assert step() == 1
+    assert step(lag=4.0, seconds=5.0) == 1, "no heartbeat (it would announce again) on health from before"
+    monitor.checked_at[one] = wall.now + 0.1  # one prober checked since the stall; the other has not
+    assert step() == 1
+    monitor.checked_at[two], monitor.streak[two] = wall.now + 0.1, 1  # checked, half-way through a fall
+    assert step() == 1
+    monitor.checked_at[two], monitor.streak[two] = wall.now + 0.1, 0  # its fall completed: health as it is
+    assert step() == 2
+    # A prober that never reports again does not keep the node withdrawn for longer than RESYNC_MAX.
+    assert step(lag=4.0, seconds=5.0) == 2
+    for _ in range(int(watchdog.RESYNC_MAX)):
+        step()
+    assert step() > 2
+    beats = speaker.beats
+    assert step(lag=1.5) == beats + 1, "a lag below heartbeat_timeout: beats on"
