@@ -96,17 +96,32 @@ static __always_inline int drop_if_vip(const __u32 *addr, __u8 family, __u32 sta
   return stat == STAT_PASS_OTHER ? XDP_PASS : XDP_DROP;
 }
 
-/* L4 ports at l4 (TCP or UDP). */
-static __always_inline int parse_ports(void *l4, void *data_end, struct packet *p) {
+/* The packet is left to the kernel untouched: a header or length field does not hold together. */
+static __always_inline int malformed(void) {
+  count(STAT_PASS_MALFORMED, 0);
+  return XDP_PASS;
+}
+
+/* ICMP error to a VIP address about one of its flows, but its quote cannot be trusted: dropped and counted. */
+static __always_inline int bad_quote(__u32 stat, struct packet *p) {
+  count(stat, p->ip_len);
+  return XDP_DROP;
+}
+
+/* L4 ports at l4 (TCP or UDP); l4_len: the datagram's bytes from l4 on (its length field, not the frame). */
+static __always_inline int parse_ports(void *l4, __u32 l4_len, void *data_end, struct packet *p) {
   if (p->flow.proto == IPPROTO_TCP) {
     struct tcphdr *tcp = l4;
-    if ((void *)(tcp + 1) > data_end)
-      return XDP_PASS;
+    if ((void *)(tcp + 1) > data_end || l4_len < sizeof(*tcp) || tcp->doff < 5 || tcp->doff * 4 > l4_len)
+      return malformed();
     p->syn = tcp->syn && !tcp->ack;
   } else {
     struct udphdr *udp = l4;
-    if ((void *)(udp + 1) > data_end)
-      return XDP_PASS;
+    if ((void *)(udp + 1) > data_end || l4_len < sizeof(*udp))
+      return malformed();
+    __u16 ulen = bpf_ntohs(udp->len);
+    if (ulen < sizeof(*udp) || ulen > l4_len)
+      return malformed();
   }
   __u16 *ports = l4;
   p->flow.sport = ports[0];
@@ -114,35 +129,109 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct packet *
   return LB_CONTINUE;
 }
 
-/* ICMP error quoting a packet the backend sent (VIP -> client): rebuild the client -> VIP flow.
- * quoted points at the quoted IP header; its first 8 L4 bytes hold the ports. */
-static __always_inline int parse_quoted_v4(struct iphdr *q, void *data_end, struct packet *p) {
-  if ((void *)(q + 1) + 4 > data_end || q->ihl != 5)
-    return XDP_PASS;
-  if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP)
-    return XDP_PASS;
-  __u16 *ports = (void *)(q + 1);
-  p->flow.src[0] = q->daddr;
-  p->flow.dst[0] = q->saddr;
-  p->flow.sport = ports[1];
-  p->flow.dport = ports[0];
-  p->flow.proto = q->protocol;
-  p->icmp = 1;
+/* Results of skip_ext_v6 besides LB_CONTINUE. */
+#define EXT_FRAGMENT 1  /* a fragment header (in a quote: one that is not the first fragment) */
+#define EXT_TRUNCATED 2 /* a header not inside both the frame and the first `len` bytes of the datagram */
+#define EXT_TOO_MANY 3  /* more than LB_MAX_EXT_HDRS extension headers */
+
+/* Walks the IPv6 extension headers (hop-by-hop, routing, destination options, fragment) of the IPv6 header at ip6,
+ * the first one's type in *proto, until an upper-layer protocol: then *proto is it and *off its offset from ip6.
+ * len: bytes of the datagram the headers must lie in. A quote (ICMPv6 too-big) may hold the first fragment of a
+ * packet: its fragment header is skipped; outside a quote any fragment header ends the walk. */
+static __always_inline int skip_ext_v6(void *ip6, void *data_end, __u32 len, __u8 *proto, __u32 *off,
+                                       int quote) {
+#pragma clang loop unroll(full)
+  for (int i = 0; i < LB_MAX_EXT_HDRS; i++) {
+    __u8 nh = *proto;
+    if (nh != LB_IPPROTO_HOPOPTS && nh != LB_IPPROTO_ROUTING && nh != LB_IPPROTO_DSTOPTS &&
+        nh != LB_IPPROTO_FRAGMENT)
+      return LB_CONTINUE;
+    if (nh == LB_IPPROTO_FRAGMENT && !quote)
+      return EXT_FRAGMENT;
+    __u32 o = *off;
+    if (o > LB_EXT_MAX_OFF)
+      return EXT_TRUNCATED;
+    __u8 *h = ip6 + o;
+    if ((void *)(h + 8) > data_end || o + 8 > len)
+      return EXT_TRUNCATED;
+    if (nh == LB_IPPROTO_FRAGMENT) {
+      if (((h[2] << 8) | h[3]) & LB_IP6_FRAG_OFFSET)
+        return EXT_FRAGMENT;
+      *off = o + 8;
+    } else {
+      *off = o + (h[1] + 1) * 8;
+    }
+    *proto = h[0];
+  }
+  __u8 nh = *proto;
+  if (nh == LB_IPPROTO_HOPOPTS || nh == LB_IPPROTO_ROUTING || nh == LB_IPPROTO_DSTOPTS ||
+      nh == LB_IPPROTO_FRAGMENT)
+    return EXT_TOO_MANY;
   return LB_CONTINUE;
 }
 
-static __always_inline int parse_quoted_v6(struct ipv6hdr *q, void *data_end, struct packet *p) {
-  if ((void *)(q + 1) + 4 > data_end)
-    return XDP_PASS;
-  if (q->nexthdr != IPPROTO_TCP && q->nexthdr != IPPROTO_UDP)
-    return XDP_PASS;
-  __u16 *ports = (void *)(q + 1);
-  __builtin_memcpy(p->flow.src, &q->daddr, 16);
-  __builtin_memcpy(p->flow.dst, &q->saddr, 16);
+/* Rebuild the client -> VIP flow from the quoted packet (VIP -> client): the error is about that flow. */
+static __always_inline void flow_from_quote(struct packet *p, __u16 *ports, __u8 proto) {
   p->flow.sport = ports[1];
   p->flow.dport = ports[0];
-  p->flow.proto = q->nexthdr;
+  p->flow.proto = proto;
   p->icmp = 1;
+}
+
+/* ICMP frag-needed to a VIP address (checked by the caller); q: the quoted IP header, qlen: the bytes of the quote
+ * inside the outer datagram. The quote must be a first fragment (or none), whole up to 8 bytes of L4, IPv4 with IHL
+ * 5, honest about its length, and from the address the ICMP is to. */
+static __always_inline int parse_quoted_v4(struct iphdr *q, __u32 qlen, void *data_end, struct packet *p) {
+  if ((void *)(q + 1) + 8 > data_end || qlen < IPV4_HDR_LEN + 8)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_TRUNCATED, p);
+  if (q->version != 4)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_VERSION, p);
+  if (q->ihl < 5 || bpf_ntohs(q->tot_len) < IPV4_HDR_LEN + 8)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_LENGTH, p);
+  if (q->ihl != 5)
+    return bad_quote(STAT_DROP_IP_OPTIONS, p);
+  if (q->frag_off & bpf_htons(LB_IP_OFFSET))
+    return bad_quote(STAT_DROP_ICMP_QUOTE_FRAGMENT, p);
+  if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP) {
+    count(STAT_PASS_OTHER, p->ip_len);
+    return XDP_PASS;
+  }
+  if (q->saddr != p->flow.dst[0])
+    return bad_quote(STAT_DROP_ICMP_QUOTE_MISMATCH, p);
+  p->flow.src[0] = q->daddr;
+  flow_from_quote(p, (void *)(q + 1), q->protocol);
+  return LB_CONTINUE;
+}
+
+static __always_inline int parse_quoted_v6(struct ipv6hdr *q, __u32 qlen, void *data_end, struct packet *p) {
+  if ((void *)(q + 1) > data_end || qlen < IPV6_HDR_LEN + 8)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_TRUNCATED, p);
+  if (q->version != 6)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_VERSION, p);
+  __u8 proto = q->nexthdr;
+  __u32 off = IPV6_HDR_LEN;
+  int ext = skip_ext_v6(q, data_end, qlen, &proto, &off, 1);
+  if (ext == EXT_FRAGMENT)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_FRAGMENT, p);
+  if (ext == EXT_TRUNCATED)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_TRUNCATED, p);
+  if (ext != LB_CONTINUE || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)) {
+    count(STAT_PASS_OTHER, p->ip_len);
+    return XDP_PASS;
+  }
+  if (off > LB_EXT_MAX_OFF)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_TRUNCATED, p);
+  __u16 *ports = (void *)q + off;
+  if ((void *)(ports + 4) > data_end || off + 8 > qlen)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_TRUNCATED, p);
+  if (bpf_ntohs(q->payload_len) + IPV6_HDR_LEN < off + 8)
+    return bad_quote(STAT_DROP_ICMP_QUOTE_LENGTH, p);
+  __u32 *src = (__u32 *)&q->saddr;
+  if ((src[0] ^ p->flow.dst[0]) | (src[1] ^ p->flow.dst[1]) | (src[2] ^ p->flow.dst[2]) |
+      (src[3] ^ p->flow.dst[3]))
+    return bad_quote(STAT_DROP_ICMP_QUOTE_MISMATCH, p);
+  __builtin_memcpy(p->flow.src, &q->daddr, 16);
+  flow_from_quote(p, ports, proto);
   return LB_CONTINUE;
 }
 
@@ -150,26 +239,20 @@ static __always_inline int parse_quoted_v6(struct ipv6hdr *q, void *data_end, st
  * drops it: encapsulating it would send a header that lies. Trailing bytes (Ethernet padding) are kept. */
 static __always_inline int lengths_bad(struct packet *p, void *ip, void *data_end, __u32 hdr_len) {
   p->l3_len = data_end - ip;
-  if (p->ip_len > p->l3_len || p->ip_len < hdr_len) {
-    count(STAT_PASS_MALFORMED, 0);
-    return 1;
-  }
-  return 0;
+  return p->ip_len > p->l3_len || p->ip_len < hdr_len;
 }
 
 static __always_inline int parse_v4(void *data, void *data_end, struct packet *p) {
   struct iphdr *ip = data + sizeof(struct ethhdr);
-  if ((void *)(ip + 1) > data_end) {
-    count(STAT_PASS_MALFORMED, 0);
-    return XDP_PASS;
-  }
+  if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
+    return malformed();
   p->flow.family = LB_FAMILY_V4;
   p->flow.src[0] = ip->saddr;
   p->flow.dst[0] = ip->daddr;
   p->flow.proto = ip->protocol;
   p->ip_len = bpf_ntohs(ip->tot_len);
-  if (lengths_bad(p, ip, data_end, IPV4_HDR_LEN))
-    return XDP_PASS;
+  if (lengths_bad(p, ip, data_end, ip->ihl * 4))
+    return malformed();
   p->tos = ip->tos;
   p->df = ip->frag_off & bpf_htons(LB_IP_DF);
   if (ip->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET))
@@ -177,39 +260,64 @@ static __always_inline int parse_v4(void *data, void *data_end, struct packet *p
   if (ip->ihl != 5)
     return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_DROP_IP_OPTIONS, p->ip_len);
   void *l4 = ip + 1;
+  __u32 l4_len = p->ip_len - IPV4_HDR_LEN;
   if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
-    return parse_ports(l4, data_end, p);
+    return parse_ports(l4, l4_len, data_end, p);
   if (ip->protocol == IPPROTO_ICMP) {
     __u8 *icmp = l4;
-    if ((void *)(icmp + 8) <= data_end && icmp[0] == LB_ICMP_DEST_UNREACH && icmp[1] == LB_ICMP_FRAG_NEEDED)
-      return parse_quoted_v4((void *)(icmp + 8), data_end, p);
+    if ((void *)(icmp + 8) > data_end || l4_len < 8)
+      return malformed();
+    if (icmp[0] == LB_ICMP_DEST_UNREACH && icmp[1] == LB_ICMP_FRAG_NEEDED) {
+      if (!is_vip_addr(p->flow.dst, LB_FAMILY_V4)) {
+        count(STAT_PASS_NOT_VIP, p->ip_len);
+        return XDP_PASS;
+      }
+      return parse_quoted_v4((void *)(icmp + 8), l4_len - 8, data_end, p);
+    }
   }
   return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_PASS_OTHER, p->ip_len);
 }
 
 static __always_inline int parse_v6(void *data, void *data_end, struct packet *p) {
   struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
-  if ((void *)(ip6 + 1) > data_end) {
-    count(STAT_PASS_MALFORMED, 0);
-    return XDP_PASS;
-  }
+  if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+    return malformed();
   p->flow.family = LB_FAMILY_V6;
   __builtin_memcpy(p->flow.src, &ip6->saddr, 16);
   __builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
-  p->flow.proto = ip6->nexthdr;
   p->ip_len = bpf_ntohs(ip6->payload_len) + IPV6_HDR_LEN;
   if (lengths_bad(p, ip6, data_end, IPV6_HDR_LEN))
-    return XDP_PASS;
+    return malformed();
   p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
-  void *l4 = ip6 + 1;
-  if (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP)
-    return parse_ports(l4, data_end, p);
-  if (ip6->nexthdr == LB_IPPROTO_FRAGMENT)
-    return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_DROP_FRAGMENT, p->ip_len);
-  if (ip6->nexthdr == IPPROTO_ICMPV6) {
+  __u8 proto = ip6->nexthdr;
+  __u32 off = IPV6_HDR_LEN;
+  if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) { /* the common case has no extension header to walk */
+    int ext = skip_ext_v6(ip6, data_end, p->ip_len, &proto, &off, 0);
+    if (ext == EXT_FRAGMENT)
+      return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_DROP_FRAGMENT, p->ip_len);
+    if (ext == EXT_TRUNCATED || off > LB_EXT_MAX_OFF)
+      return malformed();
+    if (ext != LB_CONTINUE)
+      return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_PASS_OTHER, p->ip_len);
+  }
+  p->flow.proto = proto;
+  void *l4 = (void *)ip6 + off;
+  if (off > p->ip_len)
+    return malformed();
+  __u32 l4_len = p->ip_len - off;
+  if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+    return parse_ports(l4, l4_len, data_end, p);
+  if (proto == IPPROTO_ICMPV6) {
     __u8 *icmp = l4;
-    if ((void *)(icmp + 8) <= data_end && icmp[0] == LB_ICMPV6_PKT_TOOBIG)
-      return parse_quoted_v6((void *)(icmp + 8), data_end, p);
+    if ((void *)(icmp + 8) > data_end || l4_len < 8)
+      return malformed();
+    if (icmp[0] == LB_ICMPV6_PKT_TOOBIG) {
+      if (!is_vip_addr(p->flow.dst, LB_FAMILY_V6)) {
+        count(STAT_PASS_NOT_VIP, p->ip_len);
+        return XDP_PASS;
+      }
+      return parse_quoted_v6((void *)(icmp + 8), l4_len - 8, data_end, p);
+    }
   }
   return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_PASS_OTHER, p->ip_len);
 }
@@ -292,7 +400,14 @@ static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct
   outer->ihl = 5;
   outer->tos = p->tos;
   outer->tot_len = bpf_htons(p->ip_len + IPV4_HDR_LEN);
-  outer->id = 0;
+  /* DF copied (path MTU discovery keeps working for the client). A DF-clear packet may be fragmented on the way
+   * to the backend: its outer ID must then vary (RFC 6864), so it is random per packet and never 0. */
+  __u16 id = 0;
+  if (!p->df) {
+    id = bpf_get_prandom_u32();
+    id += !id;
+  }
+  outer->id = bpf_htons(id);
   outer->frag_off = p->df;
   outer->ttl = OUTER_TTL;
   outer->protocol = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;

@@ -31,7 +31,17 @@
 #define LB_IP_MF 0x2000
 #define LB_IP_OFFSET 0x1fff
 
+/* IPv6 extension headers the parser walks; at most LB_MAX_EXT_HDRS of them (RFC 8200's order has 5 of these
+ * kinds at most: hop-by-hop, destination options, routing, fragment, destination options). */
+#define LB_IPPROTO_HOPOPTS 0
+#define LB_IPPROTO_ROUTING 43
 #define LB_IPPROTO_FRAGMENT 44
+#define LB_IPPROTO_DSTOPTS 60
+#define LB_MAX_EXT_HDRS 6
+#define LB_IP6_FRAG_OFFSET 0xfff8 /* offset bits of the fragment header's bytes 2-3 (host order) */
+/* A chain reaching further than this (bytes from the IPv6 header) is not walked: a bound for the verifier, above any
+ * real chain (40 + 6 headers x 2,048 bytes at most). */
+#define LB_EXT_MAX_OFF 12328
 #define LB_ICMP_DEST_UNREACH 3
 #define LB_ICMP_FRAG_NEEDED 4
 #define LB_ICMPV6_PKT_TOOBIG 2
@@ -55,7 +65,8 @@
 /* Internal return value of helpers: keep going. Verdicts are >= 0. */
 #define LB_CONTINUE -1
 
-/* Indexes into reason_stats. Python reads the names from this text (edge_lb/dataplane/counters.py). */
+/* Indexes into reason_stats. Python reads the names from this text (edge_lb/dataplane/counters.py).
+ * New reasons go at the end (before STAT_MAX): an adopted pinned reason_stats keeps its indexes' meaning. */
 enum lb_stat {
   STAT_TX = 0,               /* encapsulated and sent (XDP_TX) */
   STAT_TX_ICMP_TOO_BIG,      /* ICMP frag-needed / packet-too-big sent to the flow's backend */
@@ -63,13 +74,24 @@ enum lb_stat {
   STAT_CT_MISS,              /* backend taken from the Maglev ring (new flow, SYN, or stale entry) */
   STAT_PASS_NOT_IP,          /* ARP, unknown ethertype, truncated Ethernet */
   STAT_PASS_NOT_VIP,         /* IP, but not to a VIP (address, port, protocol) */
-  STAT_PASS_MALFORMED,       /* IP too short to parse, or its length field claims more than the frame */
-  STAT_PASS_OTHER,           /* to a VIP address but a protocol we do not balance (ICMP echo, IPv6 ext hdr) */
-  STAT_DROP_FRAGMENT,        /* IP fragment to a VIP address */
-  STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address */
+  STAT_PASS_MALFORMED,       /* IP version not the EtherType's, IPv4 IHL < 5, a length field claiming more than the
+                              * frame or less than its headers, or a header we read (IPv6 extension, TCP, UDP,
+                              * ICMP) not inside both the frame and the datagram's own length */
+  STAT_PASS_OTHER,           /* to a VIP address but nothing we balance (ICMP echo, other ICMP errors, other
+                              * protocols, more than LB_MAX_EXT_HDRS IPv6 extension headers) */
+  STAT_DROP_FRAGMENT,        /* IPv4 fragment, or IPv6 with a fragment header anywhere in its chain, to a VIP address */
+  STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address, or quoted by an ICMP frag-needed to one */
   STAT_DROP_TOO_BIG,         /* would exceed the MTU once encapsulated */
   STAT_DROP_NO_BACKEND,      /* VIP has an empty ring */
   STAT_DROP_ENCAP_FAILED,    /* bpf_xdp_adjust_head refused the headroom */
+  /* ICMP frag-needed / packet-too-big to a VIP address whose quoted packet ... */
+  STAT_DROP_ICMP_QUOTE_FRAGMENT,  /* ... is a non-first fragment (no ports to steer by) */
+  STAT_DROP_ICMP_QUOTE_TRUNCATED, /* ... is cut before the end of its IP (and extension) headers + 8 bytes, counting
+                                   * only what lies inside the outer datagram's length */
+  STAT_DROP_ICMP_QUOTE_VERSION,   /* ... is not of the ICMP's own IP version (4 in ICMP, 6 in ICMPv6) */
+  STAT_DROP_ICMP_QUOTE_LENGTH,    /* ... claims a length shorter than the headers quoted (IHL < 5, total or
+                                   * payload length < its headers + 8) */
+  STAT_DROP_ICMP_QUOTE_MISMATCH,  /* ... is from another address than the ICMP is to (about another VIP, or forged) */
   STAT_MAX
 };
 

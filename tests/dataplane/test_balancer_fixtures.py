@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
 
@@ -26,8 +34,8 @@ ENCAP4 = ipaddress.ip_network("172.16.0.0/16")
 ENCAP6 = ipaddress.ip_network("fd00:e1b::/64")
 
 
-def eth() -> Ether:
-    return Ether(src="02:00:00:00:00:99", dst=OWN_MAC)
+def eth(**kw: object) -> Ether:
+    return Ether(src="02:00:00:00:00:99", dst=OWN_MAC, **kw)
 
 
 def tcp4(dst: str = "10.200.1.1", dport: int = 80, sport: int = 40000, flags: str = "S",
@@ -65,6 +73,8 @@ def ipip_to(backends: set[str]) -> Check:
         outer = out[IP]
         assert outer.proto == 4 and outer.ttl == 64 and outer.frag == 0
         assert outer.flags == (inp[IP].flags & 0x2)  # DF copied, never MF
+        if not inp[IP].flags & 0x2:  # fragmentable on the way: the outer ID must be set (RFC 6864)
+            assert outer.id != 0
         assert outer.dst in backends
         assert ipaddress.ip_address(outer.src) in ENCAP4
         assert ipv4_checksum(bytes(outer)[:20]) == 0  # the header sums to 0xffff with a right checksum
@@ -96,6 +106,15 @@ def padded_ipip(out: Ether, inp: Packet) -> None:
     assert bytes(out)[14 + 20:] == bytes(inp)[14:], "inner packet and its padding byte-identical"
 
 
+def ip6_via_ext(backends: set[str]) -> Check:
+    """IP6IP6 of a packet with extension headers before its TCP header: inner byte-identical."""
+    def check(out: Ether, inp: Packet) -> None:
+        outer = out[IPv6]
+        assert outer.nh == 41 and outer.dst in backends and outer.plen == len(inp[IPv6])
+        assert bytes(outer.payload) == bytes(inp[IPv6])
+    return check
+
+
 def untouched(out: Ether, inp: Packet) -> None:
     assert bytes(out) == bytes(inp)
 
@@ -111,11 +130,46 @@ def prefilter_twin(vip: str) -> str:
 @dataclass(frozen=True)
 class Case:
     description: str
-    frame: Packet
+    frame: Packet | bytes
     verdict: str
     check: Check | None = None
     counter: str | None = None  # reason_stats entry that must grow
     extra: dict[str, object] = field(default_factory=dict)
+
+
+VIP4, VIP6 = "10.200.1.1", "fd00:200::1"
+ROUTER4, ROUTER6 = "198.51.100.1", "2001:db8:ffff::1"
+
+
+def quote4(src: str = VIP4, sport: int = 80, dport: int = 41000, **ip: object) -> Packet:
+    """What a router quotes of the backend's reply (VIP -> client)."""
+    return IP(src=src, dst=CLIENT4, **ip) / TCP(sport=sport, dport=dport, flags="SA")
+
+
+def frag_needed(quote: Packet | bytes, dst: str = VIP4, **ip: object) -> Packet:
+    return eth() / IP(src=ROUTER4, dst=dst, **ip) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(bytes(quote))
+
+
+def quote6(src: str = VIP6, sport: int = 443, dport: int = 41000) -> Packet:
+    return IPv6(src=src, dst=CLIENT6) / TCP(sport=sport, dport=dport, flags="SA")
+
+
+def too_big6(quote: Packet | bytes, dst: str = VIP6) -> Packet:
+    return eth() / IPv6(src=ROUTER6, dst=dst) / ICMPv6PacketTooBig(mtu=1280) / Raw(bytes(quote))
+
+
+def with_bytes(frame: Packet, at: int, value: bytes) -> bytes:
+    raw = bytearray(bytes(frame))
+    raw[at:at + len(value)] = value
+    return bytes(raw)
+
+
+def dstopts_chain(n: int) -> Packet:
+    """n destination-options headers (8 bytes each) before TCP to the IPv6 VIP."""
+    pkt: Packet = IPv6(src=CLIENT6, dst=VIP6)
+    for _ in range(n):
+        pkt = pkt / IPv6ExtHdrDestOpt()
+    return eth() / pkt / TCP(sport=40010, dport=443, flags="S")
 
 
 CASES = [
@@ -197,6 +251,108 @@ CASES = [
          "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
     Case("4in6 packet too big (40-byte overhead): drop", tcp4(dst="10.200.1.3", flags="A") / Raw(b"x" * 1421),
          "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+    # --- issue 10, item 1: strict parsing ------------------------------------------------------------
+    Case("ICMP frag-needed to a non-VIP address quoting a VIP flow: pass untouched",
+         frag_needed(quote4(), dst="10.9.9.9"), "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("ICMP frag-needed to a VIP's prefilter twin quoting a VIP flow: pass untouched",
+         frag_needed(quote4(), dst=prefilter_twin(VIP4)), "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("ICMP frag-needed to VIP A quoting VIP B's flow: drop", frag_needed(quote4(src="10.200.1.2")),
+         "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_MISMATCH"),
+    Case("ICMP frag-needed about a VIP flow: to its backend", frag_needed(quote4()), "XDP_TX",
+         ipip_to(V4_TCP), "STAT_TX_ICMP_TOO_BIG"),
+    Case("ICMP frag-needed quoting a non-first fragment: drop",
+         frag_needed(IP(src=VIP4, dst=CLIENT4, frag=100, proto=6) / Raw(b"\x00\x50\xa0\x28" + b"x" * 4)),
+         "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_FRAGMENT"),
+    Case("ICMP frag-needed quoting a first fragment (MF, offset 0): to the flow's backend",
+         frag_needed(quote4(flags="MF")), "XDP_TX", ipip_to(V4_TCP), "STAT_TX_ICMP_TOO_BIG"),
+    Case("ICMP frag-needed whose quote stops inside the ports: drop",
+         frag_needed(bytes(quote4())[:22]), "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_TRUNCATED"),
+    Case("ICMP frag-needed whose quote lies beyond the outer total length: drop",
+         frag_needed(quote4(), len=20 + 8 + 24), "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_TRUNCATED"),
+    Case("ICMP frag-needed quoting IP version 5: drop", frag_needed(quote4(version=5)), "XDP_DROP", None,
+         "STAT_DROP_ICMP_QUOTE_VERSION"),
+    Case("ICMP frag-needed quoting an IPv6 header: drop", frag_needed(quote6()), "XDP_DROP", None,
+         "STAT_DROP_ICMP_QUOTE_VERSION"),
+    Case("ICMP frag-needed whose quote claims total length 20: drop", frag_needed(quote4(len=20)), "XDP_DROP",
+         None, "STAT_DROP_ICMP_QUOTE_LENGTH"),
+    Case("ICMP frag-needed whose quote claims IHL 4: drop",
+         frag_needed(with_bytes(quote4(), 0, b"\x44")), "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_LENGTH"),
+    Case("ICMP frag-needed quoting IPv4 options: drop",
+         frag_needed(IP(src=VIP4, dst=CLIENT4, options=[IPOption_Router_Alert()]) / TCP(sport=80)),
+         "XDP_DROP", None, "STAT_DROP_IP_OPTIONS"),
+    Case("ICMP port unreachable to a VIP address: pass (not ours)",
+         eth() / IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=3) / quote4(), "XDP_PASS", untouched,
+         "STAT_PASS_OTHER"),
+    Case("ICMPv6 packet-too-big to a non-VIP address quoting a VIP flow: pass untouched",
+         too_big6(quote6(), dst="fd00:9::1"), "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("ICMPv6 packet-too-big to VIP A quoting VIP B's flow: drop", too_big6(quote6(src="fd00:200::2")),
+         "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_MISMATCH"),
+    Case("ICMPv6 packet-too-big about a VIP flow: to its backend", too_big6(quote6()), "XDP_TX",
+         ip6_to(V6_TCP, 41), "STAT_TX_ICMP_TOO_BIG"),
+    Case("ICMPv6 packet-too-big quoting a non-first fragment: drop",
+         too_big6(IPv6(src=VIP6, dst=CLIENT6) / IPv6ExtHdrFragment(offset=10, nh=6) / Raw(b"x" * 8)),
+         "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_FRAGMENT"),
+    Case("ICMPv6 packet-too-big quoting a first fragment: ports after the fragment header, to the backend",
+         too_big6(IPv6(src=VIP6, dst=CLIENT6) / IPv6ExtHdrFragment(offset=0, m=1, nh=6)
+                  / TCP(sport=443, dport=41000, flags="SA")), "XDP_TX", ip6_to(V6_TCP, 41),
+         "STAT_TX_ICMP_TOO_BIG"),
+    Case("ICMPv6 packet-too-big whose quote stops inside the IPv6 header: drop",
+         too_big6(bytes(quote6())[:30]), "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_TRUNCATED"),
+    Case("ICMPv6 packet-too-big quoting IP version 4: drop", too_big6(with_bytes(quote6(), 0, b"\x40")),
+         "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_VERSION"),
+    Case("ICMPv6 packet-too-big whose quote claims payload length 0: drop",
+         too_big6(with_bytes(quote6(), 4, b"\x00\x00")), "XDP_DROP", None, "STAT_DROP_ICMP_QUOTE_LENGTH"),
+    Case("IPv4 EtherType with an IPv6 header, to a VIP: pass",
+         eth(type=0x0800) / IPv6(src=CLIENT6, dst=VIP6) / TCP(dport=443), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("IPv4 header with version 6 to a VIP: pass", tcp4(version=6), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("IPv6 header with version 4 to a VIP: pass", with_bytes(tcp6(), 14, b"\x40"), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("IPv4 SYN with total length 20, its TCP header in trailing bytes: pass", tcp4(len=20), "XDP_PASS",
+         untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv4 SYN whose total length ends inside the TCP header: pass", tcp4(len=30), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("IPv6 SYN with payload length 0, its TCP header in trailing bytes: pass", tcp6(plen=0), "XDP_PASS",
+         untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv4 IHL 4 to a VIP: pass", with_bytes(tcp4(), 14, b"\x44"), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED"),
+    Case("TCP data offset 4 to a VIP: pass", tcp4(sport=40011, flags="A") / Raw(b"x"), "XDP_PASS", untouched,
+         "STAT_PASS_MALFORMED", {"tcp_doff": 4}),
+    Case("TCP data offset beyond the datagram to a VIP: pass", tcp4(sport=40011, flags="A"), "XDP_PASS",
+         untouched, "STAT_PASS_MALFORMED", {"tcp_doff": 15}),
+    Case("UDP length beyond the datagram to a VIP: pass", eth() / IP(src=CLIENT4, dst=VIP4)
+         / UDP(sport=40000, dport=53, len=200) / b"query", "XDP_PASS", untouched, "STAT_PASS_MALFORMED"),
+    Case("UDP length below its header to a VIP: pass", eth() / IP(src=CLIENT4, dst=VIP4)
+         / UDP(sport=40000, dport=53, len=4) / b"query", "XDP_PASS", untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv6 fragment header behind hop-by-hop to a VIP: drop",
+         eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(m=1)
+         / TCP(dport=443), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
+    Case("IPv6 fragment header behind routing to a VIP: drop",
+         eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrRouting() / IPv6ExtHdrFragment(m=1) / TCP(dport=443),
+         "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
+    Case("IPv6 fragment header behind destination options to a VIP: drop",
+         eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment(offset=3)
+         / Raw(b"x" * 16), "XDP_DROP", None, "STAT_DROP_FRAGMENT"),
+    Case("IPv6 fragment header behind hop-by-hop to a non-VIP: pass untouched",
+         eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(m=1)
+         / TCP(dport=443), "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("IPv6 TCP behind hop-by-hop, routing and destination options: ports from TCP, IP6IP6",
+         eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting()
+         / IPv6ExtHdrDestOpt() / TCP(sport=40012, dport=443, flags="S"),
+         "XDP_TX", ip6_via_ext(V6_TCP), "STAT_TX"),
+    Case("IPv6 TCP to another port behind a destination-options header: pass (the real port decides)",
+         eth() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrDestOpt() / TCP(sport=40012, dport=80),
+         "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("IPv6 with 6 destination-options headers before TCP: balanced", dstopts_chain(6), "XDP_TX",
+         ip6_via_ext(V6_TCP), "STAT_TX"),
+    Case("IPv6 with 7 extension headers to a VIP: pass (not walked further)", dstopts_chain(7), "XDP_PASS",
+         untouched, "STAT_PASS_OTHER"),
+    Case("IPv6 extension header beyond the payload length, to a VIP: pass",
+         eth() / IPv6(src=CLIENT6, dst=VIP6, plen=4) / IPv6ExtHdrDestOpt() / TCP(dport=443), "XDP_PASS",
+         untouched, "STAT_PASS_MALFORMED"),
+    Case("IPv4 without DF: the outer ID is not 0", tcp4(sport=40013, flags="A") / Raw(b"x"), "XDP_TX",
+         ipip_to(V4_TCP), "STAT_TX"),
 ]
 
 
@@ -207,12 +363,19 @@ def reasons(sim: Simulator) -> dict[str, int]:
     return {names[i]: pk for i, (pk, _) in sim.dp.io.read_counters("reason_stats").items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
-def test_fixture(sim: Simulator, case: Case) -> None:
+def built(case: Case) -> bytes:
+    assert isinstance(case.frame, Packet)
     pkt = case.frame.copy()
     if case.extra.get("df"):
         pkt[IP].flags = "DF"
-    frame = bytes(pkt)
+    if "tcp_doff" in case.extra:
+        pkt[TCP].dataofs = int(str(case.extra["tcp_doff"]))
+    return bytes(pkt)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.description for c in CASES])
+def test_fixture(sim: Simulator, case: Case) -> None:
+    frame = case.frame if isinstance(case.frame, bytes) else built(case)
     if "truncate" in case.extra:
         frame = frame[: int(str(case.extra["truncate"]))]
     before = reasons(sim)

@@ -192,3 +192,26 @@ def test_conn_entry_never_reaches_another_vips_backend(fresh_sim: Simulator) -> 
     sim.reprogram(make_config(db_gets_new_backend))
     for p in on_3:
         assert backend_of(sim, bytes(tcp4(sport=p, flags="A"))) in {"10.0.0.1", "10.0.0.2"}
+
+
+def test_outer_ipv4_id_varies_when_df_is_clear(sim: Simulator) -> None:
+    """RFC 6864: a fragmentable outer header needs an ID that varies; DF set (atomic) may keep 0."""
+    frame = bytes(tcp4(sport=46000, flags="A") / b"x")  # scapy leaves DF clear
+    ids = [Ether(sim.run(frame)[1])[IP].id for _ in range(64)]
+    assert 0 not in ids and len(set(ids)) > 48
+    df = tcp4(sport=46001, flags="A")
+    df[IP].flags = "DF"
+    out = Ether(sim.run(bytes(df))[1])[IP]
+    assert out.flags == 2 and out.id == 0
+
+
+def test_extension_headers_keep_the_flow(fresh_sim: Simulator) -> None:
+    """The flow key comes from the real TCP header behind IPv6 extension headers: same backend as without."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+
+    sim = fresh_sim
+    for port in flows(50, 47000):
+        chosen = backend_of(sim, bytes(tcp6(sport=port)))
+        ext = (eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+               / TCP(sport=port, dport=443, flags="A"))
+        assert backend_of(sim, bytes(ext)) == chosen

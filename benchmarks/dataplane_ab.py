@@ -1,0 +1,71 @@
+"""The same benchmark for two versions of bpf/, interleaved in one run:
+`sudo .venv/bin/python benchmarks/dataplane_ab.py --base main [--repeats 5] [--packets 3000]`.
+
+`base` is bpf/ as of a git revision (read with `git show`), `tree` the working tree's. Each run is
+`edge-lb bench`'s own measure (bpf_stats, repeat=1 loop, pinned CPU, pass.c and floor.c in the same run);
+every figure is taken as a multiple of floor.c's cost in its own run, and the table shows the medians of those
+ratios.
+Separate `edge-lb bench` runs on a shared VM move the VIP cases by more than 0.1x floor; interleaving the two
+versions in one process is what makes a difference that small visible."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from edge_lb.dataplane import bench, loader
+
+SHOWN = ["tcp_established", "tcp_syn_new_flow", "tcp_ipv6_vip", "udp_vip", "non_vip", "pass"]
+
+
+def export(rev: str, where: Path) -> Path:
+    """bpf/ as of `rev` in `where`."""
+    repo = loader.BPF_DIR.parent
+    names = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", rev, "bpf/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    where.mkdir()
+    for name in names:
+        blob = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{name}"], check=True,
+                              capture_output=True).stdout
+        (where / Path(name).name).write_bytes(blob)
+    return where
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="main", help="git revision of the base bpf/")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each version, interleaved")
+    parser.add_argument("--packets", type=int, default=3000, help="test runs per case and round")
+    args = parser.parse_args()
+    original = loader.BPF_DIR
+    samples: dict[str, dict[str, list[float]]] = {"base": {}, "tree": {}}
+    with tempfile.TemporaryDirectory(prefix="edge-lb-ab-") as tmp:
+        dirs = {"base": export(args.base, Path(tmp) / "base"), "tree": original}
+        try:
+            for _ in range(args.repeats):
+                for name, where in dirs.items():
+                    loader.BPF_DIR = where
+                    cases, _cpu = bench.measure(args.packets)
+                    floor = cases["floor"]["ns_per_packet"]
+                    for case, figures in cases.items():
+                        samples[name].setdefault(case, []).append(figures["ns_per_packet"] / floor)
+        finally:
+            loader.BPF_DIR = original
+    med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in samples.items()}
+    print(f"cost as a multiple of floor.c's in the same run, median of {args.repeats} runs per version "
+          f"({args.packets} packets x {bench.ROUNDS} rounds each); base = bpf/ at {args.base}")
+    print(f"{'version':<8}" + "".join(f"{c:>18}" for c in SHOWN))
+    for name in ("base", "tree"):
+        cells = []
+        for case in SHOWN:
+            value, delta = med[name][case], med[name][case] - med["base"][case]
+            cells.append(f"{value:.2f}" + (f" ({delta:+.2f})" if name != "base" else " " * 8))
+        print(f"{name:<8}" + "".join(f"{c:>18}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
