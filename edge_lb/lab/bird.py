@@ -81,6 +81,21 @@ class Bird:
         return (self.tmpdir / "bird.log").read_text(errors="replace")
 
 
+def since(show_protocols: str, protocol: str) -> float:
+    """`birdc show protocols` -> when `protocol`'s state last changed, in seconds of the day. A reset session
+    changes it; BIRD derives it from the clock each time it prints it, so two reads of an untouched session
+    can differ by a millisecond (compare with SAME_SINCE, not ==)."""
+    for row in show_protocols.splitlines():
+        cols = row.split()
+        if cols and cols[0] == protocol and len(cols) >= 5:
+            hours, minutes, seconds = cols[4].split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    raise LabError(f"no BIRD protocol {protocol} in: {show_protocols}")
+
+
+SAME_SINCE = 0.02  # seconds: the print jitter above; a reset and its re-establishment take far longer
+
+
 def route_attributes(show_route_all: str) -> dict[str, dict[str, str]]:
     """`birdc show route for PREFIX all` -> {protocol: {"as_path": "65001 65001", "med": "500",
     "large_community": "(65001, 1, 2)", "best": "yes"|"no", ...}}: each route's BGP.* attributes."""
