@@ -240,7 +240,7 @@ class _Api:
 
     # GET
     async def get_node(self, request: web.Request) -> web.Response:
-        return web.json_response(_node(self.ops.status()))
+        return web.json_response(_node(self.ops.status(vips=False)))
 
     async def get_vips(self, request: web.Request) -> web.Response:
         return web.json_response([_vip(v) for v in self.ops.status()["vips"]])

@@ -115,6 +115,7 @@ class NodeState:
         self._triggers: set[str] = set()
         self._adopted: Mapping[Pair, bool] | None = maps.adopted_up()  # until the first change is written
         self._ring_counts: dict[VipKey, tuple[int, Counter[int]]] = {}
+        self._bound: tuple[Candidate | None, float] = (None, 0.0)  # local_fault_bound, per candidate
 
     @property
     def base(self) -> Config:
@@ -155,8 +156,10 @@ class NodeState:
         configured = self.base.node.local_fault_after
         if configured is not None:
             return configured
-        specs = {k.spec for k in self.running.keys.values() if k is not None} or {CheckSpec()}
-        return 2 * max(spec.interval * spec.fall for spec in specs)
+        if self._bound[0] is not self.running:  # worked out once per candidate: asked on every BGP sync
+            specs = {k.spec for k in self.running.keys.values() if k is not None} or {CheckSpec()}
+            self._bound = (self.running, 2 * max(spec.interval * spec.fall for spec in specs))
+        return self._bound[1]
 
     def local_fault(self) -> str | None:
         """For BGP: "local fault: ..." once the node has been unable to judge its backends for the bound."""

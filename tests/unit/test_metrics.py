@@ -203,7 +203,42 @@ def test_own_registry_not_the_global_one(ops: CountingOperations) -> None:
     Metrics(ops)  # a second instance does not clash (prometheus_client raises on a duplicate in one registry)
     metrics = Metrics(ops, registry=registry)
     assert metrics.registry is registry
-    assert registry.get_sample_value("edge_lb_vip_packets_total", {"vip": VIP}) == 300
+    metrics.observe_apply(0.01, 7)
+    assert registry.get_sample_value("edge_lb_ring_slots_written_total") == 7, "the instruments live there"
+    samples = parse(metrics.render()[0])
+    assert samples[("edge_lb_vip_packets_total", frozenset({("vip", VIP)}))] == 300, "the node's, per scrape"
+    assert samples[("edge_lb_ring_slots_written_total", frozenset())] == 7
+
+
+def test_a_scrape_reads_the_node_on_the_loop_and_formats_in_a_thread(ops: CountingOperations) -> None:
+    """The read (ops.status, ops.counters) stays in the event loop's thread: the node is not thread-safe;
+    the formatting, most of a scrape's cost, goes to a worker thread."""
+    import threading
+
+    metrics = Metrics(ops)
+    loop_thread: list[int] = []
+    format_threads: list[int] = []
+    real_format = metrics.format
+
+    def spy(reading: Any) -> bytes:
+        format_threads.append(threading.get_ident())
+        return real_format(reading)
+
+    metrics.format = spy  # type: ignore[method-assign]
+
+    async def main() -> int:
+        loop_thread.append(threading.get_ident())
+        app = web.Application()
+        metrics.add_routes(app)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/metrics")
+            await response.read()
+            return response.status
+
+    reads = ops.reads
+    assert asyncio.run(main()) == 200
+    assert ops.reads == reads + 1
+    assert format_threads and format_threads[0] != loop_thread[0]
 
 
 def test_route() -> None:
