@@ -447,6 +447,149 @@ static __always_inline int encap_v6(struct xdp_md *ctx, struct packet *p, struct
   return LB_CONTINUE;
 }
 
+/* ICMP too-big replies: at most ICMP_TOO_BIG_RATE per CPU per second (a flood of big packets must not turn the
+ * LB into an ICMP cannon). */
+static __always_inline int too_big_reply_allowed(void) {
+  __u32 zero = 0;
+  struct lb_rate *r = icmp_rate.lookup(&zero);
+  if (!r)
+    return 0;
+  __u64 now = bpf_ktime_get_ns();
+  if (now - r->window_start >= LB_NSEC_PER_SEC) {
+    r->window_start = now;
+    r->sent = 0;
+  }
+  if (r->sent >= ICMP_TOO_BIG_RATE)
+    return 0;
+  r->sent++;
+  return 1;
+}
+
+static __always_inline __u16 lb_csum_fold(__u32 csum) {
+  csum = (csum & 0xffff) + (csum >> 16);
+  csum = (csum & 0xffff) + (csum >> 16);
+  return ~csum;
+}
+
+/* Turn the frame into [Ethernet][IP header of hdr_len][ICMP header 8][the first quote_len bytes of the client's IP
+ * packet]: cut the tail, then grow the head. The Ethernet addresses are swapped (back to the router that sent
+ * it). Returns 0, or -1 when the kernel refuses a resize. */
+static __always_inline int make_reply_room(struct xdp_md *ctx, int hdr_len, int quote_len, __u16 proto) {
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ethhdr *eth = data;
+  if ((void *)(eth + 1) > data_end)
+    return -1;
+  __u8 macs[12];
+  __builtin_memcpy(macs, eth->h_source, ETH_ALEN);
+  __builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
+  int frame_len = data_end - data;
+  if (bpf_xdp_adjust_tail(ctx, (int)sizeof(struct ethhdr) + quote_len - frame_len))
+    return -1;
+  if (bpf_xdp_adjust_head(ctx, 0 - (hdr_len + 8)))
+    return -1;
+  data = (void *)(long)ctx->data;
+  data_end = (void *)(long)ctx->data_end;
+  eth = data;
+  if ((void *)(eth + 1) > data_end)
+    return -1;
+  __builtin_memcpy(eth->h_dest, macs, ETH_ALEN);
+  __builtin_memcpy(eth->h_source, macs + ETH_ALEN, ETH_ALEN);
+  eth->h_proto = bpf_htons(proto);
+  return 0;
+}
+
+/* ICMP "fragmentation needed" from the VIP to the client, next-hop MTU = mtu. */
+static __always_inline int reply_too_big_v4(struct xdp_md *ctx, struct packet *p, __u16 mtu) {
+  if (make_reply_room(ctx, IPV4_HDR_LEN, ICMP4_QUOTE_LEN, ETH_P_IP))
+    return -1;
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct iphdr *ip = data + sizeof(struct ethhdr);
+  __u8 *icmp = (void *)(ip + 1);
+  __u8 *quote = icmp + 8;
+  if ((void *)(quote + ICMP4_QUOTE_LEN) > data_end)
+    return -1;
+  ip->version = 4;
+  ip->ihl = 5;
+  ip->tos = 0;
+  ip->tot_len = bpf_htons(IPV4_HDR_LEN + 8 + ICMP4_QUOTE_LEN);
+  __u16 id = bpf_get_prandom_u32();
+  ip->id = id + !id;
+  ip->frag_off = 0;
+  ip->ttl = OUTER_TTL;
+  ip->protocol = LB_ICMP_PROTO;
+  ip->check = 0;
+  ip->saddr = p->flow.dst[0];
+  ip->daddr = p->flow.src[0];
+  ip->check = ipv4_csum(ip);
+  __u16 *w = (__u16 *)icmp;
+  icmp[0] = LB_ICMP_DEST_UNREACH;
+  icmp[1] = LB_ICMP_FRAG_NEEDED;
+  w[1] = 0; /* checksum */
+  w[2] = 0; /* unused */
+  w[3] = bpf_htons(mtu);
+  __u32 sum = bpf_csum_diff(0, 0, (void *)icmp, 8, 0);
+  sum = bpf_csum_diff(0, 0, (void *)quote, 512, sum);
+  sum = bpf_csum_diff(0, 0, (void *)(quote + 512), ICMP4_QUOTE_LEN - 512, sum);
+  w[1] = lb_csum_fold(sum);
+  return 0;
+}
+
+/* ICMPv6 "packet too big" from the VIP to the client, MTU = mtu. */
+static __always_inline int reply_too_big_v6(struct xdp_md *ctx, struct packet *p, __u16 mtu) {
+  if (make_reply_room(ctx, IPV6_HDR_LEN, ICMP6_QUOTE_LEN, ETH_P_IPV6))
+    return -1;
+  void *data = (void *)(long)ctx->data;
+  void *data_end = (void *)(long)ctx->data_end;
+  struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+  __u8 *icmp = (void *)(ip6 + 1);
+  __u8 *quote = icmp + 8;
+  if ((void *)(quote + ICMP6_QUOTE_LEN) > data_end)
+    return -1;
+  ip6->version = 6;
+  ip6->priority = 0;
+  ip6->flow_lbl[0] = 0;
+  ip6->flow_lbl[1] = 0;
+  ip6->flow_lbl[2] = 0;
+  ip6->payload_len = bpf_htons(8 + ICMP6_QUOTE_LEN);
+  ip6->nexthdr = LB_ICMPV6_PROTO;
+  ip6->hop_limit = OUTER_TTL;
+  __builtin_memcpy(&ip6->saddr, p->flow.dst, 16);
+  __builtin_memcpy(&ip6->daddr, p->flow.src, 16);
+  __u32 *w = (__u32 *)icmp;
+  icmp[0] = LB_ICMPV6_PKT_TOOBIG;
+  icmp[1] = 0;
+  icmp[2] = 0; /* checksum */
+  icmp[3] = 0;
+  w[1] = bpf_htonl(mtu);
+  __be32 pseudo[2] = {bpf_htonl(8 + ICMP6_QUOTE_LEN), bpf_htonl(LB_ICMPV6_PROTO)};
+  __u32 sum = bpf_csum_diff(0, 0, (void *)&ip6->saddr, 32, 0);
+  sum = bpf_csum_diff(0, 0, pseudo, sizeof(pseudo), sum);
+  sum = bpf_csum_diff(0, 0, (void *)icmp, 8, sum);
+  sum = bpf_csum_diff(0, 0, (void *)quote, 512, sum);
+  sum = bpf_csum_diff(0, 0, (void *)(quote + 512), 512, sum);
+  sum = bpf_csum_diff(0, 0, (void *)(quote + 1024), ICMP6_QUOTE_LEN - 1024, sum);
+  __u16 folded = lb_csum_fold(sum);
+  __builtin_memcpy(icmp + 2, &folded, 2);
+  return 0;
+}
+
+/* A client packet too big once encapsulated (itself, not only its padding): tell the client, rate-limited. */
+static __always_inline int reply_too_big(struct xdp_md *ctx, struct packet *p, __u16 mtu) {
+  if (!too_big_reply_allowed()) {
+    count(STAT_TOO_BIG_RATE_LIMITED, p->ip_len);
+    return XDP_DROP;
+  }
+  int err = p->flow.family == LB_FAMILY_V4 ? reply_too_big_v4(ctx, p, mtu) : reply_too_big_v6(ctx, p, mtu);
+  if (err) {
+    count(STAT_DROP_ENCAP_FAILED, p->ip_len);
+    return XDP_DROP;
+  }
+  count(STAT_TX_TOO_BIG_REPLY, p->ip_len);
+  return XDP_TX;
+}
+
 static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct lb_ctl *ctl) {
   struct vip_meta *vip = find_vip(p, ctl);
   if (!vip) {
@@ -461,8 +604,13 @@ static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct 
     return XDP_DROP;
   }
   int v6 = be->flags & BACKEND_F_IPV6;
-  if (p->l3_len + (v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN) > ctl->mtu) { /* what really goes on the wire */
+  __u32 overhead = v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN;
+  if (p->l3_len + overhead > ctl->mtu) { /* what really goes on the wire */
     count(STAT_DROP_TOO_BIG, p->ip_len);
+    /* The client is told when its packet itself is too big (not only its padding), unless it is an ICMP error
+     * itself. IPv4 without DF too (as Katran does): fragmenting here would need the reassembly we refuse. */
+    if (ICMP_TOO_BIG_RATE && !p->icmp && p->ip_len + overhead > ctl->mtu)
+      return reply_too_big(ctx, p, ctl->mtu - overhead);
     return XDP_DROP;
   }
   __u32 vip_num = vip->vip_num;

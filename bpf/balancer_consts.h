@@ -15,6 +15,9 @@
 #ifndef CONN_TABLE_SIZE
 #error "CONN_TABLE_SIZE must be given with -D"
 #endif
+#ifndef ICMP_TOO_BIG_RATE
+#error "ICMP_TOO_BIG_RATE (ICMP too-big replies per CPU per second; 0 = none) must be given with -D"
+#endif
 
 /* One array holds every VIP's ring: VIP n owns slots [n * RING_SIZE, (n + 1) * RING_SIZE). */
 #define RINGS_ENTRIES (RING_SIZE * MAX_VIPS)
@@ -45,6 +48,15 @@
 #define LB_ICMP_DEST_UNREACH 3
 #define LB_ICMP_FRAG_NEEDED 4
 #define LB_ICMPV6_PKT_TOOBIG 2
+
+/* ICMP too-big replies to the client (RFC 1812 4.3.2.3: as much of the packet as fits in 576 bytes; RFC 4443 2.4:
+ * as much as fits in the IPv6 minimum MTU, 1280). A packet that gets one is longer than MTU - 40 >= 1240 bytes
+ * (node.mtu >= 1280), so the quote is always this long; both are multiples of 4 (bpf_csum_diff). */
+#define ICMP4_QUOTE_LEN 548  /* 576 - 20 - 8 */
+#define ICMP6_QUOTE_LEN 1232 /* 1280 - 40 - 8 */
+#define LB_ICMP_PROTO 1
+#define LB_ICMPV6_PROTO 58
+#define LB_NSEC_PER_SEC 1000000000ull
 
 /* VIP address prefilter: one bit per bucket of a hash of the destination address. A clear bit answers "no VIP
  * has this address" with one array read instead of a hash-map lookup: the cheap path for the traffic we pass.
@@ -81,7 +93,7 @@ enum lb_stat {
                               * protocols, more than LB_MAX_EXT_HDRS IPv6 extension headers) */
   STAT_DROP_FRAGMENT,        /* IPv4 fragment, or IPv6 with a fragment header anywhere in its chain, to a VIP address */
   STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address, or quoted by an ICMP frag-needed to one */
-  STAT_DROP_TOO_BIG,         /* would exceed the MTU once encapsulated */
+  STAT_DROP_TOO_BIG,         /* would exceed the MTU once encapsulated (whether or not the client is told) */
   STAT_DROP_NO_BACKEND,      /* VIP has an empty ring */
   STAT_DROP_ENCAP_FAILED,    /* bpf_xdp_adjust_head refused the headroom */
   /* ICMP frag-needed / packet-too-big to a VIP address whose quoted packet ... */
@@ -92,6 +104,9 @@ enum lb_stat {
   STAT_DROP_ICMP_QUOTE_LENGTH,    /* ... claims a length shorter than the headers quoted (IHL < 5, total or
                                    * payload length < its headers + 8) */
   STAT_DROP_ICMP_QUOTE_MISMATCH,  /* ... is from another address than the ICMP is to (about another VIP, or forged) */
+  STAT_TX_TOO_BIG_REPLY,     /* an ICMP frag-needed / packet-too-big sent back to the client for a packet counted
+                              * STAT_DROP_TOO_BIG (the LB's MTU less the encapsulation in it) */
+  STAT_TOO_BIG_RATE_LIMITED, /* ... not sent: this CPU sent ICMP_TOO_BIG_RATE of them in the last second */
   STAT_MAX
 };
 

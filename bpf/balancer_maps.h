@@ -36,6 +36,9 @@ LB_MAP("lru_hash", struct flow_key, struct conn, conn_table, CONN_TABLE_SIZE, BP
 /* Node settings, one entry. */
 LB_MAP("array", __u32, struct lb_ctl, ctl, 1, 0);
 
+/* Per CPU: the ICMP too-big replies of the current second (the rate limit). */
+LB_MAP("percpu_array", __u32, struct lb_rate, icmp_rate, 1, 0);
+
 /* Counters: per VIP number, per backend index, per enum lb_stat. */
 LB_MAP("percpu_array", __u32, struct lb_counter, vip_stats, MAX_VIPS, 0);
 LB_MAP("percpu_array", __u32, struct lb_counter, backend_stats, MAX_BACKENDS, 0);

@@ -60,4 +60,10 @@ struct lb_ctl {
   __u32 encap_v6_hostmask;  /* network order: bits of the last word taken from the flow hash */
 };
 
+/* icmp_rate value: one CPU's ICMP too-big replies in the current one-second window. */
+struct lb_rate {
+  __u64 window_start; /* bpf_ktime_get_ns() when the window began */
+  __u64 sent;         /* replies sent in it */
+};
+
 #endif

@@ -96,6 +96,9 @@ class Dataplane:
     encap_src_v4: ipaddress.IPv4Network = _ENCAP_SRC_V4  # outer source prefix, IPIP
     encap_src_v6: ipaddress.IPv6Network = _ENCAP_SRC_V6  # outer source prefix, IP6IP6 and 4in6
     xdp_mode: str = "native"  # "native" or "generic"
+    # ICMP frag-needed / packet-too-big replies to clients whose packets are too big once encapsulated, per
+    # CPU per second (a flood of big packets must not make an ICMP cannon); 0 = none: such packets are dropped
+    icmp_too_big_rate: int = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +216,7 @@ _DATAPLANE = {
     "encap_src_v4": network(4, 8, 30, "172.16.0.0/16"),
     "encap_src_v6": network(6, 32, 124, "fd00:e1b::/64"),
     "xdp_mode": choice("native", "generic"),
+    "icmp_too_big_rate": integer(0, 1_000_000),
 }
 
 

@@ -94,21 +94,23 @@ class MapSizes:
     max_vips: int
     max_backends: int
     conn_table_size: int
+    icmp_too_big_rate: int = 0  # not a size: a compile-time setting (-D) beside them; 0 = no ICMP too-big
 
     @classmethod
     def of(cls, s: DataplaneSettings) -> MapSizes:
-        return cls(s.ring_size, s.max_vips, s.max_backends, s.conn_table_size)
+        return cls(s.ring_size, s.max_vips, s.max_backends, s.conn_table_size, s.icmp_too_big_rate)
 
     def max_entries(self) -> dict[str, int]:
         return {"vips": self.max_vips, "vip_addrs": self.max_vips, "vip_filter": VIP_FILTER_BITS // 32,
                 "rings": self.ring_size * self.max_vips,
                 "backends": self.max_backends, "conn_table": self.conn_table_size, "ctl": 1,
-                "vip_stats": self.max_vips, "backend_stats": self.max_backends, "reason_stats": -1}
+                "vip_stats": self.max_vips, "backend_stats": self.max_backends, "reason_stats": -1,
+                "icmp_rate": 1}
 
     def cflags(self) -> list[str]:
         return [f"-DRING_SIZE={int(self.ring_size)}", f"-DMAX_VIPS={int(self.max_vips)}",
                 f"-DMAX_BACKENDS={int(self.max_backends)}", f"-DCONN_TABLE_SIZE={int(self.conn_table_size)}",
-                f"-I{BPF_DIR}"]
+                f"-DICMP_TOO_BIG_RATE={int(self.icmp_too_big_rate)}", f"-I{BPF_DIR}"]
 
 
 def check_pinned(pins: Path, sizes: MapSizes) -> None:

@@ -115,6 +115,43 @@ def ip6_via_ext(backends: set[str]) -> Check:
     return check
 
 
+def ones_sum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def too_big_reply(mtu: int) -> Check:
+    """The client is told, byte by byte: Ethernet back to the sender, from the VIP, ICMP frag-needed (IPv4) or
+    packet-too-big (IPv6) with `mtu`, checksums right, quoting the first 548 / 1232 bytes of its packet."""
+    def check(out: Ether, inp: Packet) -> None:
+        raw, sent = bytes(out), bytes(inp)
+        assert raw[:6] == sent[6:12] and raw[6:12] == sent[:6], "Ethernet addresses swapped"
+        if IPv6 in inp:
+            assert raw[12:14] == b"\x86\xdd" and len(raw) == 14 + 40 + 8 + 1232
+            ip6, icmp = raw[14:54], raw[54:]
+            assert ip6[0] >> 4 == 6 and ip6[4:6] == (8 + 1232).to_bytes(2, "big") and ip6[6] == 58
+            assert ip6[7] == 64 and ip6[8:24] == sent[38:54] and ip6[24:40] == sent[22:38]
+            assert icmp[0] == 2 and icmp[1] == 0 and int.from_bytes(icmp[4:8], "big") == mtu
+            pseudo = ip6[8:40] + (8 + 1232).to_bytes(4, "big") + (58).to_bytes(4, "big")
+            assert ones_sum(pseudo + icmp) == 0xFFFF, "ICMPv6 checksum"
+            assert icmp[8:] == sent[14:14 + 1232]
+        else:
+            assert raw[12:14] == b"\x08\x00" and len(raw) == 14 + 20 + 8 + 548
+            ip, icmp = raw[14:34], raw[34:]
+            assert ip[0] == 0x45 and ip[2:4] == (576).to_bytes(2, "big") and ip[9] == 1 and ip[8] == 64
+            assert ip[6:8] == b"\0\0" and ip[4:6] != b"\0\0", "no DF, an ID"
+            assert ip[12:16] == sent[30:34] and ip[16:20] == sent[26:30], "from the VIP to the client"
+            assert ones_sum(ip) == 0xFFFF, "IPv4 header checksum"
+            assert icmp[0] == 3 and icmp[1] == 4 and icmp[4:6] == b"\0\0"
+            assert int.from_bytes(icmp[6:8], "big") == mtu
+            assert ones_sum(icmp) == 0xFFFF, "ICMP checksum"
+            assert icmp[8:] == sent[14:14 + 548]
+    return check
+
+
 def untouched(out: Ether, inp: Packet) -> None:
     assert bytes(out) == bytes(inp)
 
@@ -242,15 +279,25 @@ CASES = [
          "XDP_PASS", untouched),
     Case("IPv4 VIP with no healthy backend: drop", tcp4(dst="10.200.1.4"), "XDP_DROP", None,
          "STAT_DROP_NO_BACKEND"),
-    Case("IPv4 packet too big once encapsulated: drop", tcp4(flags="A", sport=40003) / Raw(b"x" * 1441),
-         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+    Case("IPv4 packet too big once encapsulated: ICMP frag-needed to the client, MTU 1480",
+         tcp4(flags="A", sport=40003) / Raw(b"x" * 1441), "XDP_TX", too_big_reply(1480),
+         "STAT_TX_TOO_BIG_REPLY"),
+    Case("IPv4 packet too big once encapsulated, DF set: ICMP frag-needed, and counted too big",
+         tcp4(flags="A", sport=40003) / Raw(b"x" * 1441), "XDP_TX", too_big_reply(1480), "STAT_DROP_TOO_BIG",
+         {"df": True}),
     Case("IPv4 packet exactly at the MTU once encapsulated: sent",
          tcp4(flags="A", sport=40004) / Raw(b"x" * 1440),
          "XDP_TX", ipip_to(V4_TCP)),
-    Case("IPv6 packet too big for IP6IP6: drop", tcp6(flags="A", sport=40005) / Raw(b"x" * 1401),
-         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
-    Case("4in6 packet too big (40-byte overhead): drop", tcp4(dst="10.200.1.3", flags="A") / Raw(b"x" * 1421),
-         "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
+    Case("IPv6 packet too big for IP6IP6: ICMPv6 packet-too-big to the client, MTU 1460",
+         tcp6(flags="A", sport=40005) / Raw(b"x" * 1401), "XDP_TX", too_big_reply(1460),
+         "STAT_TX_TOO_BIG_REPLY"),
+    Case("4in6 packet too big (40-byte overhead): ICMP frag-needed, MTU 1460",
+         tcp4(dst="10.200.1.3", flags="A") / Raw(b"x" * 1421), "XDP_TX", too_big_reply(1460),
+         "STAT_TX_TOO_BIG_REPLY"),
+    Case("UDP too big once encapsulated: ICMP frag-needed", udp4() / Raw(b"x" * 1460), "XDP_TX",
+         too_big_reply(1480), "STAT_TX_TOO_BIG_REPLY"),
+    Case("ICMP frag-needed about a VIP flow, itself too big to encapsulate: drop, no ICMP about an ICMP",
+         frag_needed(bytes(quote4()) + b"x" * 1450), "XDP_DROP", None, "STAT_DROP_TOO_BIG"),
     # --- issue 10, item 1: strict parsing ------------------------------------------------------------
     Case("ICMP frag-needed to a non-VIP address quoting a VIP flow: pass untouched",
          frag_needed(quote4(), dst="10.9.9.9"), "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import Counter
 from typing import Any
@@ -215,3 +216,39 @@ def test_extension_headers_keep_the_flow(fresh_sim: Simulator) -> None:
         ext = (eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
                / TCP(sport=port, dport=443, flags="A"))
         assert backend_of(sim, bytes(ext)) == chosen
+
+
+def test_too_big_replies_switched_off() -> None:
+    """[dataplane] icmp_too_big_rate = 0: a too-big packet is dropped and counted, the client not told."""
+    from scapy.packet import Raw
+
+    sim = Simulator(make_config(lambda d: d["dataplane"].update(icmp_too_big_rate=0)))
+    try:
+        verdict, _ = sim.run(bytes(tcp4(flags="A", sport=48000) / Raw(b"x" * 1441)))
+        assert verdict == "XDP_DROP"
+    finally:
+        sim.close()
+
+
+def test_too_big_replies_are_rate_limited_per_cpu() -> None:
+    """At most icmp_too_big_rate replies per CPU per second; the rest are dropped and counted."""
+    from scapy.packet import Raw
+
+    from edge_lb.dataplane.counters import reason_names
+
+    sim = Simulator(make_config(lambda d: d["dataplane"].update(icmp_too_big_rate=3)))
+    try:
+        pinned_cpu = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(pinned_cpu)})  # one CPU: one rate-limit window
+        try:
+            big = [bytes(tcp4(flags="A", sport=48100 + i) / Raw(b"x" * 1441)) for i in range(8)]
+            verdicts = [sim.run(frame)[0] for frame in big]
+        finally:
+            os.sched_setaffinity(0, pinned_cpu)
+        assert verdicts == ["XDP_TX"] * 3 + ["XDP_DROP"] * 5
+        names = reason_names()
+        got = {names[i]: pk for i, (pk, _) in sim.dp.io.read_counters("reason_stats").items()}
+        assert got["STAT_TX_TOO_BIG_REPLY"] == 3 and got["STAT_TOO_BIG_RATE_LIMITED"] == 5
+        assert got["STAT_DROP_TOO_BIG"] == 8
+    finally:
+        sim.close()

@@ -4,7 +4,8 @@ properties checked on every one of them by a parser written here, independently 
 - a frame to no VIP address is XDP_PASS and byte-identical;
 - whatever is sent (XDP_TX) is Ethernet to the gateway + an outer IPv4/IPv6 header that is right + a
   well-formed inner packet (strict: the program's own rules, re-derived here) byte-identical to the input's IP
-  packet, all lengths consistent;
+  packet, all lengths consistent; or an ICMP too-big back to the sender of a packet that was too big (from the
+  VIP, checksums right, quoting the packet);
 - the kernel never refuses a frame, and the verdict is PASS, TX or DROP.
 
 EDGE_LB_FUZZ_SEED and EDGE_LB_FUZZ_FRAMES override the seed and the count (default: a few seconds)."""
@@ -196,6 +197,29 @@ def check_sent(out: bytes, frame: bytes) -> None:
     need(len(out) - 14 <= MTU, "sent more than the MTU")
 
 
+def check_reply(out: bytes, frame: bytes) -> None:
+    """An ICMP too-big back to the client for a well-formed VIP packet too big once encapsulated."""
+    need(out[:6] == frame[6:12] and out[6:12] == frame[:6], "reply not back to the sender")
+    need(out[12:14] == frame[12:14], "reply of another IP version")
+    if out[12:14] == b"\x08\x00":
+        ip, icmp, quote_len = out[14:34], out[34:], 548
+        need(ip[0] == 0x45 and ipv4_checksum_ok(ip) and ip[9] == 1, "reply IPv4 header wrong")
+        need(ip[12:16] == frame[30:34] and ip[16:20] == frame[26:30], "reply not from the VIP to the client")
+        need(icmp[:2] == b"\x03\x04" and ipv4_checksum_ok(icmp), "not a right frag-needed")
+        mtu, version = int.from_bytes(icmp[6:8], "big"), 4
+    else:
+        ip, icmp, quote_len = out[14:54], out[54:], 1232
+        need(ip[6] == 58 and ip[8:24] == frame[38:54] and ip[24:40] == frame[22:38],
+             "reply IPv6 header wrong")
+        pseudo = ip[8:40] + len(icmp).to_bytes(4, "big") + (58).to_bytes(4, "big")
+        need(icmp[0] == 2 and ipv4_checksum_ok(pseudo + icmp), "not a right packet-too-big")
+        mtu, version = int.from_bytes(icmp[4:8], "big"), 6
+    need(len(icmp) == 8 + quote_len and icmp[8:] == frame[14:14 + quote_len], "quote is not the packet")
+    need(mtu in (MTU - 20, MTU - 40), f"MTU {mtu}")
+    length = check_inner(frame[14:], version)
+    need(length + MTU - mtu > MTU, "told too big, but it fits")
+
+
 def destination(frame: bytes) -> bytes | None:
     """The address the program would take as the destination, or None (not IP / too short)."""
     ethertype = struct.unpack("!H", frame[12:14])[0]
@@ -222,7 +246,7 @@ def client6(rng: random.Random) -> str:
 
 def l4(rng: random.Random, proto: str, dport: int) -> Packet:
     sport = rng.randrange(1024, 65536)
-    payload = Raw(bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 1, 10, 100, 1400]))))
+    payload = Raw(bytes(rng.randrange(256) for _ in range(rng.choice([0, 0, 1, 10, 100, 1400, 1460]))))
     if proto == "tcp":
         return TCP(sport=sport, dport=dport, flags=rng.choice(["S", "A", "PA", "SA", "R", "F"])) / payload
     return UDP(sport=sport, dport=dport) / payload
@@ -352,8 +376,13 @@ def test_fuzz_frames_through_simulate() -> None:
             if verdict == "XDP_PASS":
                 assert bytes.fromhex(str(line["frame"])) == frame, f"{where}: passed, but changed"
             elif verdict == "XDP_TX":
+                out = bytes.fromhex(str(line["frame"]))
                 try:
-                    check_sent(bytes.fromhex(str(line["frame"])), frame)
+                    if out[:6] == frame[6:12]:
+                        check_reply(out, frame)
+                        seen["too-big replies"] += 1
+                    else:
+                        check_sent(out, frame)
                 except Bad as exc:
                     raise AssertionError(f"{where}: sent {line['frame']}: {exc}") from None
     finally:
