@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_lb import events
@@ -25,16 +26,21 @@ CONSTS_H = asset_dir("bpf") / "balancer_consts.h"
 @functools.cache
 def reason_names() -> tuple[str, ...]:
     """Names of enum lb_stat in index order (STAT_MAX excluded)."""
-    text = CONSTS_H.read_text(encoding="utf-8")
+    return reason_names_in(CONSTS_H)
+
+
+def reason_names_in(consts_h: Path) -> tuple[str, ...]:
+    """The same, from another copy of balancer_consts.h (the one a program is compiled from)."""
+    text = consts_h.read_text(encoding="utf-8")
     body = re.search(r"enum lb_stat\s*\{(.*?)\};", text, re.S)
     if body is None:
-        raise RuntimeError(f"enum lb_stat not found in {CONSTS_H}")
+        raise RuntimeError(f"enum lb_stat not found in {consts_h}")
     names: list[str] = []
     for line in body.group(1).splitlines():
         m = re.match(r"\s*(STAT_[A-Z0-9_]+)\s*(?:=\s*(\d+))?\s*,?", line)
         if m:
             if m.group(2) is not None and int(m.group(2)) != len(names):
-                raise RuntimeError(f"{CONSTS_H}: {m.group(1)} must stay in sequence")
+                raise RuntimeError(f"{consts_h}: {m.group(1)} must stay in sequence")
             names.append(m.group(1))
     return tuple(n for n in names if n != "STAT_MAX")
 

@@ -21,6 +21,7 @@ from edge_lb.assets import asset_dir
 from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.config import IPAddress
 from edge_lb.dataplane import bpfsys
+from edge_lb.dataplane.counters import reason_names_in
 from edge_lb.dataplane.desired import VIP_FILTER_BITS, BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
 from edge_lb.dataplane.mapio import Ctl
 from edge_lb.errors import DataplaneError
@@ -86,6 +87,16 @@ def detach_xdp(ifname: str, mode: str = "native") -> None:
         raise DataplaneError(f"detach XDP ({mode}) from {ifname}: {exc}") from exc
 
 
+def renew_short_counters(pins: Path, reasons: int) -> None:
+    """reason_stats is sized by enum lb_stat, which grows with new reasons. bcc adopts a pinned map whatever
+    its size, so a pin made by an older program would keep the new reasons from ever being counted (their
+    lookups fail): such a pin is removed, and the load makes it again at the new size. It holds only counters;
+    the old program, still attached until the new one replaces it, keeps its own reference."""
+    path = pins / "reason_stats"
+    if path.exists() and bpfsys.pinned_map_max_entries(path) < reasons:
+        path.unlink()
+
+
 @dataclass(frozen=True)
 class MapSizes:
     """max_entries of every map, derived from config; also what a pinned map must have to be adopted."""
@@ -147,6 +158,7 @@ class Dataplane:
         if pins is not None:
             _ensure_bpffs_dir(pins)
             check_pinned(pins, sizes)
+            renew_short_counters(pins, len(reason_names_in(BPF_DIR / "balancer_consts.h")))
             cflags.append(f'-DPIN_DIR="{pins}"')
         bpf, prog = load_xdp(BPF_DIR / "balancer.c", "balancer", cflags)
         return cls(bpf, prog, sizes, pins)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,3 +253,33 @@ def test_too_big_replies_are_rate_limited_per_cpu() -> None:
         assert got["STAT_DROP_TOO_BIG"] == 8
     finally:
         sim.close()
+
+
+def test_adopted_counters_grow_with_the_enum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program with more reasons than the pinned reason_stats holds (an upgrade) gets a reason_stats of
+    its size; bcc alone would adopt the short one and never count the new reasons. The conn table is kept."""
+    import shutil
+
+    from edge_lb.dataplane import bpfsys, loader
+
+    instance = f"t{uuid.uuid4().hex[:10]}"
+    cfg = make_config(lambda d: d["dataplane"].update(instance=instance))
+    newer = tmp_path / "bpf"
+    shutil.copytree(loader.BPF_DIR, newer)
+    consts = newer / "balancer_consts.h"
+    consts.write_text(consts.read_text().replace("  STAT_MAX\n", "  STAT_NEWER_REASON,\n  STAT_MAX\n"))
+    try:
+        first = Dataplane.load(cfg.dataplane, pin=True)
+        stats = paths.pins(instance) / "reason_stats"
+        short = bpfsys.pinned_map_max_entries(stats)
+        conn = bpfsys.pinned_map_info(paths.pins(instance) / "conn_table").id
+        first.close()
+        monkeypatch.setattr(loader, "BPF_DIR", newer)
+        second = Dataplane.load(cfg.dataplane, pin=True)
+        try:
+            assert bpfsys.pinned_map_max_entries(stats) == short + 1
+            assert bpfsys.pinned_map_info(paths.pins(instance) / "conn_table").id == conn, "adopted, not made"
+        finally:
+            second.close()
+    finally:
+        remove_pins(instance)
