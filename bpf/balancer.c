@@ -242,6 +242,83 @@ static __always_inline int lengths_bad(struct packet *p, void *ip, void *data_en
   return p->ip_len > p->l3_len || p->ip_len < hdr_len;
 }
 
+static __always_inline __u16 ipv4_csum(struct iphdr *ip) {
+  __u32 sum = 0;
+  __u16 *w = (__u16 *)ip;
+#pragma clang loop unroll(full)
+  for (int i = 0; i < IPV4_HDR_LEN / 2; i++)
+    sum += w[i];
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  return ~sum;
+}
+
+/* ICMP / ICMPv6 echo to a VIP address: answered in place (addresses and Ethernet swapped, TTL 64, type changed,
+ * checksum updated as RFC 1624 says), unless switched off for the address or asked by a multicast source. */
+static __always_inline void swap_macs(struct ethhdr *eth) {
+  __u8 mac[ETH_ALEN];
+  __builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+  __builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+  __builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+}
+
+/* The echo request's type byte becomes `reply`; the ICMP checksum follows (RFC 1624, eqn. 3). */
+static __always_inline void echo_type(__u8 *icmp, __u8 reply) {
+  __u16 *w = (__u16 *)icmp;
+  __u16 old = w[0];
+  icmp[0] = reply;
+  __u32 sum = (__u16)~w[1] + (__u16)~old + w[0];
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  w[1] = ~sum;
+}
+
+/* 1: answer, 0: passed (echo off for the address, or a multicast source), counted either way. */
+static __always_inline int echo_wanted(struct packet *p, __u8 multicast_src) {
+  if (!maybe_vip(p->flow.dst)) {
+    count(STAT_PASS_NOT_VIP, p->ip_len);
+    return 0;
+  }
+  struct vip_key k = {};
+  __builtin_memcpy(k.addr, p->flow.dst, 16);
+  k.family = p->flow.family;
+  __u32 *flags = vip_addrs.lookup(&k);
+  if (!flags) {
+    count(STAT_PASS_NOT_VIP, p->ip_len);
+    return 0;
+  }
+  if ((*flags & VIP_ADDR_NO_ECHO) || multicast_src) {
+    count(STAT_PASS_OTHER, p->ip_len);
+    return 0;
+  }
+  count(STAT_TX_ICMP_ECHO_REPLY, p->ip_len);
+  return 1;
+}
+
+static __always_inline int echo_v4(void *data, struct iphdr *ip, __u8 *icmp, struct packet *p) {
+  if (!echo_wanted(p, (((__u8 *)&ip->saddr)[0] & 0xf0) >= 0xe0)) /* 224/4 multicast, 240/4 and broadcast */
+    return XDP_PASS;
+  swap_macs(data);
+  ip->saddr = p->flow.dst[0];
+  ip->daddr = p->flow.src[0];
+  ip->ttl = OUTER_TTL;
+  ip->check = 0;
+  ip->check = ipv4_csum(ip);
+  echo_type(icmp, LB_ICMP_ECHOREPLY);
+  return XDP_TX;
+}
+
+static __always_inline int echo_v6(void *data, struct ipv6hdr *ip6, __u8 *icmp, struct packet *p) {
+  if (!echo_wanted(p, ((__u8 *)&ip6->saddr)[0] == 0xff))
+    return XDP_PASS;
+  swap_macs(data);
+  __builtin_memcpy(&ip6->saddr, p->flow.dst, 16);
+  __builtin_memcpy(&ip6->daddr, p->flow.src, 16);
+  ip6->hop_limit = OUTER_TTL;
+  echo_type(icmp, LB_ICMPV6_ECHO_REPLY); /* the pseudo-header sum does not change when its addresses swap */
+  return XDP_TX;
+}
+
 static __always_inline int parse_v4(void *data, void *data_end, struct packet *p) {
   struct iphdr *ip = data + sizeof(struct ethhdr);
   if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
@@ -274,6 +351,8 @@ static __always_inline int parse_v4(void *data, void *data_end, struct packet *p
       }
       return parse_quoted_v4((void *)(icmp + 8), l4_len - 8, data_end, p);
     }
+    if (icmp[0] == LB_ICMP_ECHO && icmp[1] == 0)
+      return echo_v4(data, ip, icmp, p);
   }
   return drop_if_vip(p->flow.dst, LB_FAMILY_V4, STAT_PASS_OTHER, p->ip_len);
 }
@@ -318,6 +397,8 @@ static __always_inline int parse_v6(void *data, void *data_end, struct packet *p
       }
       return parse_quoted_v6((void *)(icmp + 8), l4_len - 8, data_end, p);
     }
+    if (icmp[0] == LB_ICMPV6_ECHO_REQUEST && icmp[1] == 0 && off == IPV6_HDR_LEN) /* no extension header */
+      return echo_v6(data, ip6, icmp, p);
   }
   return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_PASS_OTHER, p->ip_len);
 }
@@ -372,17 +453,6 @@ static __always_inline void write_eth(struct ethhdr *eth, struct lb_ctl *ctl, __
   __builtin_memcpy(eth->h_dest, ctl->gw_mac, ETH_ALEN);
   __builtin_memcpy(eth->h_source, ctl->own_mac, ETH_ALEN);
   eth->h_proto = bpf_htons(proto);
-}
-
-static __always_inline __u16 ipv4_csum(struct iphdr *ip) {
-  __u32 sum = 0;
-  __u16 *w = (__u16 *)ip;
-#pragma clang loop unroll(full)
-  for (int i = 0; i < IPV4_HDR_LEN / 2; i++)
-    sum += w[i];
-  sum = (sum & 0xffff) + (sum >> 16);
-  sum = (sum & 0xffff) + (sum >> 16);
-  return ~sum;
 }
 
 static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct backend *be,

@@ -48,6 +48,13 @@
 #define LB_ICMP_DEST_UNREACH 3
 #define LB_ICMP_FRAG_NEEDED 4
 #define LB_ICMPV6_PKT_TOOBIG 2
+#define LB_ICMP_ECHO 8
+#define LB_ICMP_ECHOREPLY 0
+#define LB_ICMPV6_ECHO_REQUEST 128
+#define LB_ICMPV6_ECHO_REPLY 129
+
+/* vip_addrs value: the count of VIPs on the address in the low bits, and this flag when its echo is off. */
+#define VIP_ADDR_NO_ECHO (1u << 31)
 
 /* ICMP too-big replies to the client (RFC 1812 4.3.2.3: as much of the packet as fits in 576 bytes; RFC 4443 2.4:
  * as much as fits in the IPv6 minimum MTU, 1280). A packet that gets one is longer than MTU - 40 >= 1240 bytes
@@ -89,7 +96,7 @@ enum lb_stat {
   STAT_PASS_MALFORMED,       /* IP version not the EtherType's, IPv4 IHL < 5, a length field claiming more than the
                               * frame or less than its headers, or a header we read (IPv6 extension, TCP, UDP,
                               * ICMP) not inside both the frame and the datagram's own length */
-  STAT_PASS_OTHER,           /* to a VIP address but nothing we balance (ICMP echo, other ICMP errors, other
+  STAT_PASS_OTHER,           /* to a VIP address but nothing we balance (ICMP echo switched off, other ICMP, other
                               * protocols, more than LB_MAX_EXT_HDRS IPv6 extension headers) */
   STAT_DROP_FRAGMENT,        /* IPv4 fragment, or IPv6 with a fragment header anywhere in its chain, to a VIP address */
   STAT_DROP_IP_OPTIONS,      /* IPv4 with options to a VIP address, or quoted by an ICMP frag-needed to one */
@@ -107,6 +114,7 @@ enum lb_stat {
   STAT_TX_TOO_BIG_REPLY,     /* an ICMP frag-needed / packet-too-big sent back to the client for a packet counted
                               * STAT_DROP_TOO_BIG (the LB's MTU less the encapsulation in it) */
   STAT_TOO_BIG_RATE_LIMITED, /* ... not sent: this CPU sent ICMP_TOO_BIG_RATE of them in the last second */
+  STAT_TX_ICMP_ECHO_REPLY,   /* an ICMP / ICMPv6 echo request to a VIP address answered (XDP_TX) */
   STAT_MAX
 };
 

@@ -16,8 +16,8 @@
 /* VIP (address, port, protocol) -> its number. */
 LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
 
-/* VIP address alone (port 0, proto 0) -> count of VIPs on it. Read only on slow paths (fragments,
- * options, other protocols) to tell "to a VIP" from "to someone else". */
+/* VIP address alone (port 0, proto 0) -> count of VIPs on it, | VIP_ADDR_NO_ECHO when its ICMP echo is off. Read
+ * only on slow paths (fragments, options, ICMP, other protocols) to tell "to a VIP" from "to someone else". */
 LB_MAP("hash", struct vip_key, __u32, vip_addrs, MAX_VIPS, 0);
 
 /* The VIP address prefilter: bit (bucket & 31) of word (bucket >> 5) is set while some VIP's address falls in

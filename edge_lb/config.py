@@ -63,6 +63,7 @@ class Vip:
     healthcheck: CheckSpec = field(default_factory=CheckSpec)  # default of its backends
     min_healthy: int = 1  # announced while at least this many backends are healthy and not drained
     route: RouteAttrs = field(default_factory=RouteAttrs)  # [vip.bgp]
+    icmp_echo: bool = True  # ICMP echo to the address answered by the data plane; off if a VIP on it says no
 
     @property
     def name(self) -> str:
@@ -326,7 +327,7 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
 
 
 def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> list[tuple[Table, Vip]]:
-    tables = root.array("vip", (*_VIP, "min_healthy", "healthcheck", "bgp", "backend"))
+    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "healthcheck", "bgp", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
@@ -357,10 +358,11 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
         table.problem("min_healthy", f"{min_healthy} is more than the VIP's {len(backend_tables)} backends: "
                                      "it could never be announced")
     route = parse_route(table)
+    icmp_echo = table.get("icmp_echo", boolean)
     if len(values) != len(_VIP):
         return None
     return Vip(**values, backends=backends, healthcheck=spec, route=route,
-               min_healthy=1 if min_healthy is None else min_healthy)
+               min_healthy=1 if min_healthy is None else min_healthy, icmp_echo=icmp_echo is not False)
 
 
 def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,

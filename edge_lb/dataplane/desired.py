@@ -52,7 +52,7 @@ class DesiredState:
     vips: Mapping[VipKey, int]  # VIP -> vip_num
     backends: Mapping[int, BackendSlot]  # index -> slot (index 0 is never used)
     rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
-    vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> VIP count
+    vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> count | flags
     port0_vips: int = 0
 
 
@@ -60,6 +60,7 @@ class DesiredState:
 # bpf/balancer.c) are checked against the C by tests/unit/test_layout.py.
 VIP_FILTER_BITS = 65536
 VIP_FILTER_MULT = 0x9E3779B1
+VIP_ADDR_NO_ECHO = 1 << 31  # vip_addrs value flag: ICMP echo to the address not answered (balancer_consts.h)
 
 
 def filter_bucket(address: IPAddress) -> int:
@@ -177,6 +178,9 @@ def desired_state(config: Config, alloc: Allocator,
             backends[idx] = BackendSlot(num, address, up=healthy[address])
         rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used, tables)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
+    for vip in config.vips:
+        if not vip.icmp_echo:
+            vip_addrs[(VipKey.of(vip).address, 0)] |= VIP_ADDR_NO_ECHO
     port0 = sum(1 for k in vips if k.port == 0)
     cache.clear()
     cache.update(used)

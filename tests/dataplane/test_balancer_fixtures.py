@@ -152,6 +152,26 @@ def too_big_reply(mtu: int) -> Check:
     return check
 
 
+def echo_reply(out: Ether, inp: Packet) -> None:
+    """The request, byte by byte, turned around: Ethernet and IP addresses swapped, TTL / hop limit 64, echo
+    reply type, every checksum right (scapy recomputes them for the expected frame)."""
+    raw, sent = bytes(out), bytes(inp)
+    assert len(raw) == len(sent) and raw[:6] == sent[6:12] and raw[6:12] == sent[:6]
+    assert raw[12:14] == sent[12:14]
+    want = inp.copy()
+    if IPv6 in inp:
+        assert raw[14:21] == sent[14:21] and raw[21] == 64, "version, class, label, length, next header kept"
+        assert raw[22:38] == sent[38:54] and raw[38:54] == sent[22:38], "addresses swapped"
+        assert raw[54:56] == bytes([129, 0]) and raw[58:] == sent[58:], "echo reply, id, seq and data kept"
+        pseudo = raw[22:54] + len(raw[54:]).to_bytes(4, "big") + (58).to_bytes(4, "big")
+        assert ones_sum(pseudo + raw[54:]) == 0xFFFF, "ICMPv6 checksum"
+    else:
+        want[IP].src, want[IP].dst, want[IP].ttl, want[IP].chksum = inp[IP].dst, inp[IP].src, 64, None
+        want[ICMP].type, want[ICMP].chksum = 0, None
+        want.src, want.dst = inp.dst, inp.src
+        assert raw == bytes(want)
+
+
 def untouched(out: Ether, inp: Packet) -> None:
     assert bytes(out) == bytes(inp)
 
@@ -272,11 +292,26 @@ CASES = [
     Case("IPv6 fragment to a non-VIP: pass",
          eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / IPv6ExtHdrFragment(m=1)
          / TCP(dport=443), "XDP_PASS", untouched),
-    Case("ICMP echo to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / ICMP(),
+    Case("ICMP echo to a VIP address: answered", eth() / IP(src=CLIENT4, dst="10.200.1.1") / ICMP(id=7, seq=3)
+         / b"ping", "XDP_TX", echo_reply, "STAT_TX_ICMP_ECHO_REPLY"),
+    Case("ICMP echo to a VIP address with DF and TTL 3: answered, TTL 64",
+         eth() / IP(src=CLIENT4, dst="10.200.1.2", ttl=3, flags="DF") / ICMP() / (b"x" * 56), "XDP_TX",
+         echo_reply, "STAT_TX_ICMP_ECHO_REPLY"),
+    Case("ICMP echo to a VIP address from a multicast source: pass",
+         eth() / IP(src="224.0.0.1", dst="10.200.1.1") / ICMP(), "XDP_PASS", untouched, "STAT_PASS_OTHER"),
+    Case("ICMP echo to a non-VIP address: pass", eth() / IP(src=CLIENT4, dst="10.9.9.9") / ICMP(),
+         "XDP_PASS", untouched, "STAT_PASS_NOT_VIP"),
+    Case("ICMP echo reply to a VIP address: pass", eth() / IP(src=CLIENT4, dst="10.200.1.1") / ICMP(type=0),
          "XDP_PASS", untouched, "STAT_PASS_OTHER"),
-    Case("ICMPv6 echo to a VIP address: pass",
-         eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / ICMPv6EchoRequest(),
-         "XDP_PASS", untouched),
+    Case("ICMPv6 echo to a VIP address: answered",
+         eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / ICMPv6EchoRequest(id=9, seq=1, data=b"ping6"),
+         "XDP_TX", echo_reply, "STAT_TX_ICMP_ECHO_REPLY"),
+    Case("ICMPv6 echo to a VIP address behind a destination-options header: pass",
+         eth() / IPv6(src=CLIENT6, dst="fd00:200::1") / IPv6ExtHdrDestOpt() / ICMPv6EchoRequest(),
+         "XDP_PASS", untouched, "STAT_PASS_OTHER"),
+    Case("ICMPv6 echo to a non-VIP address: pass",
+         eth() / IPv6(src=CLIENT6, dst="fd00:9::1") / ICMPv6EchoRequest(), "XDP_PASS", untouched,
+         "STAT_PASS_NOT_VIP"),
     Case("IPv4 VIP with no healthy backend: drop", tcp4(dst="10.200.1.4"), "XDP_DROP", None,
          "STAT_DROP_NO_BACKEND"),
     Case("IPv4 packet too big once encapsulated: ICMP frag-needed to the client, MTU 1480",

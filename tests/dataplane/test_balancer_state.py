@@ -283,3 +283,16 @@ def test_adopted_counters_grow_with_the_enum(tmp_path: Path, monkeypatch: pytest
             second.close()
     finally:
         remove_pins(instance)
+
+
+def test_icmp_echo_switch_per_address(fresh_sim: Simulator) -> None:
+    """icmp_echo = false on one VIP turns echo off for its whole address (both VIPs on 10.200.1.1), live, and
+    leaves the other addresses answering; switching it on again answers again."""
+    sim = fresh_sim
+    ping = {a: bytes(eth() / IP(src=CLIENT4, dst=a) / ICMP()) for a in ("10.200.1.1", "10.200.1.2")}
+    assert [sim.run(f)[0] for f in ping.values()] == ["XDP_TX", "XDP_TX"]
+    sim.reprogram(make_config(lambda d: d["vip"][0].update(icmp_echo=False)))
+    assert [sim.run(f)[0] for f in ping.values()] == ["XDP_PASS", "XDP_TX"]
+    assert backend_of(sim, bytes(tcp4(sport=49000))) in {"10.0.0.1", "10.0.0.2", "10.0.0.3"}, "still balanced"
+    sim.reprogram(make_config())
+    assert [sim.run(f)[0] for f in ping.values()] == ["XDP_TX", "XDP_TX"]

@@ -220,6 +220,26 @@ def check_reply(out: bytes, frame: bytes) -> None:
     need(length + MTU - mtu > MTU, "told too big, but it fits")
 
 
+def check_echo(out: bytes, frame: bytes) -> None:
+    """An echo request to a VIP address turned around in place."""
+    need(len(out) == len(frame) and out[:6] == frame[6:12] and out[6:12] == frame[:6], "echo: Ethernet")
+    if frame[12:14] == b"\x08\x00":
+        need(frame[14] == 0x45 and frame[23] == 1 and frame[34:36] == b"\x08\x00", "echo of no echo request")
+        need(frame[30:34] + bytes(12) in VIP_ADDRS and frame[26] < 224, "echo to no VIP or from multicast")
+        length = struct.unpack("!H", frame[16:18])[0]
+        need(frame[20:22] == b"\0\0" or frame[20:22] == b"\x40\0", "echo of a fragment")
+        need(out[26:30] == frame[30:34] and out[30:34] == frame[26:30] and out[22] == 64, "echo: IPv4 header")
+        need(ipv4_checksum_ok(out[14:34]) and out[34:36] == b"\0\0", "echo: IPv4 checksum or type")
+        need(ipv4_checksum_ok(out[34:14 + length] + b"\0" * (length % 2)) or not ipv4_checksum_ok(
+            frame[34:14 + length] + b"\0" * (length % 2)), "echo: ICMP checksum broken")
+        need(out[36:] == frame[36:] or out[38:] == frame[38:], "echo: data changed")
+    else:
+        need(frame[20] == 58 and frame[54:56] == b"\x80\0" and out[54:56] == b"\x81\0", "echo: ICMPv6 type")
+        need(frame[38:54] in VIP_ADDRS and frame[22] != 0xFF, "echo to no VIP or from multicast")
+        need(out[22:38] == frame[38:54] and out[38:54] == frame[22:38] and out[21] == 64, "echo: IPv6 header")
+        need(out[58:] == frame[58:], "echo: data changed")
+
+
 def destination(frame: bytes) -> bytes | None:
     """The address the program would take as the destination, or None (not IP / too short)."""
     ethertype = struct.unpack("!H", frame[12:14])[0]
@@ -378,7 +398,10 @@ def test_fuzz_frames_through_simulate() -> None:
             elif verdict == "XDP_TX":
                 out = bytes.fromhex(str(line["frame"]))
                 try:
-                    if out[:6] == frame[6:12]:
+                    if out[:6] == frame[6:12] and len(out) == len(frame):
+                        check_echo(out, frame)
+                        seen["echo replies"] += 1
+                    elif out[:6] == frame[6:12]:
                         check_reply(out, frame)
                         seen["too-big replies"] += 1
                     else:

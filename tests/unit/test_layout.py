@@ -95,6 +95,7 @@ def test_prefilter_constants_match_the_c() -> None:
     consts = defines(source("balancer_consts.h"))
     assert c_value(consts["VIP_FILTER_BITS"], consts) == desired.VIP_FILTER_BITS
     assert c_value(consts["VIP_FILTER_MULT"], consts) == desired.VIP_FILTER_MULT
+    assert c_value(consts["VIP_ADDR_NO_ECHO"], consts) == desired.VIP_ADDR_NO_ECHO
 
 
 def test_filter_bucket_is_the_formula_of_maybe_vip() -> None:
