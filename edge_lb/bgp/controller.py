@@ -139,7 +139,9 @@ class BgpController:
         routes = desired_routes(config or self.config, serving, self.attached(), self._disabled, fault)
         if config is None and self._pending is not None:
             pending = desired_routes(self._pending, serving, self.attached(), self._disabled, fault)
-            routes = {p: r for p, r in routes.items() if pending.get(p) == r}
+            # By prefix, not by route: a prefix both serve keeps its running attributes until the change is
+            # written (comparing whole routes withdrew a VIP whose prepend or MED a reload changed).
+            routes = {p: r for p, r in routes.items() if p in pending}
         return routes
 
     async def sync(self, trigger: str) -> int:
@@ -160,7 +162,7 @@ class BgpController:
     async def _new_peers(self, bgp: Bgp) -> None:
         try:
             await self.speaker.reconfigure(bgp)
-        except BgpError as exc:
+        except Exception as exc:  # an OSError writing its config too: without the pause it would spin
             events.emit("bgp", logging.ERROR, action="peers reload", result="failed, retrying", error=exc)
             await asyncio.sleep(_PEERS_RETRY)
             return

@@ -64,8 +64,14 @@ class Liveness:
 
     async def run(self) -> None:
         """Until cancelled: probe an idle ExaBGP, and kill one that does not answer within wedged_after."""
+        step = min(self.interval, self.wedged_after) / 2
         while True:
-            await asyncio.sleep(min(self.interval, self.wedged_after) / 2)
+            began = self.clock()
+            await asyncio.sleep(step)
+            if self.clock() - began > step + self.wedged_after / 2:
+                # This process stalled, not ExaBGP: its answer may sit unread in our socket. Judge on the
+                # next step, once the reads have run (it would kill a healthy ExaBGP and reset every session).
+                continue
             self.look()
 
     def look(self) -> None:

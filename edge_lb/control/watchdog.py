@@ -103,7 +103,8 @@ class Scheduler:
         rise/fall streak: health is as it is now, not as it was before a stall."""
         for key in self.monitor.running():
             seen = self.monitor.observation(key)
-            if seen is None or seen.checked_at is None or seen.checked_at < since or seen.health.changing:
+            if (seen is None or seen.checked_at is None or seen.checked_at < since or seen.health.changing
+                    or seen.local is not None):  # "overran" during the stall is no judgement of the backend
                 return False
         return True
 
@@ -128,6 +129,7 @@ class Watchdog:
         self.checks_age: float | None = None
         self._pinged = -float("inf")
         self._judged = -float("inf")
+        self._beat_at: float | None = None  # monotonic time of the last heartbeat sent to the bridge
 
     def status(self) -> WatchdogStatus:
         return {"ok": self.ok, "reason": self.reason, "loop_lag": round(self.lag, 3),
@@ -156,18 +158,28 @@ class Watchdog:
                   if checks_stalled else
                   f"the main loop ran {lag:.2f} s late" if lag > LAG_BOUND else None)
         self._judgement(reason)
-        if lag >= self.resync_after:
-            self._resync = (self.wall() - lag, now)
-            events.emit("watchdog", logging.WARNING, stalled=f"{lag:.1f}s",
-                        effect="BGP announces again once health checks newer than the stall completed")
-        if not checks_stalled and not self._held(scheduler, now) and beat is not None:
-            try:
-                beat()
-            except Exception:  # the watchdog must outlive a faulty speaker; the bridge then withdraws
-                log.exception("the BGP heartbeat failed")
+        if not checks_stalled and beat is not None:
+            self._note_gap(now)
+            if not self._held(scheduler, now):
+                try:
+                    beat()
+                except Exception:  # the watchdog must outlive a faulty speaker; the bridge then withdraws
+                    log.exception("the BGP heartbeat failed")
+                self._beat_at = now
         if reason is None and self.interval is not None and now - self._pinged >= self.interval / 4:
             self._pinged = now
             self.notify("WATCHDOG=1")
+
+    def _note_gap(self, now: float) -> None:
+        """The bridge expires on the time since the last heartbeat, whatever stopped it (a stalled loop or
+        stalled checks): a gap that long (less the bridge's 0.1 s check step) starts the hold."""
+        if self._beat_at is None or self._resync is not None:
+            return
+        gap = now - self._beat_at
+        if gap >= self.resync_after - 0.1:
+            self._resync = (self.wall() - gap, now)
+            events.emit("watchdog", logging.WARNING, stalled=f"{gap:.1f}s",
+                        effect="BGP announces again once health checks newer than the stall completed")
 
     def _held(self, scheduler: Scheduler, now: float) -> bool:
         """After a long stall: no heartbeat until fresh checks (RESYNC_MAX at most)."""
