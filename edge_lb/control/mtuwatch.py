@@ -52,8 +52,7 @@ class MtuWatcher:
                 await self._refresh()
         finally:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await asyncio.wait({listener}, timeout=2.0)  # bounded, and a second cancel of ours is not eaten
 
     async def _refresh(self) -> None:
         try:

@@ -201,6 +201,7 @@ class NodeState:
         """A change reached the maps: adopted health has served its purpose, ring counts are stale."""
         self._adopted = None
         self.applies += 1
+        self._ring_counts.clear()  # stale now; and a removed VIP's entry would otherwise stay for ever
 
     async def prune_checks(self) -> None:
         await self.monitor.prune({k for k in self.running.keys.values() if k is not None})

@@ -95,9 +95,10 @@ class Reconciler:
                 self._rollback(previous)
                 raise
         finally:
+            # changed() first: the pending candidate is cleared even if pruning fails or is cancelled
+            self.routes.changed()  # also after a failure: what the withdraw-first took is announced again
             weights.discard()  # nothing left once committed
             await self.state.prune_checks()
-            self.routes.changed()  # also after a failure: what the withdraw-first took is announced again
         return report
 
     def _rollback(self, previous: Candidate) -> None:

@@ -60,7 +60,10 @@ def shutdown_bound(drain_time: float) -> float:
 
 
 def _hard_exit(bound: float) -> None:
-    events.emit("shutdown", logging.ERROR, phase="overran", bound=f"{bound:g}s", result="exiting now")
+    # A raw write, not the logger: the thread that hung may hold the log handler's lock (a full pipe).
+    line = events.render("shutdown", phase="overran", bound=f"{bound:g}s", result="exiting now")
+    with contextlib.suppress(OSError):
+        os.write(2, f"error {line}\n".encode())
     os._exit(EXIT_HUNG)
 
 MakeSpeaker = Callable[[Config, Callable[[], None]], Speaker]
@@ -273,12 +276,21 @@ class Supervisor:
         """Undo startup in reverse, each step bounded on its own: one stuck step does not skip the others."""
         notify("STOPPING=1")
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in signals:  # kept, not removed: a second SIGTERM or a SIGHUP must not cut the withdraw short
+            loop.add_signal_handler(sig, self._already_stopping, sig.name)
         self.ops.stopping = True
         for task in self._tasks:
             task.cancel()
-        await self._undo.aclose()
+        try:
+            await self._undo.aclose()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    @staticmethod
+    def _already_stopping(name: str) -> None:
+        events.emit("shutdown", phase="already stopping", signal=name, effect="none: the shutdown is bounded")
 
     @staticmethod
     async def _final_look(attachment: Attachment) -> None:
