@@ -167,7 +167,13 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            # abort, not close: close() keeps the socket open until unsent data drains, which a client that
+            # stops reading holds off for ever, while the gate no longer counts it. Evicted connections are
+            # idle (no request in flight): nothing of value is dropped.
+            if isinstance(self.transport, asyncio.Transport):
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _unstall(self) -> None:
         if self._stall is not None:

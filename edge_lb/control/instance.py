@@ -38,7 +38,10 @@ class InstanceLock:
         path = paths.lock(instance)
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Readable by root alone: flock needs only a readable descriptor, so any user who could open the
+            # file could hold a shared lock on it and keep every `run` out. fchmod mends older 0644 files.
+            os.fchmod(fd, 0o600)
         except OSError as exc:
             raise SupervisorError(f"cannot open the instance lock {path}: {exc.strerror or exc}") from exc
         try:
@@ -78,7 +81,7 @@ def holder(instance: str) -> str | None:
     path = paths.lock(instance)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # none, or not ours to test (not root): cannot tell
         return None
     except OSError as exc:
         raise SupervisorError(f"cannot read the instance lock {path}: {exc.strerror or exc}") from exc

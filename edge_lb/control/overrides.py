@@ -78,7 +78,10 @@ def prepare(path: Path | None, overrides: Mapping[tuple[str, str], int]) -> Pend
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        with tmp.open("w") as out:
+            out.write(json.dumps(rows, indent=1) + "\n")
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename: a power cut must not leave an empty file
     except OSError as exc:
         raise SupervisorError(f"runtime weights file {path}: {exc.strerror or exc}") from exc
     return Pending(path, tmp)
