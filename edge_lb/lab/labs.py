@@ -6,12 +6,17 @@
 
 Replies go backend -> router -> client and never cross the LB (direct server return).
 All addresses live inside the lab's namespaces (10.77.0.0/16).
+
+With ipv6=True every link also gets a /64 (fd00:77:NET::/64, the router ::1, the node ::2; no DAD), the
+router forwards IPv6, and the LB serves two more VIPs with the backends' IPv6 addresses: VIP6 (IP6IP6) and
+VIP4_OVER_V6 (an IPv4 VIP, 4in6); the outer IPv6 sources (ENCAP_PREFIX_V6) are routed back to the LB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import select
 import shutil
@@ -34,6 +39,9 @@ from edge_lb.lab.netns import Lab, Netns
 VIP = "10.77.100.1"
 VIP_PORT = 80
 ENCAP_PREFIX = "10.77.200.0/24"  # outer sources; the router routes them back towards the LB
+VIP6 = "fd00:77:100::1"  # ipv6 labs: an IPv6 VIP with IPv6 backends (IP6IP6)
+VIP4_OVER_V6 = "10.77.100.2"  # ipv6 labs: an IPv4 VIP with IPv6 backends (4in6)
+ENCAP_PREFIX_V6 = "fd00:77:200::/64"
 PY = sys.executable
 
 
@@ -42,12 +50,14 @@ class Node:
     ns: Netns
     address: str  # its address on the link to the router
     router_if: str  # the router's end of that link
+    address6: str | None = None  # its IPv6 address on that link (ipv6 labs)
 
 
 @dataclass
 class DataplaneLab:
     lab: Lab
     backends: int = 3
+    ipv6: bool = False  # dual-stack links and the IPv6-backend VIPs (module docstring)
     client: Node | None = None
     router: Netns | None = None
     lb: Node | None = None
@@ -63,6 +73,9 @@ class DataplaneLab:
         self.router = self.lab.netns("rt")
         self.router.sysctl("net.ipv4.ip_forward", 1)
         self.router.sysctl("net.ipv4.conf.all.rp_filter", 0)
+        if self.ipv6:
+            no_dad(self.router)
+            self.router.sysctl("net.ipv6.conf.all.forwarding", 1)
         self.client = self._link("cl", 1)
         # veth hands packets on with checksums left to "offload"; a packet the LB re-builds in XDP loses that
         # promise and the backend would drop it (TcpInCsumErrors). A real NIC computes them: do so here too.
@@ -71,19 +84,30 @@ class DataplaneLab:
         self.servers = [self._link(f"b{i + 1}", 10 + i) for i in range(self.backends)]
         self.router.route(f"{VIP}/32", via=self.lb.address)
         self.router.route(ENCAP_PREFIX, via=self.lb.address)
+        if self.ipv6:
+            assert self.lb.address6 is not None
+            self.router.route(f"{VIP6}/128", via=self.lb.address6)
+            self.router.route(f"{VIP4_OVER_V6}/32", via=self.lb.address)
+            self.router.route(ENCAP_PREFIX_V6, via=self.lb.address6)
         for server in self.servers:
             self._start_backend(server)
 
     def _link(self, role: str, net: int) -> Node:
         assert self.router is not None
-        return router_link(self.lab, self.router, role, f"10.77.{net}")
+        return router_link(self.lab, self.router, role, f"10.77.{net}",
+                           f"fd00:77:{net}:" if self.ipv6 else None)
+
+    @property
+    def vips(self) -> list[str]:
+        """Every VIP address the backends hold on lo."""
+        return [VIP, VIP6, VIP4_OVER_V6] if self.ipv6 else [VIP]
 
     def _start_backend(self, server: Node) -> None:
-        self.http[role_of(server)] = start_backend(server, VIP, VIP_PORT)
+        self.http[role_of(server)] = start_backend(server, self.vips, VIP_PORT)
 
     def start_http(self, role: str) -> None:
         """The backend's HTTP server on every address: the VIP (clients) and its own (health checks)."""
-        self.http[role] = spawn_http(self.server(role), VIP_PORT)
+        self.http[role] = spawn_http(self.server(role), VIP_PORT, "::" if self.ipv6 else "0.0.0.0")
 
     def stop_http(self, role: str) -> None:
         """Kill the backend's HTTP server: connections to it are refused from now on."""
@@ -91,6 +115,16 @@ class DataplaneLab:
 
     def server(self, role: str) -> Node:
         return next(s for s in self.servers if role_of(s) == role)
+
+    def config_text_v6(self, check: str = "") -> str:
+        """The ipv6 lab's LB config: VIP6 and VIP4_OVER_V6, each with every backend's IPv6 address."""
+        assert self.ipv6
+        backends = "".join(f'  [[vip.backend]]\n  address = "{s.address6}"\n' for s in self.servers)
+        vips = "".join(f'[[vip]]\naddress = "{vip}"\nport = {VIP_PORT}\nprotocol = "tcp"\n'
+                       f'  [vip.healthcheck]\n{check}\n{backends}\n' for vip in (VIP6, VIP4_OVER_V6))
+        return (f'[node]\ninterface = "eth0"\n\n[dataplane]\ninstance = "{self.instance}"\n'
+                f'conn_table_size = 65536\nmax_vips = 4\nmax_backends = 64\n'
+                f'encap_src_v4 = "{ENCAP_PREFIX}"\nencap_src_v6 = "{ENCAP_PREFIX_V6}"\n\n{vips}')
 
     def config_text(self, weights: dict[str, int] | None = None, roles: list[str] | None = None,
                     check: str = "") -> str:
@@ -118,6 +152,8 @@ class DataplaneLab:
         assert self.lb is not None and self.router is not None
         self.router.run([PY, "-m", "edge_lb.lab.labtools", "attach-pass", self.lb.router_if], timeout=120)
         self.lb.ns.run(["ping", "-c", "1", "-W", "2", "10.77.2.1"])
+        if self.ipv6:  # the router's IPv6 neighbour entry too (the gateway MAC is the IPv4 one's, the same)
+            self.lb.ns.run(["ping", "-6", "-c", "1", "-W", "2", "fd00:77:2::1"])
 
     def start_supervisor(self, timeout: float = 120.0) -> subprocess.Popen[bytes]:
         """`edge-lb run` in the LB namespace (host mounts: bpffs and /run); returns once it answers status."""
@@ -157,12 +193,13 @@ class DataplaneLab:
                               host_mounts=True).stdout.strip()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until every backend's HTTP server answers on the VIP from inside its own namespace."""
-        wait_http_ready(self.servers, VIP, VIP_PORT, timeout)
+        """Until every backend's HTTP server answers on every VIP from inside its own namespace."""
+        for vip in self.vips:
+            wait_http_ready(self.servers, vip, VIP_PORT, timeout)
 
-    def http_get(self, count: int) -> dict[str, Any]:
+    def http_get(self, count: int, vip: str = VIP) -> dict[str, Any]:
         assert self.client is not None
-        return http_get(self.client.ns, VIP, VIP_PORT, count)
+        return http_get(self.client.ns, vip, VIP_PORT, count)
 
     def hold(self, count: int) -> Holder:
         assert self.client is not None
@@ -182,19 +219,21 @@ def role_of(node: Node) -> str:
     return node.ns.name.rsplit("-", 1)[1]
 
 
-def start_backend(server: Node, vip: str, port: int) -> subprocess.Popen[bytes]:
-    """A lab backend: the VIP on lo, decap.c on eth0, and its HTTP server (returned)."""
-    server.ns.addr("lo", f"{vip}/32")
+def start_backend(server: Node, vip: str | list[str], port: int) -> subprocess.Popen[bytes]:
+    """A lab backend: the VIP(s) on lo, decap.c on eth0 (for eth0's addresses, IPv4 and IPv6), and its HTTP
+    server (returned; on "::", both families, when it has an IPv6 address)."""
+    for address in [vip] if isinstance(vip, str) else vip:
+        server.ns.addr("lo", str(ipaddress.ip_interface(address)))  # /32 or /128
     server.ns.run([PY, "-m", "edge_lb.dataplane.decap", "attach", "--interface", "eth0"], timeout=120)
-    return spawn_http(server, port)
+    return spawn_http(server, port, "::" if server.address6 else "0.0.0.0")
 
 
-def spawn_http(server: Node, port: int) -> subprocess.Popen[bytes]:
+def spawn_http(server: Node, port: int, bind: str = "0.0.0.0") -> subprocess.Popen[bytes]:
     """The backend's HTTP server on every address: the VIP (clients) and its own (health checks); the body
-    names the backend."""
+    names the backend. bind="::" listens on both families (net.ipv6.bindv6only is 0 in a new namespace)."""
     role = role_of(server)
     return server.ns.spawn(
-        [PY, "-m", "edge_lb.lab.labhttp", "--bind", "0.0.0.0", "--port", str(port), "--name", role],
+        [PY, "-m", "edge_lb.lab.labhttp", "--bind", bind, "--port", str(port), "--name", role],
         server.ns.lab.tmpdir / f"http-{role}.log")
 
 
@@ -222,7 +261,8 @@ def wait_http_ready(servers: list[Node], vip: str, port: int, timeout: float = 2
 def http_get(client: Netns, vip: str, port: int, count: int) -> dict[str, Any]:
     """`count` fresh HTTP connections from `client` to the VIP: {"served": {backend: n}, "failures": n,
     "errors": [first few]}."""
-    out = client.run([PY, "-m", "edge_lb.lab.labtools", "http-get", f"http://{vip}:{port}/",
+    host = f"[{vip}]" if ipaddress.ip_address(vip).version == 6 else vip
+    out = client.run([PY, "-m", "edge_lb.lab.labtools", "http-get", f"http://{host}:{port}/",
                       "--count", str(count)], timeout=30 + count)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -261,14 +301,29 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return f"(no log: {exc})"
 
 
-def router_link(lab: Lab, router: Netns, role: str, net: str) -> Node:
-    """Namespace `role` with eth0 = NET.2/24 on a veth to the router (r-ROLE = NET.1), its default route."""
+def router_link(lab: Lab, router: Netns, role: str, net: str, net6: str | None = None) -> Node:
+    """Namespace `role` with eth0 = NET.2/24 on a veth to the router (r-ROLE = NET.1), its default route.
+    With `net6` ("fd00:77:1:"): also NET6:2/64 (the router NET6:1), its IPv6 default route, no DAD."""
     ns = lab.netns(role)
+    if net6 is not None:
+        no_dad(ns)  # before the veth: its link-local address is usable at once too
     lab.veth(ns, "eth0", router, f"r-{role}")
     ns.addr("eth0", f"{net}.2/24")
     router.addr(f"r-{role}", f"{net}.1/24")
     ns.route("default", via=f"{net}.1")
-    return Node(ns, f"{net}.2", f"r-{role}")
+    if net6 is None:
+        return Node(ns, f"{net}.2", f"r-{role}")
+    ns.addr("eth0", f"{net6}:2/64")
+    router.addr(f"r-{role}", f"{net6}:1/64")
+    ns.route("default", via=f"{net6}:1")
+    return Node(ns, f"{net}.2", f"r-{role}", f"{net6}:2")
+
+
+def no_dad(ns: Netns) -> None:
+    """No IPv6 duplicate address detection in `ns` for interfaces made from now on (and lo): addresses,
+    link-local ones included, are usable at once instead of "tentative" for a second or two."""
+    for conf in ("all", "default"):
+        ns.sysctl(f"net.ipv6.conf.{conf}.accept_dad", 0)
 
 
 def remove_instance(supervisor: subprocess.Popen[bytes] | None, instance: str) -> None:
