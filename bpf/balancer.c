@@ -69,6 +69,14 @@ static __always_inline __u32 flow_hash(const struct flow_key *f) {
   return jhash3(f->dst[2], f->dst[3] ^ f->proto, ports, h);
 }
 
+/* The client address alone ([[vip]] hash = "source"): the same on every node, whatever the ports. */
+static __always_inline __u32 source_hash(const struct flow_key *f) {
+  if (f->family == LB_FAMILY_V4)
+    return jhash3(f->src[0], 0, 0, FLOW_HASH_SEED);
+  __u32 h = jhash3(f->src[0], f->src[1], f->src[2], FLOW_HASH_SEED);
+  return jhash3(f->src[3], 0, 0, h);
+}
+
 /* False: no VIP has this address (certain). True: one may (then the hash maps tell). */
 static __always_inline int maybe_vip(const __u32 *addr) {
   __u32 bucket = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * VIP_FILTER_MULT) >> 16;
@@ -434,6 +442,8 @@ static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip
     }
   }
   count(STAT_CT_MISS, 0);
+  if (vip->flags & VIP_F_HASH_SOURCE)
+    hash = source_hash(&p->flow);
   __u32 slot = vip->vip_num * RING_SIZE + hash % RING_SIZE;
   __u32 *ring_idx = rings.lookup(&slot);
   if (!ring_idx || !*ring_idx)

@@ -53,6 +53,13 @@
 #define LB_ICMPV6_ECHO_REQUEST 128
 #define LB_ICMPV6_ECHO_REPLY 129
 
+/* vip_meta.flags ([[vip]] hash, edge_lb/dataplane/desired.py mirrors it, checked by tests/unit/test_layout.py).
+ * Clear ("flow"): the Maglev slot of a new flow comes from the flow hash (addresses, protocol, both ports).
+ * Set ("source"): from a hash of the client address alone, FLOW_HASH_SEED as its seed on every node, so each of a
+ * client's flows to the VIP (any source port; any destination port of a port-0 VIP) gets the same backend. The
+ * connection table stays keyed by the full flow and the outer source / flow label still come from the flow hash. */
+#define VIP_F_HASH_SOURCE (1u << 0)
+
 /* vip_addrs value: the count of VIPs on the address in the low bits, and this flag when its echo is off. */
 #define VIP_ADDR_NO_ECHO (1u << 31)
 

@@ -16,7 +16,7 @@ struct vip_key {
 /* vips value. */
 struct vip_meta {
   __u32 vip_num;   /* < MAX_VIPS: index of its ring (rings) and its counters (vip_stats) */
-  __u32 flags;     /* reserved, 0 */
+  __u32 flags;     /* VIP_F_* */
 };
 
 /* backends value (index 0 unused). One entry per (VIP, backend address) pair. */

@@ -64,6 +64,7 @@ class Vip:
     min_healthy: int = 1  # announced while at least this many backends are healthy and not drained
     route: RouteAttrs = field(default_factory=RouteAttrs)  # [vip.bgp]
     icmp_echo: bool = True  # ICMP echo to the address answered by the data plane; off if a VIP on it says no
+    hash: str = "flow"  # a new flow's Maglev slot: "flow" (addresses, protocol, ports) or "source" (client)
 
     @property
     def name(self) -> str:
@@ -241,6 +242,7 @@ _CHECK: dict[str, Callable[[Any], Any]] = {
     "rcode": choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
     "command": argv,
 }
+VIP_HASHES = ("flow", "source")  # [[vip]] hash: what picks the Maglev slot of a new flow
 _VIP = {"address": address, "port": integer(0, 65535), "protocol": choice("tcp", "udp")}
 _BACKEND = {"address": address, "weight": integer(0, 1000)}
 
@@ -327,7 +329,7 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
 
 
 def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> list[tuple[Table, Vip]]:
-    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "healthcheck", "bgp", "backend"))
+    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "hash", "healthcheck", "bgp", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
@@ -359,10 +361,12 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
                                      "it could never be announced")
     route = parse_route(table)
     icmp_echo = table.get("icmp_echo", boolean)
+    hash_by = table.get("hash", choice(*VIP_HASHES))
     if len(values) != len(_VIP):
         return None
     return Vip(**values, backends=backends, healthcheck=spec, route=route,
-               min_healthy=1 if min_healthy is None else min_healthy, icmp_echo=icmp_echo is not False)
+               min_healthy=1 if min_healthy is None else min_healthy, icmp_echo=icmp_echo is not False,
+               hash=hash_by or "flow")
 
 
 def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,

@@ -163,6 +163,7 @@ class NodeOperations:
         except EdgeLbError as exc:
             return self._rejected([f"the change was not applied (rolled back): {exc}"])
         changes = {"vips_added": report.vips_added, "vips_removed": report.vips_removed,
+                   "vips_rewritten": report.vips_rewritten,
                    "backends_written": report.backends_written, "backends_cleared": report.backends_cleared,
                    "ring_slots": sum(report.ring_slots.values())}
         events.emit("reload", result="applied", config=self.config_path, **changes)

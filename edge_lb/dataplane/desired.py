@@ -54,12 +54,14 @@ class DesiredState:
     rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
     vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> count | flags
     port0_vips: int = 0
+    vip_flags: Mapping[VipKey, int] = field(default_factory=dict)  # VIP -> VIP_F_* (absent: 0)
 
 
 # The VIP address prefilter of bpf/balancer_consts.h; these two and filter_bucket's formula (maybe_vip in
 # bpf/balancer.c) are checked against the C by tests/unit/test_layout.py.
 VIP_FILTER_BITS = 65536
 VIP_FILTER_MULT = 0x9E3779B1
+VIP_F_HASH_SOURCE = 1 << 0  # vips value flag: [[vip]] hash = "source" (balancer_consts.h)
 VIP_ADDR_NO_ECHO = 1 << 31  # vip_addrs value flag: ICMP echo to the address not answered (balancer_consts.h)
 
 
@@ -181,10 +183,12 @@ def desired_state(config: Config, alloc: Allocator,
     for vip in config.vips:
         if not vip.icmp_echo:
             vip_addrs[(VipKey.of(vip).address, 0)] |= VIP_ADDR_NO_ECHO
+    vip_flags = {VipKey.of(v): VIP_F_HASH_SOURCE for v in config.vips if v.hash == "source"}
     port0 = sum(1 for k in vips if k.port == 0)
     cache.clear()
     cache.update(used)
-    return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0)
+    return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0,
+                        vip_flags=vip_flags)
 
 
 def encap_masks_v4(net: ipaddress.IPv4Network) -> tuple[bytes, bytes]:

@@ -236,6 +236,10 @@ class BccMapIO:
         return {VipKey(self._address(k.addr, k.family), socket.ntohs(k.port), k.proto): v.vip_num
                 for k, v in self.t["vips"].items()}
 
+    def read_vip_flags(self) -> dict[VipKey, int]:
+        return {VipKey(self._address(k.addr, k.family), socket.ntohs(k.port), k.proto): int(v.flags)
+                for k, v in self.t["vips"].items() if v.flags}
+
     def read_backends(self) -> dict[int, BackendSlot]:
         out: dict[int, BackendSlot] = {}
         for k, v in self.t["backends"].items_lookup_batch():
@@ -282,10 +286,10 @@ class BccMapIO:
         leaf.encap_v6_hostmask = int.from_bytes(m6, "little")
         self._set(t, t.Key(0), leaf, "ctl")
 
-    def put_vips(self, vips: Mapping[VipKey, int]) -> None:
+    def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
         t = self.t["vips"]
         for key, num in vips.items():
-            self._set(t, self._vip_key(key), t.Leaf(vip_num=num, flags=0), f"vip {key}")
+            self._set(t, self._vip_key(key), t.Leaf(vip_num=num, flags=flags.get(key, 0)), f"vip {key}")
 
     def delete_vips(self, keys: Iterable[VipKey]) -> None:
         for key in keys:

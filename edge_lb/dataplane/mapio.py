@@ -28,6 +28,8 @@ class Ctl:
 
 class MapIO(Protocol):
     def read_vips(self) -> dict[VipKey, int]: ...
+    def read_vip_flags(self) -> dict[VipKey, int]:
+        """The vips map's VIP_F_* flags of every VIP that has any."""
     def read_backends(self) -> dict[int, BackendSlot]: ...
     def read_vip_addrs(self) -> dict[IPAddress, int]: ...
     def read_ring(self, vip_num: int) -> tuple[int, ...]: ...
@@ -36,7 +38,8 @@ class MapIO(Protocol):
     def write_filter(self, words: Mapping[int, int]) -> None:
         """Set these prefilter words (0 clears one) in one batch."""
     def write_ctl(self, ctl: Ctl) -> None: ...
-    def put_vips(self, vips: Mapping[VipKey, int]) -> None: ...
+    def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
+        """Write these VIPs' values: vip_num, and their flags (absent: 0)."""
     def delete_vips(self, keys: Iterable[VipKey]) -> None: ...
     def put_vip_addrs(self, addrs: Mapping[IPAddress, int]) -> None: ...
     def delete_vip_addrs(self, addrs: Iterable[IPAddress]) -> None: ...
@@ -57,6 +60,7 @@ class FakeMapIO:
     ring_size: int
     ctl: Ctl | None = None
     vips: dict[VipKey, int] = field(default_factory=dict)
+    vip_flags: dict[VipKey, int] = field(default_factory=dict)
     vip_addrs: dict[IPAddress, int] = field(default_factory=dict)
     filter: dict[int, int] = field(default_factory=dict)  # the VIP prefilter's words
     filter_batches: list[dict[int, int]] = field(default_factory=list)
@@ -67,6 +71,9 @@ class FakeMapIO:
 
     def read_vips(self) -> dict[VipKey, int]:
         return dict(self.vips)
+
+    def read_vip_flags(self) -> dict[VipKey, int]:
+        return {k: f for k, f in self.vip_flags.items() if f}
 
     def read_backends(self) -> dict[int, BackendSlot]:
         return dict(self.backends)
@@ -88,12 +95,14 @@ class FakeMapIO:
     def write_ctl(self, ctl: Ctl) -> None:
         self.ctl = ctl
 
-    def put_vips(self, vips: Mapping[VipKey, int]) -> None:
+    def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
         self.vips.update(vips)
+        self.vip_flags.update({k: flags.get(k, 0) for k in vips})
 
     def delete_vips(self, keys: Iterable[VipKey]) -> None:
         for k in keys:
             self.vips.pop(k, None)
+            self.vip_flags.pop(k, None)
 
     def put_vip_addrs(self, addrs: Mapping[IPAddress, int]) -> None:
         self.vip_addrs.update(addrs)

@@ -18,12 +18,14 @@ class ApplyReport:
     ring_slots: dict[int, int] = field(default_factory=dict)  # vip_num -> slots written
     vips_added: int = 0
     vips_removed: int = 0
+    vips_rewritten: int = 0  # same number, other flags ([[vip]] hash)
     backends_written: int = 0
     backends_cleared: int = 0
 
     @property
     def changed(self) -> bool:
-        return bool(self.ring_slots or self.vips_added or self.vips_removed or self.backends_written
+        return bool(self.ring_slots or self.vips_added or self.vips_removed or self.vips_rewritten
+                    or self.backends_written
                     or self.backends_cleared)
 
 
@@ -39,6 +41,7 @@ class Programmer:
         self.io = io
         self.ring_size = ring_size
         self.vips: dict[VipKey, int] = {}
+        self.vip_flags: dict[VipKey, int] = {}  # non-zero flags only
         self.backends: dict[int, BackendSlot] = {}
         self.rings: dict[int, tuple[int, ...]] = {}
         self.vip_addrs: dict[IPAddress, int] = {}
@@ -47,6 +50,7 @@ class Programmer:
     def adopt(self, alloc: Allocator) -> None:
         """Read what the (pinned) maps hold, so numbering and ring diffs continue from it."""
         self.vips = self.io.read_vips()
+        self.vip_flags = self.io.read_vip_flags()
         self.backends = self.io.read_backends()
         self.rings = {num: self.io.read_ring(num) for num in self.vips.values()}
         self.vip_addrs = self.io.read_vip_addrs()
@@ -111,10 +115,14 @@ class Programmer:
 
     def _write_vips(self, want: DesiredState, report: ApplyReport) -> None:
         new = {k: n for k, n in want.vips.items() if self.vips.get(k) != n}
-        if new:
-            self.io.put_vips(new)
+        flagged = {k: n for k, n in want.vips.items()
+                   if k not in new and self.vip_flags.get(k, 0) != want.vip_flags.get(k, 0)}
+        if new or flagged:
+            self.io.put_vips({**new, **flagged}, want.vip_flags)
             self.vips.update(new)
+            self.vip_flags = {k: f for k, f in want.vip_flags.items() if f}
             report.vips_added = len(new)
+            report.vips_rewritten = len(flagged)
         addrs = {a: c for (a, _), c in want.vip_addrs.items()}
         if addrs != self.vip_addrs:
             self.io.put_vip_addrs(addrs)
@@ -127,6 +135,7 @@ class Programmer:
             self.io.delete_vips(gone)
             report.vips_removed = len(gone)
         for key in gone:
+            self.vip_flags.pop(key, None)
             num = self.vips.pop(key)
             if num not in want.rings:  # the number was not reused by a new VIP in this apply
                 self._write_ring(num, (0,) * self.ring_size, report)

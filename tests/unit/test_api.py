@@ -250,7 +250,8 @@ def test_reload_applied_and_rejected() -> None:
         config = str(node.config_path)
         applied = await answer(client, "POST", "/api/v1/reload", 200, headers=AUTH)
         assert applied == {"ok": True, "config": config, "changes": {"vips_added": 0, "vips_removed": 0,
-                           "backends_written": 0, "backends_cleared": 0, "ring_slots": 0}}
+                           "vips_rewritten": 0, "backends_written": 0, "backends_cleared": 0,
+                           "ring_slots": 0}}
         text = node.config_path.read_text()
         node.config_path.write_text(text.replace('address = "10.1.0.2"\n', 'address = "10.1.0.3"\n'))
         applied = await answer(client, "POST", "/api/v1/reload", 200, headers=AUTH)

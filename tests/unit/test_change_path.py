@@ -87,11 +87,11 @@ class RecordingMapIO(FakeMapIO):
             raise DataplaneError("rings: batch update failed half-way")
         super().write_ring_slots(vip_num, changes)
 
-    def put_vips(self, vips: Mapping[VipKey, int]) -> None:
+    def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
         if self.refuse:
             raise DataplaneError("vips: map full")
         self.log.lines.append("map vips")
-        super().put_vips(vips)
+        super().put_vips(vips, flags)
 
     def delete_vips(self, keys: Iterable[VipKey]) -> None:
         self.log.lines.append("map vips deleted")

@@ -221,6 +221,8 @@ DELETE = object()
         ("vip.0.port", DELETE, "vip[0].port: required"),
         ("vip.0.protocol", "TCP", 'vip[0].protocol: must be "tcp" or "udp"'),
         ("vip.0.protocol", "sctp", 'vip[0].protocol: must be "tcp" or "udp"'),
+        ("vip.0.hash", "src", 'vip[0].hash: must be "flow" or "source"'),
+        ("vip.0.hash", True, 'vip[0].hash: must be "flow" or "source"'),
         ("vip.0.address", DELETE, "vip[0].address: required"),
         ("vip.0.address", "224.0.0.1", "vip[0].address: 224.0.0.1 is a multicast address"),
         ("vip.0.address", "0.0.0.0", "vip[0].address: 0.0.0.0 is the unspecified address"),

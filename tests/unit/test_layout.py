@@ -98,6 +98,12 @@ def test_prefilter_constants_match_the_c() -> None:
     assert c_value(consts["VIP_ADDR_NO_ECHO"], consts) == desired.VIP_ADDR_NO_ECHO
 
 
+def test_vip_flags_match_the_c() -> None:
+    consts = defines(source("balancer_consts.h"))
+    assert {k: c_value(v, consts) for k, v in consts.items() if k.startswith("VIP_F_")} == {
+        "VIP_F_HASH_SOURCE": desired.VIP_F_HASH_SOURCE}
+
+
 def test_filter_bucket_is_the_formula_of_maybe_vip() -> None:
     """desired.filter_bucket / filter_words copy maybe_vip in bpf/balancer.c: a change there must be made in
     both (this test then needs the new text)."""

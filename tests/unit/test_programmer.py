@@ -251,9 +251,9 @@ def test_the_vip_prefilter_never_hides_a_vip() -> None:
     ops: list[str] = []
 
     class Logged(FakeMapIO):
-        def put_vips(self, vips: Any) -> None:
+        def put_vips(self, vips: Any, flags: Any) -> None:
             ops.append("put_vips")
-            super().put_vips(vips)
+            super().put_vips(vips, flags)
 
         def delete_vips(self, keys: Any) -> None:
             ops.append("delete_vips")
@@ -315,3 +315,24 @@ def test_a_prefilter_batch_that_failed_half_way_cannot_hide_a_vip_later() -> Non
     maps.apply(three)  # the rollback puts both back
     want = filter_words(ipaddress.ip_address(a) for a in ["10.200.1.1", *extra])
     assert io.filter == want, "every VIP's bit is in the map again"
+
+
+def test_hash_key_is_a_vip_value_rewrite(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """[[vip]] hash = "source" sets VIP_F_HASH_SOURCE in the VIP's value: a reload rewrites that one entry
+    (same number, no ring slot, no backend), and back; a restarted supervisor adopts the flag as it is."""
+    from edge_lb.dataplane.desired import VIP_F_HASH_SOURCE
+
+    io, maps = node
+    key = VipKey(ipaddress.ip_address("10.200.1.1"), 80, 6)
+    assert cfg().vips[0].hash == "flow" and io.vip_flags == {key: 0}
+    source = cfg(lambda d: d["vip"][0].update(hash="source"))
+    num = io.vips[key]
+    report = maps.apply(source)
+    assert (report.vips_rewritten, report.vips_added) == (1, 0)
+    assert not report.ring_slots and not report.backends_written
+    assert report.changed
+    assert io.vips[key] == num and io.vip_flags == {key: VIP_F_HASH_SOURCE}
+    assert not maps.apply(source).changed
+    assert not NodeMaps(io, source, LINK, adopt=True).apply(source).changed, "adopted with its flag"
+    report = maps.apply(cfg())
+    assert report.vips_rewritten == 1 and io.vip_flags == {key: 0}

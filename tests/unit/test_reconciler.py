@@ -281,10 +281,10 @@ def test_a_reload_during_health_activity_never_writes_a_backend_down() -> None:
 class RefusingMapIO(FakeMapIO):
     refuse = False
 
-    def put_vips(self, vips: Any) -> None:
+    def put_vips(self, vips: Any, flags: Any) -> None:
         if self.refuse:
             raise DataplaneError("map full")
-        super().put_vips(vips)
+        super().put_vips(vips, flags)
 
 
 def test_a_reload_the_maps_refuse_is_rolled_back() -> None:
