@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -467,3 +467,131 @@ def test_fixture(sim: Simulator, case: Case) -> None:
         case.check(Ether(out), Ether(frame))
     if case.counter is not None:
         assert reasons(sim).get(case.counter, 0) == before.get(case.counter, 0) + 1
+
+
+# [[vip]] hash: "source" picks the Maglev slot from the client address alone, "flow" (the default) from the
+# whole flow. Each VIP pair below has the same backends; the ports of the "flow" rows are ones whose flows the
+# ring splits (a seed that shows it), the "source" rows send the very same flows to a single backend.
+HASH_VIPS: list[dict[str, object]] = [
+    {"address": "10.200.2.1", "port": 80, "protocol": "tcp", "hash": "source",
+     "backend": [{"address": f"10.0.1.{i}"} for i in (1, 2, 3)]},
+    {"address": "10.200.2.2", "port": 80, "protocol": "tcp", "hash": "flow",
+     "backend": [{"address": f"10.0.1.{i}"} for i in (1, 2, 3)]},
+    {"address": "10.200.2.3", "port": 0, "protocol": "tcp", "hash": "source",
+     "backend": [{"address": f"10.0.1.{i}"} for i in (1, 2, 3)]},
+    {"address": "10.200.2.4", "port": 0, "protocol": "tcp",
+     "backend": [{"address": f"10.0.1.{i}"} for i in (1, 2, 3)]},
+    {"address": "fd00:200::5", "port": 443, "protocol": "tcp", "hash": "source",
+     "backend": [{"address": f"fd00:1::{i}"} for i in (11, 12, 13)]},
+    {"address": "fd00:200::6", "port": 443, "protocol": "tcp",
+     "backend": [{"address": f"fd00:1::{i}"} for i in (11, 12, 13)]},
+]
+
+
+@dataclass
+class HashCase:
+    description: str
+    frames: list[Packet]
+    same: bool  # True: every frame to one backend; False: not all to one
+
+
+def _hash_vips(d: dict[str, object]) -> None:
+    d["dataplane"] = {**d["dataplane"], "max_vips": 16}  # type: ignore[dict-item]
+    d["vip"] = [*d["vip"], *HASH_VIPS]  # type: ignore[misc]
+
+
+HASH_CASES = [
+    HashCase("source, IPv4: one client, two source ports -> one backend",
+             [tcp4(dst="10.200.2.1", sport=p) for p in (40000, 40003)], True),
+    HashCase("flow, IPv4: the same two flows -> two backends",
+             [tcp4(dst="10.200.2.2", sport=p) for p in (40000, 40003)], False),
+    HashCase("source, IPv4: 64 source ports, SYN and ACK -> one backend",
+             [tcp4(dst="10.200.2.1", sport=40000 + p, flags=f) for p in range(64) for f in ("S", "A")], True),
+    HashCase("source, port-0 VIP: one client, other destination ports -> one backend (port excluded)",
+             [tcp4(dst="10.200.2.3", dport=d, sport=40000) for d in (21, 80, 443, 6000, 30000)], True),
+    HashCase("flow, port-0 VIP: the same flows -> not one backend (port included)",
+             [tcp4(dst="10.200.2.4", dport=d, sport=40000) for d in (21, 80, 443, 6000, 30000)], False),
+    HashCase("source, IPv6: one client, two source ports -> one backend",
+             [tcp6(dst="fd00:200::5", sport=p) for p in (40000, 40001, 40002, 40003)], True),
+    HashCase("flow, IPv6: the same flows -> not one backend",
+             [tcp6(dst="fd00:200::6", sport=p) for p in (40000, 40001, 40002, 40003)], False),
+]
+
+
+@pytest.fixture(scope="module")
+def hash_sim() -> Iterator[Simulator]:
+    from .conftest import make_config
+
+    s = Simulator(make_config(_hash_vips))
+    yield s
+    s.close()
+
+
+def _backend(sim: Simulator, frame: Packet) -> str:
+    verdict, out = sim.run(bytes(frame))
+    assert verdict == "XDP_TX"
+    pkt = Ether(out)
+    return str(pkt[IPv6].dst if pkt.type == 0x86DD else pkt[IP].dst)
+
+
+@pytest.mark.parametrize("case", HASH_CASES, ids=[c.description for c in HASH_CASES])
+def test_hash_fixture(hash_sim: Simulator, case: HashCase) -> None:
+    picked = [_backend(hash_sim, f) for f in case.frames]
+    assert (len(set(picked)) == 1) == case.same, picked
+
+
+def test_source_hash_spreads_clients(hash_sim: Simulator) -> None:
+    """Source hashing is per client: 64 clients to the same VIP use every backend."""
+    picked = {_backend(hash_sim, eth() / IP(src=f"198.51.100.{i}", dst="10.200.2.1") / TCP(sport=40000))
+              for i in range(1, 65)}
+    assert picked == {"10.0.1.1", "10.0.1.2", "10.0.1.3"}
+
+
+def _jhash3(a: int, b: int, c: int, seed: int) -> int:
+    """balancer.c's jhash3 (the kernel's jhash_3words)."""
+    m = 0xFFFFFFFF
+
+    def rol(w: int, s: int) -> int:
+        return ((w << s) | (w >> (32 - s))) & m
+
+    iv = (seed + 0xDEADBEEF + 12) & m
+    a, b, c = (a + iv) & m, (b + iv) & m, (c + iv) & m
+    for x, y, s in (("c", "b", 14), ("a", "c", 11), ("b", "a", 25), ("c", "b", 16), ("a", "c", 4),
+                    ("b", "a", 14), ("c", "b", 24)):
+        v = {"a": a, "b": b, "c": c}
+        v[x] = ((v[x] ^ v[y]) - rol(v[y], s)) & m
+        a, b, c = v["a"], v["b"], v["c"]
+    return c
+
+
+def test_source_hash_is_the_client_address_with_the_fixed_seed(hash_sim: Simulator) -> None:
+    """The slot is jhash of the client address alone seeded with FLOW_HASH_SEED (a constant of
+    balancer_consts.h, no per-node value): any node with the same ring sends a client to the same backend,
+    whatever its ports."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from edge_lb.dataplane.loader import BPF_DIR
+
+    from .conftest import make_config
+
+    consts = (Path(BPF_DIR) / "balancer_consts.h").read_text()
+    found = re.search(r"#define FLOW_HASH_SEED (0x[0-9a-f]+)u", consts)
+    assert found is not None
+    seed = int(found.group(1), 16)
+    io = hash_sim.dp.io
+    vips = {str(k.address): n for k, n in io.read_vips().items()}
+    backends = {i: str(s.address) for i, s in io.read_backends().items()}
+    ring_size = make_config(_hash_vips).dataplane.ring_size
+    for client, vip, dport in (("198.51.100.7", "10.200.2.1", 80), ("2001:db8::77", "fd00:200::5", 443)):
+        raw = ipaddress.ip_address(client).packed
+        words = [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw), 4)]
+        if len(words) == 1:
+            h = _jhash3(words[0], 0, 0, seed)
+        else:
+            h = _jhash3(words[3], 0, 0, _jhash3(words[0], words[1], words[2], seed))
+        want = backends[io.read_ring(vips[vip])[h % ring_size]]
+        ip = IPv6(src=client, dst=vip) if ":" in client else IP(src=client, dst=vip)
+        for sport in (1024, 40000, 65535):
+            assert _backend(hash_sim, eth() / ip / TCP(sport=sport, dport=dport)) == want

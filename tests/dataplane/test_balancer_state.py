@@ -296,3 +296,25 @@ def test_icmp_echo_switch_per_address(fresh_sim: Simulator) -> None:
     assert backend_of(sim, bytes(tcp4(sport=49000))) in {"10.0.0.1", "10.0.0.2", "10.0.0.3"}, "still balanced"
     sim.reprogram(make_config())
     assert [sim.run(f)[0] for f in ping.values()] == ["XDP_TX", "XDP_TX"]
+
+
+def test_hash_key_flips_by_reload(fresh_sim: Simulator) -> None:
+    """hash = "source" on 10.200.1.1:80 by a reload: new flows of one client all take one backend, while the
+    flows it had (ACKs, in the connection table under their full flow) keep theirs; back to "flow", new flows
+    spread again and the source-hashed ones stay."""
+    sim = fresh_sim
+    ports = flows(64)
+    before = {p: backend_of(sim, bytes(tcp4(sport=p))) for p in ports}
+    assert len(set(before.values())) == 3, "flow hashing spreads one client's flows"
+    sim.reprogram(make_config(lambda d: d["vip"][0].update(hash="source")))
+    assert {p: backend_of(sim, bytes(tcp4(sport=p, flags="A"))) for p in ports} == before, "established stay"
+    fresh = {p: backend_of(sim, bytes(tcp4(sport=p))) for p in flows(64, 50000)}
+    assert len(set(fresh.values())) == 1, "one client, one backend"
+    # Weights change: established source-hashed flows keep their backend too (the table, not the hash).
+    sim.reprogram(make_config(lambda d: d["vip"][0].update(
+        hash="source", backend=[{"address": "10.0.0.1"}, {"address": "10.0.0.2"}, {"address": "10.0.0.3"},
+                                {"address": "10.0.0.5", "weight": 5}])))
+    assert {p: backend_of(sim, bytes(tcp4(sport=p, flags="A"))) for p in fresh} == fresh
+    sim.reprogram(make_config())
+    assert {p: backend_of(sim, bytes(tcp4(sport=p, flags="A"))) for p in fresh} == fresh
+    assert len({backend_of(sim, bytes(tcp4(sport=p))) for p in flows(64, 60000)}) == 3, "spread again"
