@@ -54,11 +54,13 @@ def interface_mtu(ifname: str) -> int:
         return int(_link(ipr, ifname).get_attr("IFLA_MTU"))
 
 
-def link_state(ifname: str) -> tuple[bool, str]:
-    """(administratively up, the kernel's operstate: "UP", "DOWN", "LOWERLAYERDOWN", "UNKNOWN", ...)."""
+def link_state(ifname: str) -> tuple[bool, str, int]:
+    """(administratively up, the kernel's operstate: "UP", "DOWN", "LOWERLAYERDOWN", "UNKNOWN", ..., MTU):
+    one read for everything the link watcher follows."""
     with _ipr() as ipr:
         link = _link(ipr, ifname)
-        return bool(link["flags"] & 1), str(link.get_attr("IFLA_OPERSTATE"))  # 1: IFF_UP
+        return (bool(link["flags"] & 1), str(link.get_attr("IFLA_OPERSTATE")),  # flags 1: IFF_UP
+                int(link.get_attr("IFLA_MTU")))
 
 
 def interface_addresses(ifname: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

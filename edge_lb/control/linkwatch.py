@@ -1,4 +1,6 @@
-"""Is this node's own link up? Followed from netlink link events (at once) and a re-read every 0.5 s.
+"""This node's own link, followed from netlink link events (at once) and a re-read every 0.5 s: is it up,
+and its MTU (when [node].mtu does not fix it: `ip link set eth0 mtu 1400` reaches the ctl map within a second,
+so the data plane's too-big check uses the MTU the driver enforces).
 
 While the link is down, and for a moment after it is back, a failed check says nothing about its backend: the
 health monitor asks `during(start, end)` for every failed check and counts it as this node's fault
@@ -21,6 +23,7 @@ from healthchecks.local import LINK_DOWN
 _POLL = 0.5  # seconds between re-reads without an event
 _BACKOFF = 5.0  # ... while reads fail (out of descriptors: each try costs pyroute2 a half-built event loop)
 AFTER_UP = 1.0  # seconds after the link is back during which a failed check is still blamed on it
+_MIN_MTU = 576  # below this an MTU is a misreading, not a setting to follow (IPv4's minimum datagram size)
 _DOWN_STATES = frozenset({"DOWN", "LOWERLAYERDOWN", "NOTPRESENT"})  # UNKNOWN (no carrier info) counts as up
 
 
@@ -33,6 +36,11 @@ def link_fault(ifname: str, admin_up: bool, operstate: str) -> str | None:
     return None
 
 
+def new_mtu(mtu: int, current: int | None) -> bool:
+    """A read MTU worth writing: followed (current is not None), plausible and different."""
+    return current is not None and mtu >= _MIN_MTU and mtu != current
+
+
 def down_during(start: float, end: float, down_since: float | None, up_at: float | None,
                 after_up: float = AFTER_UP) -> bool:
     """Whether the link was down at some moment of [start, end] (monotonic), counting `after_up` seconds past
@@ -43,9 +51,12 @@ def down_during(start: float, end: float, down_since: float | None, up_at: float
 
 
 class LinkWatch:
-    def __init__(self, ifname: str, *, read: Callable[[str], tuple[bool, str]] = netlink.link_state,
-                 poll: float = _POLL, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ifname: str, *, read: Callable[[str], tuple[bool, str, int]] = netlink.link_state,
+                 poll: float = _POLL, clock: Callable[[], float] = time.monotonic,
+                 mtu: int | None = None, on_mtu: Callable[[int], None] | None = None) -> None:
         self.ifname = ifname
+        self.mtu = mtu  # the MTU written; None: not followed ([node].mtu fixes it)
+        self._on_mtu = on_mtu
         self.fault: str | None = None  # why the link is down now
         self.down_since: float | None = None  # monotonic
         self.up_at: float | None = None  # when it last came back
@@ -101,7 +112,7 @@ class LinkWatch:
 
     async def _refresh(self) -> None:
         try:
-            admin_up, operstate = await asyncio.to_thread(self._read, self.ifname)
+            admin_up, operstate, mtu = await asyncio.to_thread(self._read, self.ifname)
         except NetlinkError as exc:  # the interface is gone
             self.set(f"{self.ifname}: {exc}")
             return
@@ -111,6 +122,11 @@ class LinkWatch:
             return
         self._readable = True
         self.set(link_fault(self.ifname, admin_up, operstate))
+        if new_mtu(mtu, self.mtu) and self._on_mtu is not None:
+            events.emit("link", interface=self.ifname, old_mtu=self.mtu, new_mtu=mtu,
+                        result="ctl map update queued")
+            self.mtu = mtu
+            self._on_mtu(mtu)
 
     async def _listen(self) -> None:
         """Wake the loop on a link event about our interface; without a socket the poll alone follows it."""

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from edge_lb.control.attachment import Attachment
 from edge_lb.control.gwwatch import GatewayWatcher
 from edge_lb.control.instance import SECOND_RUN, InstanceLock
 from edge_lb.control.linkwatch import LinkWatch
-from edge_lb.control.mtuwatch import MtuWatcher
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
@@ -91,7 +90,6 @@ class Supervisor:
         self.ops.api = self.control.connections  # status and /metrics show the API's connections
         self.node: RunningNode | None = None  # set at the end of startup
         self._early_mac: str | None = None  # a gateway MAC change seen before the node existed
-        self._followers: list[Callable[[], Coroutine[Any, Any, None]]] = []  # main-loop link followers
         self._undo = contextlib.AsyncExitStack()  # what startup did, undone in reverse by shutdown
         self._tasks: list[asyncio.Task[Any]] = []
         self._starting: asyncio.Task[None] | None = None  # cancelled by a SIGTERM that comes while starting
@@ -151,7 +149,6 @@ class Supervisor:
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
-        self._follow_mtu(config, state)
         self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp)
         self.ops.serve(self.node)
         if self._early_mac is not None and self._early_mac != state.link.gw_mac:
@@ -159,14 +156,6 @@ class Supervisor:
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
         notify("READY=1")  # systemd Type=notify: started only now
-
-    def _follow_mtu(self, config: Config, state: NodeState) -> None:
-        """[node].mtu unset: the interface's MTU is followed live (a main-loop worker)."""
-        if config.node.mtu:
-            return
-        def changed(mtu: int) -> None:
-            state.follow_link(replace(state.link, mtu=mtu), "mtu")
-        self._followers.append(MtuWatcher(config.node.interface, state.link.mtu, changed).run)
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:
@@ -176,8 +165,11 @@ class Supervisor:
 
     async def _watch_link(self, config: Config, state: NodeState) -> None:
         """The node's own link, followed before the first check: checks that fail while it is down are not
-        counted against their backends (control/localfaults.py)."""
-        watch = LinkWatch(config.node.interface)
+        counted against their backends (control/localfaults.py); its MTU is followed too."""
+        def mtu_changed(mtu: int) -> None:  # a link fact: the next change writes it
+            state.follow_link(replace(state.link, mtu=mtu), "mtu")
+        followed = not config.node.mtu  # [node].mtu fixes it; else the interface's is followed live
+        watch = LinkWatch(config.node.interface, mtu=state.link.mtu if followed else None, on_mtu=mtu_changed)
         await watch.start()
         self._on_shutdown("link watch", watch.stop)
         state.follow_own_link(watch)
@@ -257,7 +249,6 @@ class Supervisor:
         if node.bgp is not None:
             workers.append(asyncio.create_task(node.bgp.run(), name="bgp"))
         workers.append(asyncio.create_task(self.watchdog.run(node.state.monitor, node.bgp), name="watchdog"))
-        workers += [asyncio.create_task(follow(), name="link follower") for follow in self._followers]
         stopper = asyncio.create_task(self.stopping.wait(), name="stop")
         done, _ = await asyncio.wait({*workers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (*workers, stopper):

@@ -332,10 +332,11 @@ def test_status_text_names_a_minority_of_local_faults_and_the_link() -> None:
 def test_the_link_watch_reads_the_kernel_and_keeps_its_word_when_it_cannot() -> None:
     from edge_lb.errors import NetlinkError
 
-    answers: list[object] = [(True, "UP"), (True, "LOWERLAYERDOWN"), OSError(24, "Too many open files"),
-                             NetlinkError("interface 'eth0' not found"), (True, "UP")]
+    answers: list[object] = [(True, "UP", 1500), (True, "LOWERLAYERDOWN", 1500),
+                             OSError(24, "Too many open files"), NetlinkError("interface 'eth0' not found"),
+                             (True, "UP", 1500)]
 
-    def read(ifname: str) -> tuple[bool, str]:
+    def read(ifname: str) -> tuple[bool, str, int]:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
