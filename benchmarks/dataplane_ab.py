@@ -11,10 +11,11 @@ versions in one process is what makes a difference that small visible."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import tempfile
 from pathlib import Path
+
+from dataplane_breakdown import interleaved
 
 from edge_lb.dataplane import bench, loader
 
@@ -41,21 +42,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each version, interleaved")
     parser.add_argument("--packets", type=int, default=3000, help="test runs per case and round")
     args = parser.parse_args()
-    original = loader.BPF_DIR
-    samples: dict[str, dict[str, list[float]]] = {"base": {}, "tree": {}}
     with tempfile.TemporaryDirectory(prefix="edge-lb-ab-") as tmp:
-        dirs = {"base": export(args.base, Path(tmp) / "base"), "tree": original}
-        try:
-            for _ in range(args.repeats):
-                for name, where in dirs.items():
-                    loader.BPF_DIR = where
-                    cases, _cpu = bench.measure(args.packets)
-                    floor = cases["floor"]["ns_per_packet"]
-                    for case, figures in cases.items():
-                        samples[name].setdefault(case, []).append(figures["ns_per_packet"] / floor)
-        finally:
-            loader.BPF_DIR = original
-    med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in samples.items()}
+        dirs = {"base": export(args.base, Path(tmp) / "base"), "tree": loader.BPF_DIR}
+        med = interleaved(dirs, args.repeats, args.packets)  # the breakdown's method, two versions
     print(f"cost as a multiple of floor.c's in the same run, median of {args.repeats} runs per version "
           f"({args.packets} packets x {bench.ROUNDS} rounds each); base = bpf/ at {args.base}")
     print(f"{'version':<8}" + "".join(f"{c:>18}" for c in SHOWN))

@@ -51,27 +51,33 @@ def variant_dir(root: Path, name: str) -> Path:
     return where
 
 
+def interleaved(dirs: dict[str, Path], repeats: int, packets: int) -> dict[str, dict[str, float]]:
+    """Each version of bpf/ in `dirs` benched in turn, `repeats` rounds: per version and case, the median of
+    its cost as a multiple of floor.c's in the same run (a shared VM's load moves absolute figures)."""
+    original = loader.BPF_DIR
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in dirs}
+    try:
+        for _ in range(repeats):
+            for name, where in dirs.items():
+                loader.BPF_DIR = where
+                cases, _cpu = bench.measure(packets)
+                floor = cases["floor"]["ns_per_packet"]
+                for case, figures in cases.items():
+                    samples[name].setdefault(case, []).append(figures["ns_per_packet"] / floor)
+    finally:
+        loader.BPF_DIR = original
+    return {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--packets", type=int, default=5000, help="test runs per case and round")
     args = parser.parse_args()
-    original = loader.BPF_DIR
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="edge-lb-breakdown-") as tmp:
         dirs = {name: variant_dir(Path(tmp), name) for name in VARIANTS}
-        try:
-            for _ in range(args.repeats):
-                for name, where in dirs.items():
-                    loader.BPF_DIR = where
-                    cases, _cpu = bench.measure(args.packets)
-                    floor = cases["floor"]["ns_per_packet"]
-                    for case, figures in cases.items():
-                        samples[name].setdefault(case, []).append(figures["ns_per_packet"] / floor)
-        finally:
-            loader.BPF_DIR = original
-    med = {n: {c: statistics.median(v) for c, v in cases.items()} for n, cases in samples.items()}
+        med = interleaved(dirs, args.repeats, args.packets)
     print(f"cost as a multiple of floor.c's in the same run, median of {args.repeats} runs per variant "
           f"({args.packets} packets x {bench.ROUNDS} rounds each); in brackets: the difference to base")
     print(f"{'variant':<10}" + "".join(f"{c:>18}" for c in SHOWN))
