@@ -12,22 +12,7 @@ from edge_lb.cli import main
 from edge_lb.control.instance import InstanceLock, holder
 from edge_lb.errors import SupervisorError
 
-CONFIG = """
-[node]
-interface = "eth0"
-mac = "02:00:00:00:00:01"
-gateway_mac = "00:00:de:ad:be:af"
-mtu = 1500
-
-[[vip]]
-address = "10.200.1.1"
-port = 80
-protocol = "tcp"
-
-  [[vip.backend]]
-  address = "10.0.0.1"
-  weight = 1
-"""
+from .test_cli import GOOD as CONFIG  # the CLI tests' minimal valid config
 
 
 @pytest.fixture
