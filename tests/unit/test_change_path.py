@@ -342,3 +342,27 @@ def test_an_unknown_backend_changes_nothing(tmp_path: Path) -> None:
             await node.rec.set_weight(VIP2, str(B1), 0)
         assert node.log.since(mark) == []
     run(tmp_path, cfg, body)
+
+
+
+def test_a_pending_change_of_a_vips_attributes_never_withdraws_it(tmp_path: Path) -> None:
+    """While a change is between its withdraw-first and its write, the controller's own sync keeps a prefix
+    both configs serve, with its running attributes: comparing whole routes withdrew a VIP whose prepend a
+    reload changed, for as long as the change took."""
+    cfg = config(tmp_path, {"10.200.1.1": [(B1, 1)]})
+    prepended = parse_config({
+        "node": {"interface": "eth0"}, "dataplane": {"ring_size": RING, "max_backends": 8},
+        "bgp": {"local_as": 65001, "disable_file": str(tmp_path / "off"), "drain_time": 0,
+                "peer": [{"address": "10.9.0.1", "as": 65000}]},
+        "vip": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp", "bgp": {"as_path_prepend": 2},
+                 "backend": [{"address": str(B1)}]}]})
+
+    async def body(node: Node) -> None:
+        await node.start()
+        await node.announced("10.200.1.1/32")
+        mark = len(node.log.lines)
+        await node.bgp.withdraw_first(prepended)  # the change path's first step; its write not done yet
+        await node.bgp.sync("poll")  # the controller's loop runs meanwhile
+        assert node.log.since(mark) == [], "nothing withdrawn, nothing re-announced before the write"
+        node.bgp.changed()
+    run(tmp_path, cfg, body)

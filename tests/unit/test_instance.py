@@ -70,3 +70,17 @@ def test_an_unwritable_run_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(paths, "RUN_DIR", blocker / "run")  # a file where the directory should be
     with pytest.raises(SupervisorError, match=r"cannot open the instance lock .*run/default\.lock"):
         InstanceLock.take("default", "edge-lb run", "-")
+
+
+def test_the_lock_file_is_root_only_and_an_old_0644_one_is_mended(run_dir: Path) -> None:
+    """flock needs only a readable descriptor: a lock file others can read lets any user hold a shared lock
+    on it and keep every `edge-lb run` out."""
+    path = paths.lock("default")
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    path.chmod(0o644)  # as the first version made it
+    lock = InstanceLock.take("default", "edge-lb run", "test")
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        lock.release()
