@@ -225,3 +225,32 @@ def test_after_a_long_stall_the_heartbeat_waits_for_checks_newer_than_the_stall(
     assert step() > 2
     beats = speaker.beats
     assert step(lag=1.5) == beats + 1, "a lag below heartbeat_timeout: beats on"
+
+
+def test_a_check_scheduler_stall_also_waits_for_fresh_checks() -> None:
+    """The bridge expires on the time since the last heartbeat, whatever stopped it. A stall of the checks
+    (the loop ticking on time) withholds heartbeats too: when checks resume, the heartbeat must wait for
+    health newer than the stall, as after a loop stall (it used to beat at once on pre-stall health)."""
+    clock, speaker, wall = Clock(), FakeSpeaker(), Clock(1000.0)
+    one, two = _key("10.0.0.1"), _key("10.0.0.2")
+    monitor = FakeMonitor({one: 5, two: 5}, {one: 999.0, two: 999.0})
+    dog = Watchdog({}, clock, wall=wall)
+    dog.resync_after = 2.0
+    scheduler = Scheduler(monitor, clock)  # type: ignore[arg-type]
+
+    def step(checks: bool) -> int:
+        clock.now += 0.5
+        wall.now += 0.5
+        if checks:
+            monitor.checks[one] += 1
+        dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)  # never any loop lag
+        return speaker.beats
+
+    assert step(checks=True) == 1
+    for _ in range(16):  # 8 s without a completed check: past the scheduler's bound
+        step(checks=False)
+    assert not dog.ok
+    stalled = speaker.beats
+    assert step(checks=True) == stalled, "checks run again, but two's health is from before the stall"
+    monitor.checked_at[one] = monitor.checked_at[two] = wall.now + 0.1
+    assert step(checks=True) == stalled + 1, "fresh health everywhere: announced again"
