@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* edge-lb XDP balancer: the packet path only. Layouts, maps and constants live in balancer_*.h.
- * VIP packet -> connection table (SYN skips it) or the VIP's Maglev ring -> IPIP / IP6IP6 / 4in6 -> XDP_TX.
+ * VIP packet -> connection table (SYN skips it) or the VIP's Maglev ring -> IPIP / IP6IP6 / 4in6, or the same in
+ * UDP (GUE, gue.h) for backends with BACKEND_F_GUE -> XDP_TX.
  * Everything that is not a VIP packet leaves untouched with XDP_PASS. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -13,6 +14,7 @@
 #include "balancer_consts.h"
 #include "balancer_structs.h"
 #include "balancer_maps.h"
+#include "gue.h"
 
 /* What the parser learned about one packet. */
 struct packet {
@@ -465,21 +467,33 @@ static __always_inline void write_eth(struct ethhdr *eth, struct lb_ctl *ctl, __
   eth->h_proto = bpf_htons(proto);
 }
 
+/* What the outer header's protocol / next header says follows it. */
+static __always_inline __u8 outer_proto(struct packet *p, int gue) {
+  if (gue)
+    return IPPROTO_UDP;
+  return p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+}
+
 static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct backend *be,
                                     struct lb_ctl *ctl, __u32 hash) {
-  if (bpf_xdp_adjust_head(ctx, 0 - IPV4_HDR_LEN))
+  int gue = be->flags & BACKEND_F_GUE;
+  int hdr_len = IPV4_HDR_LEN + (gue ? GUE_UDP_LEN : 0);
+  if (bpf_xdp_adjust_head(ctx, 0 - hdr_len))
     return STAT_DROP_ENCAP_FAILED;
   void *data = (void *)(long)ctx->data;
   void *data_end = (void *)(long)ctx->data_end;
   struct ethhdr *eth = data;
   struct iphdr *outer = data + sizeof(struct ethhdr);
-  if ((void *)(outer + 1) > data_end)
+  struct udphdr *udp = (void *)(outer + 1); /* GUE only; inside the frame either way (the inner packet is there) */
+  if ((void *)(udp + 1) > data_end)
     return STAT_DROP_ENCAP_FAILED;
   write_eth(eth, ctl, ETH_P_IP);
+  if (gue)
+    gue_udp_header(udp, hash, p->ip_len, GUE_PORT);
   outer->version = 4;
   outer->ihl = 5;
   outer->tos = p->tos;
-  outer->tot_len = bpf_htons(p->ip_len + IPV4_HDR_LEN);
+  outer->tot_len = bpf_htons(p->ip_len + hdr_len);
   /* DF copied (path MTU discovery keeps working for the client). A DF-clear packet may be fragmented on the way
    * to the backend: its outer ID must then vary (RFC 6864), so it is random per packet and never 0. */
   __u16 id = 0;
@@ -490,7 +504,7 @@ static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct
   outer->id = bpf_htons(id);
   outer->frag_off = p->df;
   outer->ttl = OUTER_TTL;
-  outer->protocol = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  outer->protocol = outer_proto(p, gue);
   outer->check = 0;
   outer->saddr = ctl->encap_v4_prefix | (hash & ctl->encap_v4_hostmask);
   outer->daddr = be->addr[0];
@@ -500,23 +514,28 @@ static __always_inline int encap_v4(struct xdp_md *ctx, struct packet *p, struct
 
 static __always_inline int encap_v6(struct xdp_md *ctx, struct packet *p, struct backend *be,
                                     struct lb_ctl *ctl, __u32 hash) {
-  if (bpf_xdp_adjust_head(ctx, 0 - IPV6_HDR_LEN))
+  int gue = be->flags & BACKEND_F_GUE;
+  int extra = gue ? GUE_UDP_LEN : 0;
+  if (bpf_xdp_adjust_head(ctx, 0 - (IPV6_HDR_LEN + extra)))
     return STAT_DROP_ENCAP_FAILED;
   void *data = (void *)(long)ctx->data;
   void *data_end = (void *)(long)ctx->data_end;
   struct ethhdr *eth = data;
   struct ipv6hdr *outer = data + sizeof(struct ethhdr);
-  if ((void *)(outer + 1) > data_end)
+  struct udphdr *udp = (void *)(outer + 1);
+  if ((void *)(udp + 1) > data_end)
     return STAT_DROP_ENCAP_FAILED;
   write_eth(eth, ctl, ETH_P_IPV6);
+  if (gue)
+    gue_udp_header(udp, hash, p->ip_len, GUE_PORT);
   outer->version = 6;
   outer->priority = p->tos >> 4;
   /* Flow label from the flow hash: routers and NICs spread tunnelled flows by it. */
   outer->flow_lbl[0] = (p->tos << 4) | ((hash >> 16) & 0x0f);
   outer->flow_lbl[1] = hash >> 8;
   outer->flow_lbl[2] = hash;
-  outer->payload_len = bpf_htons(p->ip_len);
-  outer->nexthdr = p->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  outer->payload_len = bpf_htons(p->ip_len + extra);
+  outer->nexthdr = outer_proto(p, gue);
   outer->hop_limit = OUTER_TTL;
   __u32 *src = (__u32 *)&outer->saddr;
   src[0] = ctl->encap_v6_prefix[0];
@@ -684,7 +703,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct 
     return XDP_DROP;
   }
   int v6 = be->flags & BACKEND_F_IPV6;
-  __u32 overhead = v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN;
+  __u32 overhead = (v6 ? IPV6_HDR_LEN : IPV4_HDR_LEN) + (be->flags & BACKEND_F_GUE ? GUE_UDP_LEN : 0);
   if (p->l3_len + overhead > ctl->mtu) { /* what really goes on the wire */
     count(STAT_DROP_TOO_BIG, p->ip_len);
     /* The client is told when its packet itself is too big (not only its padding), unless it is an ICMP error

@@ -18,6 +18,9 @@
 #ifndef ICMP_TOO_BIG_RATE
 #error "ICMP_TOO_BIG_RATE (ICMP too-big replies per CPU per second; 0 = none) must be given with -D"
 #endif
+#ifndef GUE_PORT
+#error "GUE_PORT (UDP destination port of GUE encapsulation, [dataplane] gue_port) must be given with -D"
+#endif
 
 /* One array holds every VIP's ring: VIP n owns slots [n * RING_SIZE, (n + 1) * RING_SIZE). */
 #define RINGS_ENTRIES (RING_SIZE * MAX_VIPS)
@@ -64,8 +67,9 @@
 #define VIP_ADDR_NO_ECHO (1u << 31)
 
 /* ICMP too-big replies to the client (RFC 1812 4.3.2.3: as much of the packet as fits in 576 bytes; RFC 4443 2.4:
- * as much as fits in the IPv6 minimum MTU, 1280). A packet that gets one is longer than MTU - 40 >= 1240 bytes
- * (node.mtu >= 1280), so the quote is always this long; both are multiples of 4 (bpf_csum_diff). */
+ * as much as fits in the IPv6 minimum MTU, 1280). A packet that gets one is longer than MTU - 48 >= 1232 bytes
+ * (node.mtu >= 1280; 48 = IPv6 + UDP, the largest encapsulation: GUE over IPv6), so the quote is always this long;
+ * both are multiples of 4 (bpf_csum_diff). */
 #define ICMP4_QUOTE_LEN 548  /* 576 - 20 - 8 */
 #define ICMP6_QUOTE_LEN 1232 /* 1280 - 40 - 8 */
 #define LB_ICMP_PROTO 1
@@ -87,6 +91,7 @@
 /* backend.flags */
 #define BACKEND_F_IPV6 (1u << 0) /* addr holds an IPv6 address: IP6IP6 / 4in6 */
 #define BACKEND_F_UP (1u << 1)   /* may carry existing flows; cleared when the backend is down or removed */
+#define BACKEND_F_GUE (1u << 2)  /* encap = "gue": the same outer IP header, then UDP to GUE_PORT (gue.h) */
 
 /* Internal return value of helpers: keep going. Verdicts are >= 0. */
 #define LB_CONTINUE -1

@@ -52,6 +52,7 @@ class Backend:
     address: IPAddress
     weight: int = 1  # 0..1000; 0 = drained: keeps its existing flows, gets no new ones
     healthcheck: CheckSpec = field(default_factory=CheckSpec)  # effective: the VIP's + this backend's keys
+    encap: str = "ipip"  # effective: this backend's `encap`, else its VIP's (ENCAPS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +66,7 @@ class Vip:
     route: RouteAttrs = field(default_factory=RouteAttrs)  # [vip.bgp]
     icmp_echo: bool = True  # ICMP echo to the address answered by the data plane; off if a VIP on it says no
     hash: str = "flow"  # a new flow's Maglev slot: "flow" (addresses, protocol, ports) or "source" (client)
+    encap: str = "ipip"  # default of its backends: "ipip" (IPIP / IP6IP6 / 4in6) or "gue" (the same in UDP)
 
     @property
     def name(self) -> str:
@@ -101,6 +103,9 @@ class Dataplane:
     # ICMP frag-needed / packet-too-big replies to clients whose packets are too big once encapsulated, per
     # CPU per second (a flood of big packets must not make an ICMP cannon); 0 = none: such packets are dropped
     icmp_too_big_rate: int = 1000
+    # UDP destination port of GUE-encapsulated packets (backends with encap = "gue"); the backends' decap
+    # listens on the same port. 6080 as Katran's GUE_DPORT
+    gue_port: int = 6080
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +224,7 @@ _DATAPLANE = {
     "encap_src_v6": network(6, 32, 124, "fd00:e1b::/64"),
     "xdp_mode": choice("native", "generic"),
     "icmp_too_big_rate": integer(0, 1_000_000),
+    "gue_port": integer(1, 65535),
 }
 
 
@@ -243,8 +249,9 @@ _CHECK: dict[str, Callable[[Any], Any]] = {
     "command": argv,
 }
 VIP_HASHES = ("flow", "source")  # [[vip]] hash: what picks the Maglev slot of a new flow
+ENCAPS = ("ipip", "gue")  # [[vip]] / [[vip.backend]] encap: how packets travel to the backend
 _VIP = {"address": address, "port": integer(0, 65535), "protocol": choice("tcp", "udp")}
-_BACKEND = {"address": address, "weight": integer(0, 1000)}
+_BACKEND = {"address": address, "weight": integer(0, 1000), "encap": choice(*ENCAPS)}
 
 
 def _listen(value: Any) -> tuple[str, int]:
@@ -329,7 +336,8 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
 
 
 def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> list[tuple[Table, Vip]]:
-    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "hash", "healthcheck", "bgp", "backend"))
+    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "hash", "encap", "healthcheck", "bgp",
+                                "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
@@ -354,7 +362,8 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
     if not explicit and "type" not in check_table.data:
         spec = _implicit(spec, values.get("port"), values.get("protocol"))
     backend_tables = table.array("backend", (*_BACKEND, "healthcheck"))
-    backends = _backends(backend_tables, values.get("address"), spec, port0)
+    encap = table.get("encap", choice(*ENCAPS)) or "ipip"
+    backends = _backends(backend_tables, values.get("address"), spec, port0, encap)
     min_healthy = table.get("min_healthy", integer(0, 100_000))
     if min_healthy is not None and min_healthy > len(backend_tables):
         table.problem("min_healthy", f"{min_healthy} is more than the VIP's {len(backend_tables)} backends: "
@@ -366,11 +375,11 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
         return None
     return Vip(**values, backends=backends, healthcheck=spec, route=route,
                min_healthy=1 if min_healthy is None else min_healthy, icmp_echo=icmp_echo is not False,
-               hash=hash_by or "flow")
+               hash=hash_by or "flow", encap=encap)
 
 
 def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,
-              port0: bool) -> tuple[Backend, ...]:
+              port0: bool, encap: str) -> tuple[Backend, ...]:
     """The valid backends of one VIP; a repeated address or an IPv4 backend of an IPv6 VIP is a problem."""
     seen: dict[IPAddress, str] = {}
     backends = []
@@ -386,7 +395,7 @@ def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSp
         else:
             own = table.table("healthcheck", tuple(_CHECK))
             spec = _check(own, check, port0) if own.data else check
-            backends.append(Backend(**values, healthcheck=spec))
+            backends.append(Backend(**{"encap": encap, **values}, healthcheck=spec))
         seen.setdefault(address, table.path)
     return tuple(backends)
 

@@ -45,6 +45,7 @@ class BackendSlot:
     vip_num: int
     address: IPAddress
     up: bool = True  # may carry existing flows (healthy or drained)
+    gue: bool = False  # encap = "gue": in UDP to [dataplane] gue_port (BACKEND_F_GUE); else IP in IP
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,9 @@ def desired_state(config: Config, alloc: Allocator,
         num = vips[key] = alloc.vip_num(key)
         indexes = {b.address: alloc.backend(num, b.address) for b in vip.backends}
         healthy = {a: health.get((key, a), True) for a in indexes}
-        for address, idx in indexes.items():
-            backends[idx] = BackendSlot(num, address, up=healthy[address])
+        for b in vip.backends:
+            up, gue = healthy[b.address], b.encap == "gue"
+            backends[indexes[b.address]] = BackendSlot(num, b.address, up=up, gue=gue)
         rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used, tables)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
     for vip in config.vips:

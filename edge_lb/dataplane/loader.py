@@ -31,6 +31,7 @@ BPF_DIR = asset_dir("bpf")
 FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in bpf/balancer_consts.h
 BACKEND_F_IPV6 = 1 << 0  # bpf/balancer_consts.h
 BACKEND_F_UP = 1 << 1  # bpf/balancer_consts.h
+BACKEND_F_GUE = 1 << 2  # bpf/balancer_consts.h
 XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / _DRV_MODE, linux/if_link.h
 
 
@@ -106,10 +107,12 @@ class MapSizes:
     max_backends: int
     conn_table_size: int
     icmp_too_big_rate: int = 0  # not a size: a compile-time setting (-D) beside them; 0 = no ICMP too-big
+    gue_port: int = 6080  # not a size either: the GUE destination port (-D GUE_PORT)
 
     @classmethod
     def of(cls, s: DataplaneSettings) -> MapSizes:
-        return cls(s.ring_size, s.max_vips, s.max_backends, s.conn_table_size, s.icmp_too_big_rate)
+        return cls(s.ring_size, s.max_vips, s.max_backends, s.conn_table_size, s.icmp_too_big_rate,
+                   s.gue_port)
 
     def max_entries(self) -> dict[str, int]:
         return {"vips": self.max_vips, "vip_addrs": self.max_vips, "vip_filter": VIP_FILTER_BITS // 32,
@@ -121,7 +124,8 @@ class MapSizes:
     def cflags(self) -> list[str]:
         return [f"-DRING_SIZE={int(self.ring_size)}", f"-DMAX_VIPS={int(self.max_vips)}",
                 f"-DMAX_BACKENDS={int(self.max_backends)}", f"-DCONN_TABLE_SIZE={int(self.conn_table_size)}",
-                f"-DICMP_TOO_BIG_RATE={int(self.icmp_too_big_rate)}", f"-I{BPF_DIR}"]
+                f"-DICMP_TOO_BIG_RATE={int(self.icmp_too_big_rate)}", f"-DGUE_PORT={int(self.gue_port)}",
+                f"-I{BPF_DIR}"]
 
 
 def check_pinned(pins: Path, sizes: MapSizes) -> None:
@@ -246,7 +250,8 @@ class BccMapIO:
             if v.flags == 0 and not any(v.addr):  # cleared slot (a down IPv4 backend also has flags 0)
                 continue
             fam = 6 if v.flags & BACKEND_F_IPV6 else 4
-            out[int(k)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP))
+            out[int(k)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP),
+                                      bool(v.flags & BACKEND_F_GUE))
         return out
 
     def read_vip_addrs(self) -> dict[IPAddress, int]:
@@ -310,7 +315,7 @@ class BccMapIO:
             leaf = t.Leaf()
             ctypes.memmove(leaf.addr, _addr_words(slot.address), 16)
             leaf.flags = ((BACKEND_F_IPV6 if slot.address.version == 6 else 0)
-                          | (BACKEND_F_UP if slot.up else 0))
+                          | (BACKEND_F_UP if slot.up else 0) | (BACKEND_F_GUE if slot.gue else 0))
             leaf.vip_num = slot.vip_num
             self._set(t, t.Key(idx), leaf, f"backend {idx} ({slot.address})")
 

@@ -223,6 +223,10 @@ DELETE = object()
         ("vip.0.protocol", "sctp", 'vip[0].protocol: must be "tcp" or "udp"'),
         ("vip.0.hash", "src", 'vip[0].hash: must be "flow" or "source"'),
         ("vip.0.hash", True, 'vip[0].hash: must be "flow" or "source"'),
+        ("vip.0.encap", "gre", 'vip[0].encap: must be "ipip" or "gue"'),
+        ("vip.1.backend.0.encap", "GUE", 'vip[1].backend[0].encap: must be "ipip" or "gue"'),
+        ("dataplane.gue_port", 0, "dataplane.gue_port: must be an integer 1..65535"),
+        ("dataplane.gue_port", "6080", "dataplane.gue_port: must be an integer 1..65535"),
         ("vip.0.address", DELETE, "vip[0].address: required"),
         ("vip.0.address", "224.0.0.1", "vip[0].address: 224.0.0.1 is a multicast address"),
         ("vip.0.address", "0.0.0.0", "vip[0].address: 0.0.0.0 is the unspecified address"),
@@ -374,3 +378,15 @@ LISTEN = 'api.listen: must be "address:port", like "127.0.0.1:9100" or "[::1]:91
 ])
 def test_api_problems(api: dict[str, Any], problem: str) -> None:
     assert problems({**base(), "api": api}) == [problem]
+
+
+def test_encap_is_the_vips_default_and_a_backends_override() -> None:
+    data = base()
+    data["vip"][0]["encap"] = "gue"
+    data["vip"][0]["backend"].append({"address": "10.0.0.2", "encap": "ipip"})
+    data["dataplane"] = {"gue_port": 7000}
+    config = parse_config(data)
+    assert config.dataplane.gue_port == 7000 and Dataplane().gue_port == 6080
+    assert config.vips[0].encap == "gue" and config.vips[1].encap == "ipip"
+    assert [b.encap for b in config.vips[0].backends] == ["gue", "ipip"]
+    assert [b.encap for b in config.vips[1].backends] == ["ipip"]

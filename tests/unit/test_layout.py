@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from edge_lb.config import Dataplane as DataplaneSettings
-from edge_lb.dataplane import bpfsys, counters, decap, desired, loader, simulate
+from edge_lb.dataplane import bpfsys, counters, decap, desired, gue, loader, simulate
 
 BPF_DIR = loader.BPF_DIR
 UAPI = Path("/usr/include/linux")
@@ -82,7 +82,18 @@ def struct_fields(text: str, name: str) -> list[str]:
 def test_backend_flags_match_the_c() -> None:
     consts = defines(source("balancer_consts.h"))
     flags = {name: c_value(value, consts) for name, value in consts.items() if name.startswith("BACKEND_F_")}
-    assert flags == {"BACKEND_F_IPV6": loader.BACKEND_F_IPV6, "BACKEND_F_UP": loader.BACKEND_F_UP}
+    assert flags == {"BACKEND_F_IPV6": loader.BACKEND_F_IPV6, "BACKEND_F_UP": loader.BACKEND_F_UP,
+                     "BACKEND_F_GUE": loader.BACKEND_F_GUE}
+
+
+def test_gue_constants_match_the_c() -> None:
+    consts = defines(source("gue.h"))
+    assert {name: c_value(consts[name], consts) for name in ("GUE_UDP_LEN", "GUE_SPORT_BASE",
+                                                              "GUE_SPORT_HASH_MASK")} == {
+        "GUE_UDP_LEN": gue.GUE_UDP_LEN, "GUE_SPORT_BASE": gue.GUE_SPORT_BASE,
+        "GUE_SPORT_HASH_MASK": gue.GUE_SPORT_HASH_MASK}
+    assert "(flow_hash ^ (flow_hash >> 16)) & GUE_SPORT_HASH_MASK" in source("gue.h")
+    assert DataplaneSettings().gue_port == gue.DEFAULT_PORT
 
 
 def test_family_tags_match_the_c() -> None:

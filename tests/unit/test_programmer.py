@@ -336,3 +336,26 @@ def test_hash_key_is_a_vip_value_rewrite(node: tuple[FakeMapIO, NodeMaps]) -> No
     assert not NodeMaps(io, source, LINK, adopt=True).apply(source).changed, "adopted with its flag"
     report = maps.apply(cfg())
     assert report.vips_rewritten == 1 and io.vip_flags == {key: 0}
+
+
+def test_encap_is_a_backend_entry_rewrite(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """[[vip]] encap / [[vip.backend]] encap: carried as BackendSlot.gue (BACKEND_F_GUE) by the change path.
+    A reload that switches it rewrites those backend entries only (same indexes, no ring slot, no VIP); a
+    restarted supervisor adopts it as it is."""
+    io, maps = node
+    indexes = dict(io.backends)
+    assert not any(s.gue for s in io.backends.values())
+    gue = cfg(lambda d: d["vip"][0].update(encap="gue"))
+    report = maps.apply(gue)
+    assert report.backends_written == 3 and not report.ring_slots and not report.vips_added
+    assert {i: s.gue for i, s in io.backends.items()} == {i: True for i in indexes}
+    assert not maps.apply(gue).changed
+    assert not NodeMaps(io, gue, LINK, adopt=True).apply(gue).changed, "adopted with its flag"
+
+    def one_back(d: dict[str, Any]) -> None:
+        d["vip"][0]["encap"] = "gue"
+        d["vip"][0]["backend"][1]["encap"] = "ipip"
+
+    report = maps.apply(cfg(one_back))
+    assert report.backends_written == 1
+    assert sorted(str(s.address) for s in io.backends.values() if not s.gue) == ["10.0.0.2"]
