@@ -232,6 +232,12 @@ def cmd_decap(args: argparse.Namespace) -> int:
     return decap.main(args.decap_args)
 
 
+def cmd_backend(args: argparse.Namespace) -> int:
+    from edge_lb.backend import command
+
+    return command.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-lb", description="Edge L4 load balancer (XDP + Maglev + BGP).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -278,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
              config=False)
     sp.add_argument("decap_args", nargs=argparse.REMAINDER,
                     help="see `python -m edge_lb.dataplane.decap --help`")
+    from edge_lb.backend import command as backend_command
+
+    backend_command.configure(add("backend", cmd_backend, "backend side: setup|check|teardown --vip ADDRESS "
+                                  "(VIPs on lo, ARP, rp_filter, decapsulation, MSS)", config=False))
     return p
 
 

@@ -8,6 +8,7 @@
     +-- LabError                the namespace lab could not be built or torn down
     +-- SupervisorError         the supervisor cannot start (another one runs) or cannot be reached
     +-- BgpError                the BGP speaker (ExaBGP) refused a command, is not running, or cannot start
+    +-- BackendError            `edge-lb backend`: a bad argument, a refused setup, a kernel's refusal
 
 Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at
 the module that talks to them, with `raise XError(...) from exc`.
@@ -51,3 +52,8 @@ class SupervisorError(EdgeLbError):
 
 class BgpError(EdgeLbError):
     """The BGP speaker refused a command, is not running, or could not be started."""
+
+
+class BackendError(EdgeLbError):
+    """`edge-lb backend`: a bad argument, a setup it refuses (a missing kernel module, someone else's XDP
+    program, a VIP configured where it would answer ARP), or a change the kernel refused."""

@@ -6,6 +6,10 @@ module that opens pyroute2's IPRoute or AsyncIPRoute.
     gateway_address / gateway_mac(ifname)                        the default gateway through a link
     source_address(dst)                                          the kernel's source address towards dst
     xdp_prog_id(ifname)                                          the XDP program attached to a link
+    interface_networks / add_address / remove_address             addresses with their prefix lengths
+    default_interface()                                          the device of the default route
+    reply_route(dst, src) / set_route_advmss(...)                 the FIB entry a reply takes; its advmss
+    tunnel_links / add_external_tunnel / delete_link              ipip and ip6tnl devices (backends)
     NetlinkEvents                                                link, neighbour and route events, async
 
 The sync functions block (pyroute2's IPRoute runs its own event loop): from async code, run them in a thread.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from edge_lb.errors import NetlinkError
@@ -143,6 +148,174 @@ def xdp_prog_id(ifname: str) -> int | None:
         xdp = _link(ipr, ifname).get_attr("IFLA_XDP")
         prog = xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None
         return int(prog) if prog else None
+
+
+def interface_networks(ifname: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """The addresses of `ifname` with their prefix lengths (10.0.0.1/32 on lo)."""
+    try:
+        with _ipr() as ipr:
+            messages = ipr.get_addr(index=_index(ipr, ifname))
+    except NetlinkError:
+        raise
+    except Exception as exc:
+        raise NetlinkError(f"interface {ifname!r}: reading addresses failed: {exc}") from exc
+    return [ipaddress.ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}")
+            for m in messages]
+
+
+def _address_op(op: str, ifname: str, cidr: str) -> None:
+    iface = ipaddress.ip_interface(cidr)
+    try:
+        with _ipr() as ipr:
+            ipr.addr(op, index=_index(ipr, ifname), address=str(iface.ip), prefixlen=iface.network.prefixlen)
+    except NetlinkError:
+        raise
+    except Exception as exc:
+        raise NetlinkError(f"{op} address {cidr} on {ifname}: {exc}") from exc
+
+
+def add_address(ifname: str, cidr: str) -> None:
+    _address_op("add", ifname, cidr)
+
+
+def remove_address(ifname: str, cidr: str) -> None:
+    """Remove an address; one that is not there is not an error."""
+    if ipaddress.ip_interface(cidr) in interface_networks(ifname):
+        _address_op("del", ifname, cidr)
+
+
+def default_interface() -> str:
+    """The device of the default route (IPv4 first, then IPv6)."""
+    with _ipr() as ipr:
+        for family in (2, 10):
+            for route in ipr.get_default_routes(family=family):
+                if oif := route.get_attr("RTA_OIF"):
+                    return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+    raise NetlinkError("no default route: name the interface")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """One FIB entry: how the kernel names it (family, table, dst, priority) and what a reply needs of it."""
+
+    family: int  # 4 or 6
+    table: int
+    dst: str  # "0.0.0.0/0"
+    priority: int | None
+    gateway: str | None
+    device: str
+    metrics: dict[str, int]  # "advmss", "mtu", ... as set on the route
+    device_mtu: int
+    multipath: bool
+
+
+_RTM_F_FIB_MATCH = 0x2000  # linux/rtnetlink.h: answer with the FIB entry, not a cloned cache route
+
+
+def reply_route(dst: str, src: str | None) -> Route:
+    """The FIB entry the kernel takes from `src` to `dst` (`ip route get fibmatch DST from SRC`); without
+    `src` when it is not (yet) a local address. NetlinkError when there is no route."""
+    version = ipaddress.ip_address(dst).version
+    try:
+        with _ipr() as ipr:
+            try:
+                msg = ipr.route("get", dst=dst, src=src, flags=_RTM_F_FIB_MATCH)[0]
+            except Exception:
+                if src is None:
+                    raise
+                msg = ipr.route("get", dst=dst, flags=_RTM_F_FIB_MATCH)[0]
+            oif = msg.get_attr("RTA_OIF")
+            link = ipr.get_links(oif)[0] if oif else None
+    except Exception as exc:
+        raise NetlinkError(f"route to {dst} from {src}: {exc}") from exc
+    metrics = msg.get_attr("RTA_METRICS")
+    zero = "0.0.0.0" if version == 4 else "::"
+    return Route(
+        family=version, table=int(msg.get_attr("RTA_TABLE") or msg["table"]),
+        dst=f"{msg.get_attr('RTA_DST') or zero}/{msg['dst_len']}", priority=msg.get_attr("RTA_PRIORITY"),
+        gateway=msg.get_attr("RTA_GATEWAY"),
+        device=str(link.get_attr("IFLA_IFNAME")) if link is not None else "?",
+        metrics={k[5:].lower(): int(v) for k, v in (metrics["attrs"] if metrics else [])},
+        device_mtu=int(link.get_attr("IFLA_MTU")) if link is not None else 1500,
+        multipath=msg.get_attr("RTA_MULTIPATH") is not None)
+
+
+def set_route_advmss(family: int, table: int, dst: str, priority: int | None, advmss: int | None) -> None:
+    """Replace the FIB entry (family, table, dst, priority) by itself with advmss set (None: removed), every
+    other attribute and metric kept."""
+    net = ipaddress.ip_network(dst)
+    what = f"route {dst} table {table}"
+    try:
+        with _ipr() as ipr:
+            entries = [r for r in ipr.get_routes(family=2 if family == 4 else 10, table=table,
+                                                 dst_len=net.prefixlen)
+                       if (r.get_attr("RTA_DST") or str(net.network_address)) == str(net.network_address)
+                       and r.get_attr("RTA_PRIORITY") == priority]
+            if not entries:
+                raise NetlinkError(f"{what}: not found")
+            ipr.route("replace", **_route_args(entries[0], advmss, what))
+    except NetlinkError:
+        raise
+    except Exception as exc:
+        raise NetlinkError(f"{what}: setting advmss {advmss}: {exc}") from exc
+
+
+def _route_args(entry: Any, advmss: int | None, what: str) -> dict[str, Any]:
+    if entry.get_attr("RTA_MULTIPATH") is not None:
+        raise NetlinkError(f"{what}: a multipath route; set its advmss by hand "
+                           "(ip route change ... advmss N)")
+    held = entry.get_attr("RTA_METRICS")
+    metrics = {k[5:].lower(): int(v) for k, v in (held["attrs"] if held else [])}
+    metrics.pop("advmss", None)
+    if advmss is not None:
+        metrics["advmss"] = advmss
+    args: dict[str, Any] = {k: entry[k] for k in ("family", "dst_len", "table", "proto", "scope", "type")}
+    for attr, key in (("RTA_DST", "dst"), ("RTA_GATEWAY", "gateway"), ("RTA_OIF", "oif"),
+                      ("RTA_PRIORITY", "priority"), ("RTA_PREFSRC", "prefsrc"), ("RTA_TABLE", "table")):
+        if (value := entry.get_attr(attr)) is not None:
+            args[key] = value
+    args["metrics"] = metrics
+    return args
+
+
+TUNNEL_KINDS = ("ipip", "ip6tnl")
+
+
+def tunnel_links() -> dict[str, tuple[str, bool]]:
+    """Every ipip and ip6tnl device: name -> (kind, administratively up)."""
+    with _ipr() as ipr:
+        out = {}
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind in TUNNEL_KINDS:
+                out[str(link.get_attr("IFLA_IFNAME"))] = (str(kind), bool(link["flags"] & 1))
+        return out
+
+
+def add_external_tunnel(name: str, kind: str) -> None:
+    """An ipip or ip6tnl device in external (collect-metadata) mode, up: it takes every IPIP (ip6tnl: IP6IP6
+    and 4in6, mode any) packet to a local address that no other tunnel claims."""
+    extra = ({"ipip_collect_metadata": True} if kind == "ipip"
+             else {"ip6tnl_collect_metadata": True, "ip6tnl_proto": 0})
+    try:
+        with _ipr() as ipr:
+            ipr.link("add", ifname=name, kind=kind, **extra)
+            ipr.link("set", index=_index(ipr, name), state="up")
+    except NetlinkError:
+        raise
+    except Exception as exc:
+        raise NetlinkError(f"creating {kind} device {name}: {exc}") from exc
+
+
+def delete_link(name: str) -> None:
+    """Delete a device; one that is not there is not an error."""
+    try:
+        with _ipr() as ipr:
+            if idx := ipr.link_lookup(ifname=name):
+                ipr.link("del", index=idx[0])
+    except Exception as exc:
+        raise NetlinkError(f"deleting device {name}: {exc}") from exc
 
 
 class NetlinkEvents:

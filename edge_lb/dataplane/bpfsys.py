@@ -13,6 +13,7 @@ from edge_lb.errors import DataplaneError
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
@@ -64,6 +65,32 @@ def pinned_map_info(path: Path) -> _MapInfo:
         attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
         sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"info of pinned {path}")
         return info
+    finally:
+        os.close(fd)
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _ProgInfo(ctypes.Structure):
+    # Leading fields of struct bpf_prog_info, up to its name.
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_ubyte * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of loaded program `prog_id` (its function's name, at most 15 characters)."""
+    attr = _IdAttr(id=prog_id)
+    fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")
+    try:
+        info = _ProgInfo()
+        attr2 = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr2, f"info of program id {prog_id}")
+        return bytes(info.name).decode(errors="replace")
     finally:
         os.close(fd)
 
