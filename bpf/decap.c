@@ -1,19 +1,25 @@
 // SPDX-License-Identifier: GPL-2.0
 /* edge-lb XDP decapsulator, for backends: the packet path only. Layouts, maps and constants live in decap_*.h.
  *
- * The balancer wraps each client packet in IPIP (IPv4 backend), IP6IP6 or 4in6 (IPv6 backend) and sends it to
- * the backend. This program strips that outer header when the OUTER destination is one of this host's
+ * The balancer wraps each client packet in IPIP (IPv4 backend), IP6IP6 or 4in6 (IPv6 backend), or in the same
+ * outer header plus a UDP header to DECAP_GUE_PORT (GUE variant 1, "direct IP": the inner packet right after the
+ * UDP header, its version nibble telling IPv4 from IPv6; bpf/gue.h), and sends it to the backend.
+ * This program strips that outer header (and UDP header) when the OUTER destination is one of this host's
  * addresses (map decap_addrs, filled by edge_lb/dataplane/decap.py), keeps the Ethernet header, and returns
  * XDP_PASS so the kernel delivers the inner packet to the VIP configured on lo. The backend then answers the
  * client directly (direct server return). It replaces an ipip/ip6tnl device on hosts that lack those modules.
  *
- * Anything else - not addressed to us, not encapsulated, IPv6 extension headers, IPv4 with options, outer
- * fragments, truncated - is passed untouched: the kernel decides what to do with it, exactly as without us. */
+ * Anything else - not addressed to us, not encapsulated, UDP to another port, GUE whose UDP length is not the rest
+ * of the datagram or whose inner version is neither 4 nor 6, IPv6 extension headers, IPv4 with options, outer
+ * fragments, truncated - is passed untouched: the kernel decides what to do with it, exactly as without us.
+ * The UDP checksum of GUE is not verified (the balancer sends 0, RFC 6935 for IPv6): the inner packet's own
+ * checksums still protect it end to end. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/udp.h>
 
 #include "decap_consts.h"
 #include "decap_structs.h"
@@ -27,7 +33,7 @@ static __always_inline int pass_untouched(void) {
   return XDP_PASS;
 }
 
-static __always_inline void count_decap(int outer_v6) {
+static __always_inline void count_decap(int outer_v6, int gue) {
   __u32 zero = 0;
   struct decap_stats *st = decap_stats.lookup(&zero);
   if (!st)
@@ -36,6 +42,8 @@ static __always_inline void count_decap(int outer_v6) {
     st->decap_v6++;
   else
     st->decap_v4++;
+  if (gue)
+    st->gue++;
 }
 
 /* RFC 6040 (normal mode): a CE mark set on the outer header on the way to us must survive decapsulation,
@@ -93,7 +101,7 @@ static __always_inline int strip_outer(struct xdp_md *ctx, int outer_len, __be16
 /* Strips the outer header, then carries its CE mark to the inner header. Only changes the packet once the
  * strip succeeded, so a failure leaves it truly untouched. */
 static __always_inline int decapsulate(struct xdp_md *ctx, int outer_len, __be16 inner_proto, __u8 outer_ecn,
-                                       int outer_v6) {
+                                       int outer_v6, int gue) {
   if (strip_outer(ctx, outer_len, inner_proto))
     return pass_untouched();
   void *data = (void *)(long)ctx->data;
@@ -107,7 +115,7 @@ static __always_inline int decapsulate(struct xdp_md *ctx, int outer_len, __be16
     if ((void *)(ip6 + 1) <= data_end)
       ipv6_propagate_ce(ip6, outer_ecn);
   }
-  count_decap(outer_v6);
+  count_decap(outer_v6, gue);
   return XDP_PASS;
 }
 
@@ -120,11 +128,46 @@ static __always_inline int is_our_address(const void *addr, int len, __u32 famil
   return decap_addrs.lookup(&key) != NULL;
 }
 
+/* GUE variant 1 behind the UDP header at udp, udp_len: the outer datagram's bytes from udp on. Returns the inner
+ * packet's EtherType (network order), or 0 when it is not GUE to strip: another port, a UDP length that is not the
+ * rest of the datagram, an inner version neither 4 nor 6, or an inner header not inside both. */
+static __always_inline __be16 gue_inner(struct udphdr *udp, __u32 udp_len, void *data_end) {
+  if ((void *)(udp + 1) > data_end || udp->dest != bpf_htons(DECAP_GUE_PORT) || bpf_ntohs(udp->len) != udp_len)
+    return 0;
+  __u8 *inner = (void *)(udp + 1);
+  if ((void *)(inner + 1) > data_end)
+    return 0;
+  if (inner[0] >> 4 == 4) {
+    struct iphdr *ip4 = (void *)inner;
+    if (udp_len < DECAP_UDP_LEN + sizeof(*ip4) || (void *)(ip4 + 1) > data_end)
+      return 0;
+    return bpf_htons(ETH_P_IP);
+  }
+  if (inner[0] >> 4 == 6) {
+    struct ipv6hdr *ip6 = (void *)inner;
+    if (udp_len < DECAP_UDP_LEN + sizeof(*ip6) || (void *)(ip6 + 1) > data_end)
+      return 0;
+    return bpf_htons(ETH_P_IPV6);
+  }
+  return 0;
+}
+
+/* GUE to daddr (one of our addresses?) behind an outer header of outer_len bytes. */
+static __always_inline int handle_gue(struct xdp_md *ctx, struct udphdr *udp, __u32 udp_len, void *data_end,
+                                      const void *daddr, int addr_len, __u32 family, __u8 outer_ecn,
+                                      int outer_len) {
+  __be16 inner_proto = gue_inner(udp, udp_len, data_end);
+  if (!inner_proto || !is_our_address(daddr, addr_len, family))
+    return pass_untouched();
+  return decapsulate(ctx, outer_len + DECAP_UDP_LEN, inner_proto, outer_ecn, family == DECAP_AF_INET6, 1);
+}
+
 static __always_inline int handle_ipv4(struct xdp_md *ctx, struct iphdr *outer, void *data_end) {
   if ((void *)(outer + 1) > data_end)
     return pass_untouched();
   /* ihl != 5: options. The balancer never sends them; a tunnel packet with options is not ours to strip. */
-  if (outer->version != 4 || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP)
+  if (outer->version != 4 || outer->ihl != 5 ||
+      (outer->protocol != IPPROTO_IPIP && outer->protocol != IPPROTO_UDP))
     return pass_untouched();
   /* A fragment of the outer packet carries only part of the inner one: leave it to the kernel. */
   if (outer->frag_off & bpf_htons(DECAP_IPV4_MF_OFFSET))
@@ -132,24 +175,31 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct iphdr *outer, 
   __u16 tot_len = bpf_ntohs(outer->tot_len);
   if (tot_len < sizeof(*outer) + sizeof(struct iphdr) || (void *)outer + tot_len > data_end)
     return pass_untouched(); /* the frame is shorter than the outer header claims */
+  if (outer->protocol == IPPROTO_UDP)
+    return handle_gue(ctx, (void *)(outer + 1), tot_len - sizeof(*outer), data_end, &outer->daddr,
+                      sizeof(outer->daddr), DECAP_AF_INET, outer->tos & DECAP_ECN_MASK, sizeof(*outer));
   struct iphdr *inner = (void *)(outer + 1);
   if ((void *)(inner + 1) > data_end || inner->version != 4)
     return pass_untouched();
   if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET))
     return pass_untouched();
 
-  return decapsulate(ctx, sizeof(*outer), bpf_htons(ETH_P_IP), outer->tos & DECAP_ECN_MASK, 0);
+  return decapsulate(ctx, sizeof(*outer), bpf_htons(ETH_P_IP), outer->tos & DECAP_ECN_MASK, 0, 0);
 }
 
 static __always_inline int handle_ipv6(struct xdp_md *ctx, struct ipv6hdr *outer, void *data_end) {
   if ((void *)(outer + 1) > data_end)
     return pass_untouched();
-  /* Extension headers (nexthdr other than 4 / 41) are not parsed: the balancer never adds them. */
-  if (outer->version != 6 || (outer->nexthdr != IPPROTO_IPV6 && outer->nexthdr != IPPROTO_IPIP))
+  /* Extension headers (nexthdr other than 4 / 41 / 17) are not parsed: the balancer never adds them. */
+  if (outer->version != 6 ||
+      (outer->nexthdr != IPPROTO_IPV6 && outer->nexthdr != IPPROTO_IPIP && outer->nexthdr != IPPROTO_UDP))
     return pass_untouched();
   __u16 payload_len = bpf_ntohs(outer->payload_len);
   if ((void *)(outer + 1) + payload_len > data_end)
     return pass_untouched();
+  if (outer->nexthdr == IPPROTO_UDP)
+    return handle_gue(ctx, (void *)(outer + 1), payload_len, data_end, &outer->daddr, sizeof(outer->daddr),
+                      DECAP_AF_INET6, ipv6_ecn(outer), sizeof(*outer));
 
   void *inner = (void *)(outer + 1);
   __u8 outer_ecn = ipv6_ecn(outer);
@@ -169,7 +219,7 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct ipv6hdr *outer
       return pass_untouched();
     inner_proto = bpf_htons(ETH_P_IP);
   }
-  return decapsulate(ctx, sizeof(*outer), inner_proto, outer_ecn, 1);
+  return decapsulate(ctx, sizeof(*outer), inner_proto, outer_ecn, 1, 0);
 }
 
 int xdp_decap(struct xdp_md *ctx) {

@@ -7,6 +7,12 @@
 #ifndef DECAP_MAX_ADDRS
 #error "DECAP_MAX_ADDRS (capacity of decap_addrs) must be given with -D"
 #endif
+#ifndef DECAP_GUE_PORT
+#error "DECAP_GUE_PORT (UDP port GUE arrives on: the balancer's [dataplane] gue_port) must be given with -D"
+#endif
+
+/* GUE variant 1 (direct IP): UDP header, then the inner IP packet (bpf/gue.h says how the balancer builds it). */
+#define DECAP_UDP_LEN 8
 
 /* decap_addr_key.family: the AF_* values, as the loader writes them (socket.AF_INET / socket.AF_INET6). */
 #define DECAP_AF_INET 2

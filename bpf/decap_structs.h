@@ -15,6 +15,7 @@ struct decap_stats {
   __u64 decap_v4; /* packets decapsulated whose outer header was IPv4 (IPIP) */
   __u64 decap_v6; /* packets decapsulated whose outer header was IPv6 (IP6IP6, 4in6) */
   __u64 passed;   /* packets passed untouched (everything not decapsulated) */
+  __u64 gue;      /* of the decapsulated ones, those that came in GUE (UDP to DECAP_GUE_PORT) */
 };
 
 #endif

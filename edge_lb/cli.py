@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--packets", type=int, default=20000, help="test runs per case (default 20000)")
     add("demo", cmd_demo, "build the namespace lab, show balancing and direct return, tear down",
         config=False)
-    sp = add("decap", cmd_decap, "backend side: attach|detach --interface IF [--address A] [--mode M]",
+    sp = add("decap", cmd_decap,
+             "backend side: attach|detach --interface IF [--address A] [--mode M] [--gue-port P]",
              config=False)
     sp.add_argument("decap_args", nargs=argparse.REMAINDER,
                     help="see `python -m edge_lb.dataplane.decap --help`")

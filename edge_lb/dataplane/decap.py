@@ -1,17 +1,19 @@
-"""Loader of bpf/decap.c, the backends' XDP decapsulator (IPIP, IP6IP6, 4in6 -> inner packet, XDP_PASS).
+"""Loader of bpf/decap.c, the backends' XDP decapsulator (IPIP, IP6IP6, 4in6, and each of them in GUE ->
+inner packet, XDP_PASS).
 
 A backend behind edge-lb needs the balancer's outer header removed before its kernel sees the packet. A kernel
 `ipip`/`ip6tnl` device does that on ordinary hosts; this program does it where those modules are missing (the
 lab machines) or where a tunnel device per address family is unwanted.
 
     attach("eth0")                   # decapsulate packets to any address of eth0, native XDP
+    attach("eth0", gue_port=7000)    # GUE on UDP port 7000 (the balancer's gue_port; default 6080)
     detach("eth0")
 
 The program stays attached after this process exits (netlink attachment, no bpf_link), together with its
 address map: to change the addresses, attach again (it replaces the old program).
 
 Run inside a namespace:
-`ip netns exec NS python -m edge_lb.dataplane.decap attach --interface IF [--address A ...]`.
+`ip netns exec NS python -m edge_lb.dataplane.decap attach --interface IF [--address A ...] [--gue-port P]`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 from edge_lb import netlink
 from edge_lb.assets import asset_dir
-from edge_lb.dataplane import loader
+from edge_lb.dataplane import gue, loader
 from edge_lb.errors import DataplaneError, NetlinkError
 from healthchecks.base import IPAddress
 
@@ -64,22 +66,27 @@ class DecapStats:
     decap_v4: int  # decapsulated, outer IPv4 (IPIP)
     decap_v6: int  # decapsulated, outer IPv6 (IP6IP6, 4in6)
     passed: int  # passed untouched
+    gue: int  # of the decapsulated ones, those in GUE
 
 
-def load(max_addrs: int = DEFAULT_MAX_ADDRS) -> DecapProgram:
+def load(max_addrs: int = DEFAULT_MAX_ADDRS, gue_port: int = gue.DEFAULT_PORT) -> DecapProgram:
     """Compile bpf/decap.c and load its XDP function into the kernel (nothing attached)."""
-    # Validated here because it is pasted into the compiler's command line (-D).
+    # Validated here because they are pasted into the compiler's command line (-D).
     if type(max_addrs) is not int or not 1 <= max_addrs <= _MAX_ADDRS_LIMIT:
         raise DataplaneError(
             f"{PROGRAM}: max_addrs must be an integer in 1..{_MAX_ADDRS_LIMIT}: {max_addrs!r}"
         )
-    bpf, fn = loader.load_xdp(SOURCE, PROGRAM, [f"-DDECAP_MAX_ADDRS={max_addrs}", f"-I{SOURCE.parent}"])
+    if type(gue_port) is not int or not 1 <= gue_port <= 65535:
+        raise DataplaneError(f"{PROGRAM}: gue_port must be an integer in 1..65535: {gue_port!r}")
+    bpf, fn = loader.load_xdp(SOURCE, PROGRAM, [f"-DDECAP_MAX_ADDRS={max_addrs}",
+                                                f"-DDECAP_GUE_PORT={gue_port}", f"-I{SOURCE.parent}"])
     return DecapProgram(bpf=bpf, fn=fn)
 
 
-def load_for_test(addresses: Iterable[IPAddress] = (), max_addrs: int = DEFAULT_MAX_ADDRS) -> DecapProgram:
+def load_for_test(addresses: Iterable[IPAddress] = (), max_addrs: int = DEFAULT_MAX_ADDRS,
+                  gue_port: int = gue.DEFAULT_PORT) -> DecapProgram:
     """Load the program and fill its address map, for BPF_PROG_TEST_RUN (see edge_lb.dataplane.testrun)."""
-    program = load(max_addrs)
+    program = load(max_addrs, gue_port)
     set_addresses(program.bpf, addresses)
     return program
 
@@ -113,11 +120,14 @@ def read_stats(bpf: Any) -> DecapStats:
         decap_v4=sum(c.decap_v4 for c in per_cpu),
         decap_v6=sum(c.decap_v6 for c in per_cpu),
         passed=sum(c.passed for c in per_cpu),
+        gue=sum(c.gue for c in per_cpu),
     )
 
 
-def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode = "native") -> None:
-    """Load the program, fill its addresses (default: every address of `ifname`) and attach it to `ifname`.
+def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode = "native",
+           gue_port: int = gue.DEFAULT_PORT) -> None:
+    """Load the program, fill its addresses (default: every address of `ifname`) and attach it to `ifname`;
+    GUE is taken on UDP port `gue_port`.
 
     Replaces any XDP program already attached in the same mode.
     """
@@ -125,7 +135,7 @@ def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode
     wanted = list(addresses) if addresses is not None else netlink.interface_addresses(ifname)
     if not wanted:
         raise DataplaneError(f"{PROGRAM} on {ifname}: no addresses to decapsulate for")
-    program = load(max(DEFAULT_MAX_ADDRS, len(wanted)))
+    program = load(max(DEFAULT_MAX_ADDRS, len(wanted)), gue_port)
     try:
         set_addresses(program.bpf, wanted)
         loader.attach_xdp(ifname, program.fn, mode)
@@ -133,11 +143,12 @@ def attach(ifname: str, addresses: Iterable[IPAddress] | None = None, mode: Mode
         # Closes our file descriptors only: the attachment keeps the program and its map alive.
         program.close()
     log.info(
-        "%s attached to %s (%s), decapsulating for %s",
+        "%s attached to %s (%s), decapsulating for %s, GUE on UDP port %d",
         PROGRAM,
         ifname,
         mode,
         ", ".join(str(a) for a in wanted),
+        gue_port,
     )
 
 
@@ -161,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="outer destination to decapsulate for (repeatable; default: every address of the interface)",
     )
     att.add_argument("--mode", choices=sorted(loader.XDP_FLAGS), default="native")
+    att.add_argument("--gue-port", type=int, default=gue.DEFAULT_PORT,
+                     help="UDP port of GUE: the balancer's [dataplane] gue_port (default %(default)s)")
     det = sub.add_parser("detach", help="remove the XDP program of an interface")
     det.add_argument("--interface", required=True)
     det.add_argument("--mode", choices=sorted(loader.XDP_FLAGS), default=None)
@@ -172,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "attach":
-            attach(args.interface, args.address, args.mode)
+            attach(args.interface, args.address, args.mode, args.gue_port)
         else:
             detach(args.interface, args.mode)
     except (DataplaneError, NetlinkError) as exc:

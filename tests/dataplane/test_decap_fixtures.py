@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
+from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
-from scapy.packet import Packet
+from scapy.packet import Packet, Raw
 
 from edge_lb.dataplane import decap
 from edge_lb.dataplane.testrun import run_xdp
@@ -49,6 +49,18 @@ def ip6(dst: str = OUR6, inner: Packet | None = None, **outer: Any) -> bytes:
     inner = inner if inner is not None else inner6()
     nh = 41 if isinstance(inner, IPv6) else 4
     return bytes(eth() / IPv6(src=LB6, dst=dst, nh=nh, **outer) / inner)
+
+
+GUE_PORT = 6080  # the default of decap.load (and of [dataplane] gue_port)
+
+
+def gue(dst: str = OUR4, inner: Packet | None = None, udp: dict[str, Any] | None = None,
+        **outer: Any) -> bytes:
+    """GUE as the balancer sends it: outer IPv4 (or IPv6 for an IPv6 `dst`), UDP to GUE_PORT with checksum 0,
+    the inner packet."""
+    inner = inner if inner is not None else inner4()
+    ip: Packet = IPv6(src=LB6, dst=dst, **outer) if ":" in dst else IP(src=LB4, dst=dst, **outer)
+    return bytes(eth() / ip / UDP(**{"sport": 50000, "dport": GUE_PORT, "chksum": 0, **(udp or {})}) / inner)
 
 
 def decapped(inner: Packet) -> bytes:
@@ -118,6 +130,35 @@ def cases() -> list[Case]:
             ip6(tc=0x03, inner=inner4(tos=0x02)),
             expected=decapped(inner4(tos=0x03)),
         ),
+        # GUE (variant 1: the inner packet right behind UDP to GUE_PORT), over IPv4 and IPv6.
+        Case("GUE/IPv4 to our address, inner IPv4: passed up", gue(), expected=decapped(inner4())),
+        Case("GUE/IPv4, inner IPv6: passed up", gue(inner=inner6()), expected=decapped(inner6())),
+        Case("GUE/IPv6 to our address, inner IPv6 (UDP checksum 0): passed up", gue(OUR6, inner6()),
+             expected=decapped(inner6())),
+        Case("GUE/IPv6, inner IPv4: passed up", gue(OUR6, inner4()), expected=decapped(inner4())),
+        Case("GUE/IPv4 with a UDP checksum (another sender computed it): passed up, not verified",
+             gue(udp={"chksum": None}), expected=decapped(inner4())),
+        Case("GUE/IPv6, outer CE, inner ECT(0): inner becomes CE",
+             gue(OUR6, inner6(tc=0x02), tc=0x03), expected=decapped(inner6(tc=0x03))),
+        Case("GUE/IPv4, outer CE, inner ECT(0): inner becomes CE with a correct checksum",
+             gue(inner=inner4(tos=0x02), tos=0x03), expected=decapped(inner4(tos=0x03))),
+        Case("GUE/IPv4 to another address: untouched", gue(OTHER4)),
+        Case("GUE/IPv6 to another address: untouched", gue(OTHER6, inner6())),
+        Case("UDP to our address on another port: untouched", gue(udp={"dport": 53})),
+        Case("UDP to our address from the GUE port, to another: untouched", gue(udp={"sport": GUE_PORT,
+                                                                                       "dport": 6081})),
+        Case("GUE whose UDP length is short of the datagram: untouched", gue(udp={"len": 8 + 20})),
+        Case("GUE/IPv6 whose UDP length is longer than the datagram: untouched", gue(OUR6, inner6(),
+                                                                                     udp={"len": 200})),
+        Case("GUE variant 0 header (not what the balancer sends): untouched",
+             bytes(eth() / IP(src=LB4, dst=OUR4) / UDP(sport=50000, dport=GUE_PORT, chksum=0)
+                   / Raw(b"\x00\x00\x04\x00") / inner4())),
+        Case("GUE with inner version 5: untouched", gue(inner=Raw(b"\x55" + bytes(39)))),
+        Case("GUE with an inner IPv4 header cut short by the datagram: untouched",
+             gue(inner=Raw(bytes(inner4())[:12]))),
+        Case("GUE/IPv6 with an inner IPv6 header cut short: untouched", gue(OUR6, Raw(bytes(inner6())[:30]))),
+        Case("GUE/IPv4 outer fragment (MF): untouched", gue(flags="MF")),
+        Case("GUE/IPv4 shorter than its tot_len: untouched", gue()[:-4]),
     ]
 
 
@@ -148,6 +189,22 @@ def test_counters(program: decap.DecapProgram) -> None:
     after = decap.read_stats(program.bpf)
     delta = (after.decap_v4 - before.decap_v4, after.decap_v6 - before.decap_v6, after.passed - before.passed)
     assert delta == (1, 2, 1)
+    run_xdp(program.prog_fd, gue())
+    run_xdp(program.prog_fd, gue(OUR6, inner6()))
+    run_xdp(program.prog_fd, gue(udp={"dport": 53}))
+    last = decap.read_stats(program.bpf)
+    assert (last.decap_v4 - after.decap_v4, last.decap_v6 - after.decap_v6, last.gue - after.gue,
+            last.passed - after.passed) == (1, 1, 2, 1)
+
+
+def test_another_gue_port_is_compiled_in() -> None:
+    """--gue-port reaches the program: on 7000, GUE to 6080 is only UDP."""
+    loaded = decap.load_for_test([ipaddress.ip_address(OUR4)], gue_port=7000)
+    try:
+        assert run_xdp(loaded.prog_fd, gue(udp={"dport": 7000}))[1] == decapped(inner4())
+        assert run_xdp(loaded.prog_fd, gue())[1] == gue()
+    finally:
+        loaded.close()
 
 
 def test_set_addresses_replaces_the_whole_set(program: decap.DecapProgram) -> None:
@@ -170,3 +227,5 @@ def test_bad_max_addrs_is_rejected_before_compiling() -> None:
 
     with pytest.raises(DataplaneError, match="max_addrs"):
         decap.load(max_addrs=0)
+    with pytest.raises(DataplaneError, match="gue_port"):
+        decap.load(gue_port=65536)

@@ -259,3 +259,26 @@ def test_encap_follows_a_reload_and_established_flows_keep_their_backend() -> No
             assert out.proto == 17 and out.dst == before.dst
     finally:
         sim.close()
+
+
+def test_decap_gives_back_the_clients_packet(gue_sim: Simulator) -> None:
+    """The balancer's GUE output, run through decap.c on the chosen backend (same port), is the client's
+    packet again, byte for byte, behind the balancer's Ethernet header: over IPv4 and IPv6, inner IPv4 and
+    IPv6."""
+    from edge_lb.dataplane import decap
+    from edge_lb.dataplane.testrun import run_xdp
+
+    backends = [ipaddress.ip_address(a) for a in (*GUE4_BACKENDS, *GUE6_BACKENDS, "fd00:2::4")]
+    program = decap.load_for_test(backends, gue_port=PORT)
+    try:
+        for frame in (tcp4(dst=GUE4, sport=45000) / Raw(b"GET /"), tcp6(dst=GUE6, sport=45001),
+                      tcp4(dst=GUE4IN6, sport=45002)):
+            sent = bytes(frame)
+            verdict, wire = gue_sim.run(sent)
+            assert verdict == "XDP_TX"
+            code, out = run_xdp(program.prog_fd, wire)
+            assert code == 2  # XDP_PASS
+            assert out[:12] == wire[:12] and out[12:] == sent[12:]
+        assert decap.read_stats(program.bpf).gue == 3
+    finally:
+        program.close()
