@@ -148,6 +148,8 @@ _SCHEMAS: Doc = {
         "last_check": _or_null({"type": "number", "description": "epoch seconds; null: never checked"}),
         "latency": _or_null({"type": "number", "minimum": 0, "description": "the last check's, seconds"}),
         "check": _or_null({**_TEXT, "description": "the health check type"}),
+        "encap": {"type": "string", "enum": ["ipip", "gue"],
+                  "description": "how its packets travel: ipip (IPIP, IP6IP6, 4in6) or gue (those in UDP)"},
         "weight": {"type": "integer", "minimum": 0, "description": "in effect (runtime, else the config's)"},
         "config_weight": _or_null({"type": "integer", "minimum": 0, "description": "the config's weight"}),
         "ring_slots": _COUNT,

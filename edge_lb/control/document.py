@@ -23,6 +23,7 @@ class BackendRow(TypedDict):
     last_check: float | None  # epoch seconds; None: never checked
     latency: float | None  # seconds the last check took
     check: str | None  # the health check type
+    encap: str  # "ipip" (IPIP / IP6IP6 / 4in6) or "gue" (the same in UDP): how its packets travel
     ring_slots: int
     ring_share: float
     packets: int

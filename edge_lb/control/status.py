@@ -35,7 +35,7 @@ def document(state: NodeState, counters: CounterSnapshot) -> Served:
             rows.append({"address": str(b.address), "weight": b.weight, "state": view.state,
                          "config_weight": configured.get((vip.name, b.address), b.weight),
                          "reason": view.reason, "last_check": view.checked_at, "latency": view.latency,
-                         "check": b.healthcheck.kind,
+                         "check": b.healthcheck.kind, "encap": b.encap,
                          "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
                          "bytes": nbytes})
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
@@ -131,7 +131,8 @@ def render(doc: Doc, now: float | None = None) -> str:
                      f"{'BYTES':>12}  {'CHECKED':<11} REASON")
         for b in vip["backends"]:
             checked = _age(b["last_check"], now)
-            lines.append(f"  {b['address']:<26} {b['state']:<9} {b['weight']:>6} {b['ring_share']:>7.1%} "
+            address = b["address"] + (" (gue)" if b.get("encap") == "gue" else "")  # ipip: the usual, unsaid
+            lines.append(f"  {address:<26} {b['state']:<9} {b['weight']:>6} {b['ring_share']:>7.1%} "
                          f"{b['packets']:>10} {b['bytes']:>12}  {checked:<11} {b['reason']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

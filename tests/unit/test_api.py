@@ -118,6 +118,7 @@ def test_vips_list_their_backends_with_health_weight_ring_share_and_traffic() ->
         row = vips[0]["backends"][1]
         assert row["address"] == "10.1.0.2" and row["state"] == "up" and row["reason"] == "fake ok"
         assert row["latency"] >= 0 and row["weight"] == row["config_weight"] == 1 and row["check"] == "tcp"
+        assert row["encap"] == "ipip"
         assert row["ring_slots"] == node.ring_slots("10.1.0.2") > 0
         assert row["ring_share"] == pytest.approx(row["ring_slots"] / 1009)
         assert (row["packets"], row["bytes"]) == (10, 1000) and row["last_check"] > 0
