@@ -56,9 +56,15 @@ CONFIG: dict[str, Any] = {
          "backend": [{"address": "10.0.0.4"}, {"address": "10.0.0.5"}]},
         {"address": "fd00:200::1", "port": 443, "protocol": "tcp",
          "backend": [{"address": "fd00:1::1"}, {"address": "fd00:1::2"}]},
+        # The same two services with encap = "gue": the cost of the UDP header beside IPIP / IP6IP6.
+        {"address": "10.200.1.3", "port": 80, "protocol": "tcp", "encap": "gue",
+         "backend": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}, {"address": "10.0.0.3"}]},
+        {"address": "fd00:200::2", "port": 443, "protocol": "tcp", "encap": "gue",
+         "backend": [{"address": "fd00:1::1"}, {"address": "fd00:1::2"}]},
     ],
 }
 SYN, ACK = 0x02, 0x10
+GUE_VIP4, GUE_VIP6 = "10.200.1.3", "fd00:200::2"  # the GUE twins of 10.200.1.1:80 and [fd00:200::1]:443
 
 
 class BenchError(EdgeLbError):
@@ -261,14 +267,18 @@ def measure(packets: int) -> tuple[dict[str, dict[str, Any]], int]:
             Case("tcp_established", lb, "XDP_TX", cycling(lambda f: tcp4(f, ACK))),
             Case("udp_vip", lb, "XDP_TX", cycling(udp4)),
             Case("tcp_ipv6_vip", lb, "XDP_TX", cycling(lambda f: tcp6(f, ACK))),
+            Case("tcp_established_gue", lb, "XDP_TX", cycling(lambda f: tcp4(f, ACK, dst=GUE_VIP4))),
+            Case("tcp_ipv6_gue", lb, "XDP_TX", cycling(lambda f: tcp6(f, ACK, dst=GUE_VIP6))),
             Case("non_vip", lb, "XDP_PASS", cycling(lambda f: tcp4(f, ACK, dst="10.99.0.1"))),
             Case("pass", pass_fd, "XDP_PASS", cycling(lambda f: tcp4(f, ACK))),
             Case("floor", floor_fd, "XDP_TX", cycling(lambda f: tcp4(f, ACK))),
         ]
         with pinned_cpu() as cpu, bpf_stats_enabled():
             # Unmeasured: open the established flows (SYN, or the first UDP datagram).
-            for frame in [tcp4(f, SYN) for f in range(FLOWS)] + [udp4(f) for f in range(FLOWS)] + [
-                    tcp6(f, SYN) for f in range(FLOWS)]:
+            opening = [tcp4(f, SYN) for f in range(FLOWS)] + [udp4(f) for f in range(FLOWS)] + [
+                tcp6(f, SYN) for f in range(FLOWS)] + [tcp4(f, SYN, dst=GUE_VIP4) for f in range(FLOWS)] + [
+                tcp6(f, SYN, dst=GUE_VIP6) for f in range(FLOWS)]
+            for frame in opening:
                 if sim.run(frame)[0] != "XDP_TX":
                     raise BenchError(f"opening a flow: the balancer did not return XDP_TX for {frame.hex()}")
             for case in cases:  # warm-up; it also checks every case's action before any figure counts
@@ -334,7 +344,7 @@ def report(packets: int) -> dict[str, Any]:
 def format_table(doc: dict[str, Any]) -> str:
     lines = [doc["method"], f"cpu: {doc['cpu']['model']} (CPU {doc['cpu']['pinned_to']}), "
              f"kernel {doc['kernel']}", ""]
-    row = "{:<18} {:<9} {:>8} {:>8} {:>7}  {:<14} {}"
+    row = "{:<20} {:<9} {:>8} {:>8} {:>7}  {:<14} {}"
     lines.append(row.format("case", "action", "ns/pkt", "x floor", "x pass", "target", "verdict"))
     for name, case in doc["cases"].items():
         target, verdict = "", ""

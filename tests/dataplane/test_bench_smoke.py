@@ -16,7 +16,8 @@ from .conftest import needs_root
 
 pytestmark = [pytest.mark.root, needs_root]
 
-CASES = {"tcp_syn_new_flow", "tcp_established", "udp_vip", "tcp_ipv6_vip", "non_vip", "pass", "floor"}
+CASES = {"tcp_syn_new_flow", "tcp_established", "udp_vip", "tcp_ipv6_vip", "tcp_established_gue",
+         "tcp_ipv6_gue", "non_vip", "pass", "floor"}
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,3 +48,24 @@ def test_table_has_every_case(capsys: pytest.CaptureFixture[str]) -> None:
     for name in CASES:
         assert f"\n{name} " in table
     assert "x floor" in table and "maglev 1000" in table
+
+
+def test_the_gue_cases_measure_gue() -> None:
+    """tcp_established_gue / tcp_ipv6_gue go out in GUE (outer protocol / next header 17, UDP to 6080), their
+    IPIP twins in IPIP / IP6IP6: the two pairs differ by the UDP header only."""
+    from edge_lb.config import parse_config
+    from edge_lb.dataplane.simulate import Simulator
+
+    sim = Simulator(parse_config(bench.CONFIG))
+    try:
+        for frame, at, proto in ((bench.tcp4(0, bench.SYN, dst=bench.GUE_VIP4), 14 + 9, 17),
+                                 (bench.tcp6(0, bench.SYN, dst=bench.GUE_VIP6), 14 + 6, 17),
+                                 (bench.tcp4(0, bench.SYN), 14 + 9, 4),
+                                 (bench.tcp6(0, bench.SYN), 14 + 6, 41)):
+            verdict, out = sim.run(frame)
+            assert verdict == "XDP_TX" and out[at] == proto
+            if proto == 17:
+                udp = 14 + (20 if at == 23 else 40)
+                assert int.from_bytes(out[udp + 2:udp + 4], "big") == 6080
+    finally:
+        sim.close()
