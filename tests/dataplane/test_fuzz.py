@@ -2,7 +2,8 @@
 properties checked on every one of them by a parser written here, independently of the program's:
 
 - a frame to no VIP address is XDP_PASS and byte-identical;
-- whatever is sent (XDP_TX) is Ethernet to the gateway + an outer IPv4/IPv6 header that is right + a
+- whatever is sent (XDP_TX) is Ethernet to the gateway + an outer IPv4/IPv6 header that is right (+ a right
+  UDP header for a GUE VIP: the test runs once with IPIP VIPs, once with some of them in GUE) + a
   well-formed inner packet (strict: the program's own rules, re-derived here) byte-identical to the input's IP
   packet, all lengths consistent; or an ICMP too-big back to the sender of a packet that was too big (from the
   VIP, checksums right, quoting the packet);
@@ -61,6 +62,8 @@ NON_VIP6 = ["fd00:9::1", "fd00:200::3", "2001:db8::99"]
 VIP4 = [v["address"] for v in BASE["vip"] if ":" not in v["address"]]
 VIP6 = [v["address"] for v in BASE["vip"] if ":" in v["address"]]
 EXT_HDRS = 6  # LB_MAX_EXT_HDRS
+GUE_ADDRS = {a16(a) for a in ("10.200.1.1", "fd00:200::1", "10.200.1.3")}  # the GUE run: IPv4, IPv6, 4in6
+GUE_PORT = 6080
 
 
 class Bad(AssertionError):
@@ -169,35 +172,51 @@ def ipv4_checksum_ok(header: bytes) -> bool:
     return total == 0xFFFF
 
 
-def check_sent(out: bytes, frame: bytes) -> None:
+def check_gue_udp(udp: bytes, length: int) -> None:
+    """GUE's UDP header (bpf/gue.h): an ephemeral source port, GUE_PORT, the inner length + 8, checksum 0."""
+    sport, dport, ulen, check = struct.unpack("!HHHH", udp)
+    need(sport >= 49152 and dport == GUE_PORT, f"GUE ports {sport} -> {dport}")
+    need(ulen == 8 + length and check == 0, f"GUE UDP length {ulen} for {length}, checksum {check:#x}")
+
+
+def outer_protos(gue: bool) -> tuple[int, ...]:
+    return (17,) if gue else (4, 41)
+
+
+def check_sent(out: bytes, frame: bytes, gue: bool = False) -> None:
+    """`gue`: the frame is to a GUE VIP, so a UDP header must follow the outer one."""
     need(out[:6] == bytes.fromhex(GW_MAC.replace(":", "")), "Ethernet destination is not the gateway")
     need(out[6:12] == bytes.fromhex(OWN_MAC.replace(":", "")), "Ethernet source is not ours")
     ethertype = struct.unpack("!H", out[12:14])[0]
-    need(out[14 + (20 if ethertype == 0x0800 else 40):] == frame[14:], "inner packet not byte-identical")
+    hdr, udp = 20 if ethertype == 0x0800 else 40, 8 if gue else 0
+    need(out[14 + hdr + udp:] == frame[14:], "inner packet not byte-identical")
     if ethertype == 0x0800:
-        outer, inner = out[14:34], out[34:]
+        outer, inner = out[14:34], out[34 + udp:]
         need(outer[0] == 0x45 and ipv4_checksum_ok(outer), "outer IPv4 header or checksum wrong")
         frag = struct.unpack("!H", outer[6:8])[0]
         need(frag & 0xBFFF == 0, "outer MF or offset set")
         need(frag & 0x4000 or struct.unpack("!H", outer[4:6])[0] != 0, "outer ID 0 without DF")
-        need(outer[8] == 64 and outer[9] in (4, 41), "outer TTL or protocol wrong")
+        need(outer[8] == 64 and outer[9] in outer_protos(gue), "outer TTL or protocol wrong")
         need(outer[16:20] + bytes(12) in BACKENDS, "outer destination is no backend")
-        version = 4 if outer[9] == 4 else 6
+        version = 4 if (frame[12:14] == b"\x08\x00" if gue else outer[9] == 4) else 6
         length = check_inner(inner, version)
-        need(struct.unpack("!H", outer[2:4])[0] == 20 + length, "outer total length wrong")
+        need(struct.unpack("!H", outer[2:4])[0] == 20 + udp + length, "outer total length wrong")
         if version == 4:
             need(frag & 0x4000 == struct.unpack("!H", inner[6:8])[0] & 0x4000, "DF not copied")
     else:
         need(ethertype == 0x86DD, f"sent EtherType {ethertype:#x}")
-        outer, inner = out[14:54], out[54:]
-        need(outer[0] >> 4 == 6 and outer[6] in (4, 41) and outer[7] == 64, "outer IPv6 header wrong")
+        outer, inner = out[14:54], out[54 + udp:]
+        need(outer[0] >> 4 == 6 and outer[6] in outer_protos(gue) and outer[7] == 64,
+             "outer IPv6 header wrong")
         need(outer[24:40] in BACKENDS, "outer destination is no backend")
-        length = check_inner(inner, 4 if outer[6] == 4 else 6)
-        need(struct.unpack("!H", outer[4:6])[0] == length, "outer payload length wrong")
+        length = check_inner(inner, 4 if (frame[12:14] == b"\x08\x00" if gue else outer[6] == 4) else 6)
+        need(struct.unpack("!H", outer[4:6])[0] == udp + length, "outer payload length wrong")
+    if gue:
+        check_gue_udp(out[14 + hdr:14 + hdr + 8], length)
     need(len(out) - 14 <= MTU, "sent more than the MTU")
 
 
-def check_reply(out: bytes, frame: bytes) -> None:
+def check_reply(out: bytes, frame: bytes, gue: bool = False) -> None:
     """An ICMP too-big back to the client for a well-formed VIP packet too big once encapsulated."""
     need(out[:6] == frame[6:12] and out[6:12] == frame[:6], "reply not back to the sender")
     need(out[12:14] == frame[12:14], "reply of another IP version")
@@ -215,7 +234,7 @@ def check_reply(out: bytes, frame: bytes) -> None:
         need(icmp[0] == 2 and ipv4_checksum_ok(pseudo + icmp), "not a right packet-too-big")
         mtu, version = int.from_bytes(icmp[4:8], "big"), 6
     need(len(icmp) == 8 + quote_len and icmp[8:] == frame[14:14 + quote_len], "quote is not the packet")
-    need(mtu in (MTU - 20, MTU - 40), f"MTU {mtu}")
+    need(mtu in ((MTU - 28, MTU - 48) if gue else (MTU - 20, MTU - 40)), f"MTU {mtu}")
     length = check_inner(frame[14:], version)
     need(length + MTU - mtu > MTU, "told too big, but it fits")
 
@@ -377,13 +396,22 @@ def frames(rng: random.Random, count: int) -> Iterator[bytes]:
 
 # --- the test ----------------------------------------------------------------------------------------------
 
-def test_fuzz_frames_through_simulate() -> None:
+def gue_vips(data: dict[str, object]) -> None:
+    for vip in data["vip"]:  # type: ignore[attr-defined]
+        if a16(vip["address"]) in GUE_ADDRS:
+            vip["encap"] = "gue"
+
+
+@pytest.mark.parametrize("encap", ["ipip", "gue"])
+def test_fuzz_frames_through_simulate(encap: str) -> None:
     rng = random.Random(SEED)
-    sim = Simulator(make_config())
+    gue_addrs = GUE_ADDRS if encap == "gue" else set()
+    count = FRAMES if encap == "ipip" else FRAMES // 2
+    sim = Simulator(make_config(gue_vips if encap == "gue" else None))
     seen: Counter[str] = Counter()
     started = time.monotonic()
     try:
-        for index, frame in enumerate(frames(rng, FRAMES)):
+        for index, frame in enumerate(frames(rng, count)):
             line = sim.result(index, frame)
             where = f"seed {SEED} frame {index}: {frame.hex()}"
             assert "error" not in line, f"{where}: {line['error']}"
@@ -402,15 +430,18 @@ def test_fuzz_frames_through_simulate() -> None:
                         check_echo(out, frame)
                         seen["echo replies"] += 1
                     elif out[:6] == frame[6:12]:
-                        check_reply(out, frame)
+                        check_reply(out, frame, dst in gue_addrs)
                         seen["too-big replies"] += 1
                     else:
-                        check_sent(out, frame)
+                        check_sent(out, frame, dst in gue_addrs)
+                        seen["sent in GUE" if dst in gue_addrs else "sent in IPIP"] += 1
                 except Bad as exc:
                     raise AssertionError(f"{where}: sent {line['frame']}: {exc}") from None
     finally:
         sim.close()
     elapsed = time.monotonic() - started
-    print(f"fuzz: seed {SEED}, {FRAMES} frames in {elapsed:.1f} s: {dict(seen)}")
+    print(f"fuzz ({encap}): seed {SEED}, {count} frames in {elapsed:.1f} s: {dict(seen)}")
     # Each verdict is reached often: the frames exercise the program rather than bouncing off its first check.
-    assert min(seen[v] for v in ("XDP_PASS", "XDP_TX", "XDP_DROP")) > FRAMES // 50, dict(seen)
+    assert min(seen[v] for v in ("XDP_PASS", "XDP_TX", "XDP_DROP")) > count // 50, dict(seen)
+    if encap == "gue":
+        assert min(seen["sent in GUE"], seen["sent in IPIP"]) > count // 200, dict(seen)
