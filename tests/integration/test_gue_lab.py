@@ -8,11 +8,14 @@ One dual-stack lab for the module, three GUE VIPs: an IPv4 VIP with IPv4 backend
 (IPv6/UDP/IPv6: its UDP checksum is 0, which the backend's decapsulation takes) and an IPv4 VIP with IPv6
 backends (IPv6/UDP/IPv4). tcpdump on the router's link to b1 sees what the LB sent there: UDP to 6080 from
 many source ports, no IPIP. tcpdump on the LB's eth0 (after XDP) sees no reply from a VIP: replies go
-backend -> router -> client.
+backend -> router -> client. And with decap.c taken off b1 for a moment, Linux's own UDP code shows what a
+kernel receiver makes of the zero checksum over IPv6 (RFC 6936): dropped, unless the socket allows it.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -24,6 +27,7 @@ import pytest
 from edge_lb.lab.labs import (
     ENCAP_PREFIX,
     ENCAP_PREFIX_V6,
+    PY,
     VIP,
     VIP4_OVER_V6,
     VIP6,
@@ -141,3 +145,80 @@ def test_gue_vip_serves_tcp_and_replies_bypass_the_lb(guelab: DataplaneLab, vip:
     assert len(sports) >= served["b1"] // 2 and min(sports) >= 49152
     assert len(pings) == 1, "the LB's capture works"
     assert from_vip == [], "a reply crossed the LB"
+
+
+# A UDP socket on the GUE port in a backend without decap.c: what Linux's own UDP code does with the
+# balancer's zero-checksum GUE over IPv6. argv: 1 = set UDP_NO_CHECK6_RX (102, linux/udp.h); seconds to
+# listen.
+RECEIVE = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+if sys.argv[1] == "1":
+    s.setsockopt(socket.IPPROTO_UDP, 102, 1)
+s.bind(("::", 6080))
+s.settimeout(0.2)
+print("ready", flush=True)
+got, end = [], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end and len(got) < 5:
+    try:
+        got.append(s.recv(4096).hex())
+    except socket.timeout:
+        pass
+print(json.dumps(got), flush=True)
+"""
+# 30 TCP SYNs to a VIP (argv[1]) from fresh ports, not waited for: about a third of them go to b1.
+SYNS = """
+import socket, sys, time
+socks = []
+for _ in range(30):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect((sys.argv[1], 80))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+time.sleep(0.5)
+"""
+
+
+def udp6_csum_errors(d: DataplaneLab) -> int:
+    text = d.server("b1").ns.run(["cat", "/proc/net/snmp6"]).stdout
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("Udp6InCsumErrors"))
+
+
+def received(d: DataplaneLab, allow_zero: bool) -> tuple[list[bytes], int]:
+    """GUE datagrams a UDP socket on b1 got while the client sent SYNs to VIP6, and the growth of b1's
+    Udp6InCsumErrors meanwhile."""
+    assert d.client is not None
+    b1 = d.server("b1")
+    log = d.lab.tmpdir / f"udp-receiver-{int(allow_zero)}.log"
+    errors = udp6_csum_errors(d)
+    proc = b1.ns.spawn([PY, "-c", RECEIVE, "1" if allow_zero else "0", "3"], log)
+    wait_for(lambda: "ready" in log.read_text(), 10, "the UDP receiver on b1 bound")
+    d.client.ns.run([PY, "-c", SYNS, VIP6], timeout=20)
+    proc.wait(timeout=10)
+    got = [bytes.fromhex(h) for h in json.loads(log.read_text().splitlines()[-1])]
+    return got, udp6_csum_errors(d) - errors
+
+
+def test_linux_takes_zero_checksum_gue_over_ipv6_when_the_socket_allows_it(guelab: DataplaneLab) -> None:
+    """RFC 6935 / 6936 on this kernel, with the balancer's real GUE/IPv6 datagrams (UDP checksum 0): a UDP
+    socket on the GUE port of a backend without decap.c drops them (Udp6InCsumErrors) unless it sets
+    UDP_NO_CHECK6_RX, as the kernel's fou/gue sockets do; then each datagram is the client's IPv6 packet."""
+    d = guelab
+    b1 = d.server("b1")
+    b1.ns.run([PY, "-m", "edge_lb.dataplane.decap", "detach", "--interface", "eth0"], timeout=60)
+    try:
+        refused, errors = received(d, allow_zero=False)
+        allowed, errors_allowed = received(d, allow_zero=True)
+    finally:
+        b1.ns.run([PY, "-m", "edge_lb.dataplane.decap", "attach", "--interface", "eth0"], timeout=120)
+    print(f"without UDP_NO_CHECK6_RX: {len(refused)} datagrams, Udp6InCsumErrors +{errors}; with it: "
+          f"{len(allowed)} datagrams (+{errors_allowed}); first: {allowed[0].hex() if allowed else None}")
+    assert refused == [] and errors > 0
+    assert allowed and errors_allowed == 0
+    vip6 = ipaddress.IPv6Address(VIP6).packed
+    for inner in allowed:  # GUE variant 1: the datagram is the client's IPv6 packet, a SYN to VIP6:80
+        assert inner[0] >> 4 == 6 and inner[6] == 6 and inner[24:40] == vip6 and inner[42:44] == b"\x00\x50"
+    assert len(d.http_get(30, VIP6)["served"]) == 3, "b1 decapsulates again"
