@@ -5,7 +5,8 @@ namespace.
     client --- router  AS 65000: BIRD 2, ECMP over the LB nodes that announce the VIP, L4 hashing
                   +--- lb2  AS 65002
                   |
-                 b1 b2 b3   (decap.c on eth0, the VIP on lo, an HTTP server on port 80)
+                 b1 b2 b3   (`edge-lb backend setup`: decap.c on eth0, the VIP on lo, ARP, rp_filter, MSS;
+                             an HTTP server on port 80)
 
 The router learns 10.88.100.1/32 from every LB node that announces it (eBGP, next hop = the node's address)
 and installs one kernel route with a next hop per node. The VIP serves TCP 80 (HTTP) and UDP 5353 (nothing
@@ -52,9 +53,9 @@ from edge_lb.lab.labs import (
     remove_instance,
     role_of,
     router_link,
+    setup_backends,
     spawn_http,
     spawn_supervisor,
-    start_backend,
     stop_http,
     supervisor_status,
     wait_for,
@@ -137,8 +138,9 @@ class BgpLab:
             self.router.route(node.encap_src, via=node.address)
             self.nodes[n] = node
         self.servers = [self._link(f"b{i + 1}", 21 + i) for i in range(self.backends)]
+        setup_backends(self.servers, [VIP])
         for server in self.servers:
-            self.http[role_of(server)] = start_backend(server, VIP, HTTP_PORT)
+            self.http[role_of(server)] = spawn_http(server, HTTP_PORT)
         self._start_router()
         for node in self.nodes.values():
             self._prepare_lb(node)

@@ -1,6 +1,6 @@
 """`edge-lb demo`: the whole appliance in namespaces, narrated.
 
-    client --- router (BIRD 2, ECMP) --- lb1, lb2 (edge-lb run + ExaBGP + XDP)      b1 b2 b3 (decap + HTTP)
+    client --- router (BIRD 2, ECMP) --- lb1, lb2 (edge-lb run + ExaBGP + XDP)  b1 b2 b3 (backend setup; HTTP)
 
 Balancing over two LB nodes and three backends, a backend failure leaving the ring, a node disabled for
 maintenance and dropped by the router while the client keeps working, everything restored, torn down.
@@ -63,7 +63,7 @@ def run(lab: Lab) -> None:
     b = BgpLab(lab)
     try:
         say(f"building lab {lab.id}: client, router (BIRD 2, ECMP with L4 hashing), LB nodes lb1 and lb2, "
-            f"backends b1-b3 (decap.c + HTTP on the VIP)")
+            f"backends b1-b3 (`edge-lb backend setup`: VIP on lo, decap.c, ARP, rp_filter, MSS; HTTP)")
         b.build()
         say("starting `edge-lb run` on both LB nodes (XDP program, health checks, ExaBGP) ...")
         b.start_supervisors()

@@ -2,7 +2,8 @@
 
     client --- router --- lb        (XDP balancer on lb's veth; router's VIP route points at it)
                  |  \\
-                b1  b2  b3          (decap.c on each veth, the VIP on lo, an HTTP server on VIP:80)
+                b1  b2  b3          (`edge-lb backend setup`: decap.c on each veth, the VIP on lo, ARP,
+                                     rp_filter, MSS; an HTTP server on VIP:80)
 
 Replies go backend -> router -> client and never cross the LB (direct server return).
 All addresses live inside the lab's namespaces (10.77.0.0/16).
@@ -58,6 +59,7 @@ class DataplaneLab:
     lab: Lab
     backends: int = 3
     ipv6: bool = False  # dual-stack links and the IPv6-backend VIPs (module docstring)
+    backend_overhead: int | None = None  # `backend setup --overhead` (0: MSS not lowered); None: its default
     client: Node | None = None
     router: Netns | None = None
     lb: Node | None = None
@@ -89,8 +91,9 @@ class DataplaneLab:
             self.router.route(f"{VIP6}/128", via=self.lb.address6)
             self.router.route(f"{VIP4_OVER_V6}/32", via=self.lb.address)
             self.router.route(ENCAP_PREFIX_V6, via=self.lb.address6)
+        setup_backends(self.servers, self.vips, self.backend_overhead)
         for server in self.servers:
-            self._start_backend(server)
+            self.http[role_of(server)] = spawn_http(server, VIP_PORT, "::" if self.ipv6 else "0.0.0.0")
 
     def _link(self, role: str, net: int) -> Node:
         assert self.router is not None
@@ -101,9 +104,6 @@ class DataplaneLab:
     def vips(self) -> list[str]:
         """Every VIP address the backends hold on lo."""
         return [VIP, VIP6, VIP4_OVER_V6] if self.ipv6 else [VIP]
-
-    def _start_backend(self, server: Node) -> None:
-        self.http[role_of(server)] = start_backend(server, self.vips, VIP_PORT)
 
     def start_http(self, role: str) -> None:
         """The backend's HTTP server on every address: the VIP (clients) and its own (health checks)."""
@@ -219,13 +219,41 @@ def role_of(node: Node) -> str:
     return node.ns.name.rsplit("-", 1)[1]
 
 
-def start_backend(server: Node, vip: str | list[str], port: int) -> subprocess.Popen[bytes]:
-    """A lab backend: the VIP(s) on lo, decap.c on eth0 (for eth0's addresses, IPv4 and IPv6), and its HTTP
-    server (returned; on "::", both families, when it has an IPv6 address)."""
-    for address in [vip] if isinstance(vip, str) else vip:
-        server.ns.addr("lo", str(ipaddress.ip_interface(address)))  # /32 or /128
-    server.ns.run([PY, "-m", "edge_lb.dataplane.decap", "attach", "--interface", "eth0"], timeout=120)
-    return spawn_http(server, port, "::" if server.address6 else "0.0.0.0")
+def backend_state(server: Node) -> Path:
+    """Where the lab's `edge-lb backend setup` of `server` records its changes (gone with the lab)."""
+    return server.ns.lab.tmpdir / f"backend-{role_of(server)}.json"
+
+
+def backend_argv(server: Node, command: str, vips: list[str], *extra: str) -> list[str]:
+    """`edge-lb backend COMMAND` for `server`'s eth0 (its state file in the lab's tmpdir)."""
+    argv = [PY, "-m", "edge_lb", "backend", command, *(a for v in vips for a in ("--vip", v))]
+    if command != "teardown":
+        argv += ["--interface", "eth0"]
+    if command != "check":
+        argv += ["--state", str(backend_state(server))]
+    return [*argv, *extra]
+
+
+def setup_backends(servers: list[Node], vips: list[str], overhead: int | None = None,
+                   timeout: float = 120.0) -> None:
+    """`edge-lb backend setup --mode xdp` in each backend's namespace, all at once (each compiles decap.c):
+    the VIPs on lo, ARP and rp_filter settings, decap.c on eth0 (for eth0's addresses, IPv4 and IPv6), the
+    advertised MSS lowered on the route the replies take. The same code an operator runs on a backend."""
+    extra = ["--mode", "xdp", *(["--overhead", str(overhead)] if overhead is not None else [])]
+    procs = [(s, subprocess.Popen([*s.ns.prefix(), *backend_argv(s, "setup", vips, *extra)], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)) for s in servers]
+    deadline = time.monotonic() + timeout
+    failed = []
+    for server, proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"{server.ns.name}: exit {proc.returncode}: {out.strip()}")
+    if failed:
+        raise LabError("edge-lb backend setup failed: " + "; ".join(failed))
 
 
 def spawn_http(server: Node, port: int, bind: str = "0.0.0.0") -> subprocess.Popen[bytes]:

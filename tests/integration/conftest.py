@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -30,10 +31,11 @@ def lab(require_root: None) -> Iterator[Lab]:
                 print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-_LOG_TAIL:]}")
 
 
-def ready_lab(lab: Lab, prepare: Callable[[DataplaneLab], object]) -> Iterator[DataplaneLab]:
-    """The data-plane lab built, its LB prepared by `prepare`, backends answering; closed afterwards, with
-    its supervisor's log shown if one ran."""
-    d = DataplaneLab(lab)
+def ready_lab(lab: Lab, prepare: Callable[[DataplaneLab], object], **options: Any
+              ) -> Iterator[DataplaneLab]:
+    """The data-plane lab built (DataplaneLab(lab, **options)), its LB prepared by `prepare`, backends
+    answering; closed afterwards, with its supervisor's log shown if one ran."""
+    d = DataplaneLab(lab, **options)
     try:
         d.build()
         prepare(d)

@@ -37,8 +37,9 @@ print(data.partition(b"\\r\\n\\r\\n")[2].decode().strip())
 
 @pytest.fixture
 def dlab(lab: Lab) -> Iterator[DataplaneLab]:
-    """Loaded with `edge-lb load` (ICMP too-big replies at their default rate)."""
-    yield from ready_lab(lab, DataplaneLab.load_balancer)
+    """Loaded with `edge-lb load` (ICMP too-big replies at their default rate). The backends keep the kernel's
+    MSS (`backend setup --overhead 0`): with it lowered, the client's segments would fit and need no PMTUD."""
+    yield from ready_lab(lab, DataplaneLab.load_balancer, backend_overhead=0)
 
 
 def big_get(d: DataplaneLab) -> subprocess.CompletedProcess[str]:
