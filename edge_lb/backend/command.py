@@ -21,6 +21,7 @@ from typing import TextIO
 from edge_lb.backend import judge, plan, state
 from edge_lb.backend.model import DEFAULT_OVERHEAD, IPAddress, Item, RemoveAddress, Wanted
 from edge_lb.backend.system import LinuxSystem, System
+from edge_lb.dataplane import gue
 from edge_lb.errors import BackendError
 
 
@@ -48,6 +49,12 @@ def overhead_argument(text: str) -> int:
     return value
 
 
+def port_argument(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a UDP port, 1..65535")
+    return int(text)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """The backend subcommands, on the `edge-lb backend` parser."""
     sub = parser.add_subparsers(dest="backend_command", required=True, metavar="setup|check|teardown")
@@ -63,11 +70,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                             help="where the encapsulated packets arrive (default: the default route's)")
             sp.add_argument("--overhead", type=overhead_argument, default=DEFAULT_OVERHEAD, metavar="BYTES",
                             help=f"encapsulation the LB adds, taken off the MSS (default {DEFAULT_OVERHEAD}: "
-                            "IP6IP6/4in6; 20 for IPIP only)")
+                            "GUE over IPv6, the most; IPIP 20, GUE/IPv4 28, IP6IP6 and 4in6 40)")
         if name == "setup":
             sp.add_argument("--mode", choices=("xdp", "ipip"), default=None,
                             help="decapsulate with bpf/decap.c (xdp) or the kernel's tunnel devices (ipip); "
                             "default ipip when the kernel has the modules, else xdp")
+            sp.add_argument("--gue-port", type=port_argument, default=gue.DEFAULT_PORT, metavar="PORT",
+                            help=f"xdp: the UDP port decap.c takes GUE on, the LB's [dataplane] gue_port "
+                            f"(default {gue.DEFAULT_PORT})")
         if name == "check":
             sp.add_argument("--json", action="store_true", help="one JSON document")
         if name != "check":
@@ -82,7 +92,8 @@ def run(args: argparse.Namespace, system: System | None = None, out: TextIO = sy
         return teardown(system, vips, args.state or state.default_path(), out)
     wanted = Wanted(vips=tuple(dict.fromkeys(args.vip)),
                     interface=args.interface or system.default_interface(),
-                    mode=getattr(args, "mode", None), overhead=args.overhead)
+                    mode=getattr(args, "mode", None), overhead=args.overhead,
+                    gue_port=getattr(args, "gue_port", gue.DEFAULT_PORT))
     if args.backend_command == "check":
         return check(system, wanted, args.json, out)
     return setup(system, wanted, args.state or state.default_path(), out)

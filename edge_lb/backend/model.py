@@ -11,12 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edge_lb.dataplane import gue
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Mode = Literal["xdp", "ipip"]
 
 DECAP_PROGRAM = "xdp_decap"  # the kernel's name of bpf/decap.c's function (edge_lb.dataplane.decap.PROGRAM)
-DEFAULT_OVERHEAD = 40  # the largest encapsulation the LB sends without GUE: IP6IP6 and 4in6 (IPIP is 20)
+# The most the LB adds: GUE over IPv6, 48 (IPIP 20, GUE over IPv4 28, IP6IP6 and 4in6 40).
+DEFAULT_OVERHEAD = gue.overhead(6, gue=True)
 # The kernel modules each outer family needs in ipip mode, and the devices setup makes with them: one
 # "external" (collect-metadata) device per family takes every tunnelled packet no other tunnel claims.
 MODULES = {4: "ipip", 6: "ip6_tunnel"}
@@ -31,6 +34,7 @@ class Wanted:
     vips: tuple[IPAddress, ...]
     interface: str  # where the encapsulated packets arrive
     mode: Mode | None = None  # None: ipip when the kernel has the modules, else xdp
+    gue_port: int = gue.DEFAULT_PORT  # the LB's [dataplane] gue_port: decap.c takes GUE on it
     overhead: int = DEFAULT_OVERHEAD  # bytes of encapsulation the LB adds (MSS lowered by this)
 
     def advmss(self, mtu: int, family: int) -> int:
@@ -130,10 +134,11 @@ class SetSysctl:
 @dataclass(frozen=True, kw_only=True)
 class AttachDecap:
     interface: str
+    gue_port: int = gue.DEFAULT_PORT
     op: Literal["decap"] = "decap"
 
     def __str__(self) -> str:
-        return f"attach {DECAP_PROGRAM} (bpf/decap.c) to {self.interface}"
+        return f"attach {DECAP_PROGRAM} (bpf/decap.c; GUE on UDP {self.gue_port}) to {self.interface}"
 
 
 @dataclass(frozen=True, kw_only=True)

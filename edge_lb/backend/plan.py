@@ -48,7 +48,7 @@ def plan(facts: Facts, wanted: Wanted) -> Plan:
         changes += raise_to(facts, "arp_ignore", 1, ["all", facts.interface])
         changes += raise_to(facts, "arp_announce", 2, ["all", facts.interface])
     changes += loosen_rp_filter(facts, ["all", *judge.inner_devices(facts)])
-    changes += decap_changes(facts, mode)
+    changes += decap_changes(facts, mode, wanted.gue_port)
     changes += mss_changes(facts, wanted)
     notes = [] if wanted.mode is not None or judge.decap_ok(facts) else [_mode_note(facts, mode)]
     return Plan(changes=tuple(changes), notes=tuple(notes))
@@ -94,11 +94,11 @@ def loosen_rp_filter(facts: Facts, devices: list[str]) -> list[Change]:
             for d in dict.fromkeys(devices) if facts.sysctls.get(conf(d, "rp_filter")) == 1]
 
 
-def decap_changes(facts: Facts, mode: Mode) -> list[Change]:
+def decap_changes(facts: Facts, mode: Mode, gue_port: int) -> list[Change]:
     if judge.decap_ok(facts):
         return []
     if mode == "xdp":
-        return [AttachDecap(interface=facts.interface)]
+        return [AttachDecap(interface=facts.interface, gue_port=gue_port)]
     changes: list[Change] = []
     for family in judge.missing_tunnels(facts):
         name, kind = TUNNELS[family]

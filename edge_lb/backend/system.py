@@ -94,8 +94,8 @@ def _apply(change: Change) -> None:
             netlink.remove_address("lo", cidr)
         case SetSysctl(key=key, value=value):
             write_sysctl(key, value)
-        case AttachDecap(interface=interface):
-            decap.attach(interface)
+        case AttachDecap(interface=interface, gue_port=gue_port):
+            decap.attach(interface, gue_port=gue_port)
         case DetachDecap(interface=interface):
             running = _xdp(interface)
             if running is not None and running[1] != DECAP_PROGRAM:

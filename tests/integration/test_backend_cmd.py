@@ -36,7 +36,7 @@ pytestmark = pytest.mark.root
 
 SYSCTLS = [f"net.ipv4.conf.{dev}.{name}" for dev in ("all", "eth0")
            for name in ("rp_filter", "arp_ignore", "arp_announce")]
-CLAMPED = 1500 - 40 - 40  # the veth's MTU - the default overhead (40) - IPv4 and TCP headers
+CLAMPED = 1500 - 48 - 40  # the veth's MTU - the default overhead (48: GUE over IPv6) - IPv4 and TCP headers
 
 
 @pytest.fixture(scope="module")

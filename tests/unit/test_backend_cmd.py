@@ -45,7 +45,7 @@ def test_a_fresh_host_fails_everything_but_rp_filter(tmp_path: Path) -> None:
     assert code == 1
     assert failing(FakeSystem()) == ["vip", "decap", "arp_ignore", "arp_announce", "mss"]
     assert "10.0.100.1 is not on lo" in out and "would NOT serve" in out
-    assert "advmss unset, so 1460 from MTU 1500; want <= 1420" in out
+    assert "advmss unset, so 1460 from MTU 1500; want <= 1412" in out
 
 
 def _sysctl(**values: int) -> Callable[[FakeSystem], None]:
@@ -64,7 +64,7 @@ FAULTS: dict[str, tuple[Callable[[FakeSystem], None], str]] = {
     "arp_ignore=0": (_sysctl(all__arp_ignore=0, eth0__arp_ignore=0), "arp_ignore"),
     "arp_announce=1": (_sysctl(all__arp_announce=1, eth0__arp_announce=1), "arp_announce"),
     "MSS not clamped": (lambda f: f.advmss.update({V4_DEFAULT: None}), "mss"),
-    "MSS clamped too little": (lambda f: f.advmss.update({V4_DEFAULT: 1440}), "mss"),
+    "MSS clamped too little": (lambda f: f.advmss.update({V4_DEFAULT: 1420}), "mss"),
 }
 
 
@@ -102,8 +102,8 @@ def test_setup_changes_exactly_what_is_wrong(tmp_path: Path) -> None:
         "add 10.0.100.1/32 to lo", "add fd00:100::1/128 to lo",
         "net/ipv4/conf/all/arp_announce = 2 (was 0)", "net/ipv4/conf/eth0/arp_announce = 2 (was 0)",
         "net/ipv4/conf/all/rp_filter = 2 (was 1)",
-        "attach xdp_decap (bpf/decap.c) to eth0",
-        "advmss 1420 on route default (was unset)", "advmss 1400 on route default metric 1024 (was unset)"]
+        "attach xdp_decap (bpf/decap.c; GUE on UDP 6080) to eth0",
+        "advmss 1412 on route default (was unset)", "advmss 1392 on route default metric 1024 (was unset)"]
 
 
 def test_teardown_restores_the_host_as_it_was(tmp_path: Path) -> None:
@@ -209,6 +209,7 @@ def test_check_json(tmp_path: Path) -> None:
     ("setup --vip 224.0.0.1", "must be a unicast address"),
     ("setup --vip 10.0.0.1 --overhead 500", "integer 0..200"),
     ("setup --vip 10.0.0.1 --mode gre", "invalid choice"),
+    ("setup --vip 10.0.0.1 --gue-port 0", "a UDP port, 1..65535"),
     ("check", "--vip"),
 ])
 def test_bad_arguments_are_named(argv: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,3 +237,9 @@ def test_state_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="unreadable"):
         state.load(path)
     assert fake.xdp is not None
+
+
+def test_the_gue_port_reaches_decap(tmp_path: Path) -> None:
+    fake = FakeSystem()
+    run(fake, f"setup --vip {VIP4} --gue-port 7000", tmp_path)
+    assert AttachDecap(interface="eth0", gue_port=7000) in fake.applied
