@@ -19,7 +19,7 @@ from dataplane_breakdown import interleaved
 
 from edge_lb.dataplane import bench, loader
 
-SHOWN = ["tcp_established", "tcp_syn_new_flow", "tcp_ipv6_vip", "udp_vip", "non_vip", "pass"]
+SHOWN = ["tcp_established", "tcp_syn_new_flow", "tcp_syn_flood", "tcp_ipv6_vip", "udp_vip", "non_vip", "pass"]
 
 
 def export(rev: str, where: Path) -> Path:

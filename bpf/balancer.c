@@ -428,10 +428,39 @@ static __always_inline struct vip_meta *find_vip(struct packet *p, struct lb_ctl
   return vips.lookup(&k);
 }
 
-/* Backend index for the flow: the connection table unless SYN, a stale entry or a miss; else the ring. */
+/* One more event in this CPU's one-second window r, unless `limit` of them already happened in it. */
+static __always_inline int within_rate(struct lb_rate *r, __u64 limit) {
+  __u64 now = bpf_ktime_get_ns();
+  if (now - r->window_start >= LB_NSEC_PER_SEC) {
+    r->window_start = now;
+    r->sent = 0;
+  }
+  if (r->sent >= limit)
+    return 0;
+  r->sent++;
+  return 1;
+}
+
+/* The flood guard (Katran's MAX_CONN_RATE): a new flow goes into the connection table only while this CPU has
+ * inserted fewer than ctl->new_flow_rate this second. Beyond, it is served from the ring without an insert, so a
+ * flood of new flows cannot evict the entries of established ones (the LRU lists are per CPU). */
+static __always_inline void remember_flow(struct packet *p, __u32 idx, struct lb_ctl *ctl) {
+  __u32 zero = 0;
+  struct lb_rate *r = flow_rate.lookup(&zero);
+  if (!r || !within_rate(r, ctl->new_flow_rate)) {
+    count(STAT_CT_FLOOD_NO_INSERT, 0);
+    return;
+  }
+  struct conn c = {.backend_idx = idx};
+  conn_table.update(&p->flow, &c);
+}
+
+/* Backend index for the flow: the connection table unless SYN, a stale entry or a miss; else the ring. A VIP
+ * with VIP_F_NO_CONNTRACK always takes the ring. */
 static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip, __u32 hash,
-                                          struct backend **be) {
-  if (!p->syn) {
+                                          struct backend **be, struct lb_ctl *ctl) {
+  int stateless = vip->flags & VIP_F_NO_CONNTRACK;
+  if (!p->syn && !stateless) {
     struct conn *c = conn_table.lookup(&p->flow);
     if (c) {
       __u32 idx = c->backend_idx;
@@ -443,7 +472,7 @@ static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip
       }
     }
   }
-  count(STAT_CT_MISS, 0);
+  count(stateless ? STAT_CT_STATELESS : STAT_CT_MISS, 0);
   if (vip->flags & VIP_F_HASH_SOURCE)
     hash = source_hash(&p->flow);
   __u32 slot = vip->vip_num * RING_SIZE + hash % RING_SIZE;
@@ -454,10 +483,8 @@ static __always_inline __u32 pick_backend(struct packet *p, struct vip_meta *vip
   *be = backends.lookup(&idx);
   if (!*be)
     return 0;
-  if (!p->icmp) {
-    struct conn c = {.backend_idx = idx};
-    conn_table.update(&p->flow, &c);
-  }
+  if (!p->icmp && !stateless)
+    remember_flow(p, idx, ctl);
   return idx;
 }
 
@@ -551,17 +578,7 @@ static __always_inline int encap_v6(struct xdp_md *ctx, struct packet *p, struct
 static __always_inline int too_big_reply_allowed(void) {
   __u32 zero = 0;
   struct lb_rate *r = icmp_rate.lookup(&zero);
-  if (!r)
-    return 0;
-  __u64 now = bpf_ktime_get_ns();
-  if (now - r->window_start >= LB_NSEC_PER_SEC) {
-    r->window_start = now;
-    r->sent = 0;
-  }
-  if (r->sent >= ICMP_TOO_BIG_RATE)
-    return 0;
-  r->sent++;
-  return 1;
+  return r && within_rate(r, ICMP_TOO_BIG_RATE);
 }
 
 static __always_inline __u16 lb_csum_fold(__u32 csum) {
@@ -697,7 +714,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct packet *p, struct 
   }
   __u32 hash = flow_hash(&p->flow);
   struct backend *be = NULL;
-  __u32 idx = pick_backend(p, vip, hash, &be);
+  __u32 idx = pick_backend(p, vip, hash, &be, ctl);
   if (!idx || !be) {
     count(STAT_DROP_NO_BACKEND, p->ip_len);
     return XDP_DROP;

@@ -62,6 +62,10 @@
  * client's flows to the VIP (any source port; any destination port of a port-0 VIP) gets the same backend. The
  * connection table stays keyed by the full flow and the outer source / flow label still come from the flow hash. */
 #define VIP_F_HASH_SOURCE (1u << 0)
+/* Set ([[vip]] conntrack = false): the VIP is stateless (DNS and the like). No connection-table lookup and no
+ * insert: every packet takes the ring, so a ring change moves its flows (and a flood of them costs the table
+ * nothing). */
+#define VIP_F_NO_CONNTRACK (1u << 1)
 
 /* vip_addrs value: the count of VIPs on the address in the low bits, and this flag when its echo is off. */
 #define VIP_ADDR_NO_ECHO (1u << 31)
@@ -127,6 +131,9 @@ enum lb_stat {
                               * STAT_DROP_TOO_BIG (the LB's MTU less the encapsulation in it) */
   STAT_TOO_BIG_RATE_LIMITED, /* ... not sent: this CPU sent ICMP_TOO_BIG_RATE of them in the last second */
   STAT_TX_ICMP_ECHO_REPLY,   /* an ICMP / ICMPv6 echo request to a VIP address answered (XDP_TX) */
+  STAT_CT_FLOOD_NO_INSERT,   /* a new flow served from the ring but not inserted into the connection table: this
+                              * CPU already inserted ctl.new_flow_rate in the current second (a flood) */
+  STAT_CT_STATELESS,         /* backend taken from the ring for a VIP with conntrack = false (no lookup, no insert) */
   STAT_MAX
 };
 

@@ -39,6 +39,9 @@ LB_MAP("array", __u32, struct lb_ctl, ctl, 1, 0);
 /* Per CPU: the ICMP too-big replies of the current second (the rate limit). */
 LB_MAP("percpu_array", __u32, struct lb_rate, icmp_rate, 1, 0);
 
+/* Per CPU: the connection-table inserts of the current second (ctl.new_flow_rate, the flood guard). */
+LB_MAP("percpu_array", __u32, struct lb_rate, flow_rate, 1, 0);
+
 /* Counters: per VIP number, per backend index, per enum lb_stat. */
 LB_MAP("percpu_array", __u32, struct lb_counter, vip_stats, MAX_VIPS, 0);
 LB_MAP("percpu_array", __u32, struct lb_counter, backend_stats, MAX_BACKENDS, 0);

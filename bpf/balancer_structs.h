@@ -58,12 +58,15 @@ struct lb_ctl {
   __u32 encap_v4_hostmask;  /* network order: outer IPv4 source bits taken from the flow hash */
   __u32 encap_v6_prefix[4]; /* network order: outer IPv6 source prefix */
   __u32 encap_v6_hostmask;  /* network order: bits of the last word taken from the flow hash */
+  __u32 new_flow_rate;      /* host order: connection-table inserts per CPU per second; new flows beyond it take
+                             * the ring without an insert ([dataplane] new_flow_rate_limit) */
 };
 
-/* icmp_rate value: one CPU's ICMP too-big replies in the current one-second window. */
+/* icmp_rate and flow_rate value: one CPU's events (ICMP too-big replies, connection-table inserts) in the current
+ * one-second window. */
 struct lb_rate {
   __u64 window_start; /* bpf_ktime_get_ns() when the window began */
-  __u64 sent;         /* replies sent in it */
+  __u64 sent;         /* events in it */
 };
 
 #endif

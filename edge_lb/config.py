@@ -67,6 +67,7 @@ class Vip:
     icmp_echo: bool = True  # ICMP echo to the address answered by the data plane; off if a VIP on it says no
     hash: str = "flow"  # a new flow's Maglev slot: "flow" (addresses, protocol, ports) or "source" (client)
     encap: str = "ipip"  # default of its backends: "ipip" (IPIP / IP6IP6 / 4in6) or "gue" (the same in UDP)
+    conntrack: bool = True  # False: stateless (DNS...): no connection-table lookup or insert, always the ring
 
     @property
     def name(self) -> str:
@@ -106,6 +107,10 @@ class Dataplane:
     # UDP destination port of GUE-encapsulated packets (backends with encap = "gue"); the backends' decap
     # listens on the same port. 6080 as Katran's GUE_DPORT
     gue_port: int = 6080
+    # Connection-table inserts per CPU per second (the flood guard); new flows beyond it are served from the
+    # ring without an insert. None: conn_table_size / (possible CPUs x FLOW_TURNOVER_S), dataplane/node.py.
+    # Written into the ctl map by every apply, so a reload changes it live.
+    new_flow_rate_limit: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +230,7 @@ _DATAPLANE = {
     "xdp_mode": choice("native", "generic"),
     "icmp_too_big_rate": integer(0, 1_000_000),
     "gue_port": integer(1, 65535),
+    "new_flow_rate_limit": integer(1, 1_000_000_000),
 }
 
 
@@ -336,8 +342,8 @@ def _implicit(spec: CheckSpec, port: int | None, protocol: str | None) -> CheckS
 
 
 def _vips(root: Table, dataplane: Dataplane, check: CheckSpec, explicit: bool) -> list[tuple[Table, Vip]]:
-    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "hash", "encap", "healthcheck", "bgp",
-                                "backend"))
+    tables = root.array("vip", (*_VIP, "min_healthy", "icmp_echo", "hash", "encap", "conntrack",
+                                "healthcheck", "bgp", "backend"))
     vips = [(table, _vip(table, check, explicit)) for table in tables]
     valid = [(table, vip) for table, vip in vips if vip is not None]
     _check_unique_vips(valid)
@@ -371,11 +377,12 @@ def _vip(table: Table, check: CheckSpec, explicit: bool) -> Vip | None:
     route = parse_route(table)
     icmp_echo = table.get("icmp_echo", boolean)
     hash_by = table.get("hash", choice(*VIP_HASHES))
+    conntrack = table.get("conntrack", boolean)
     if len(values) != len(_VIP):
         return None
     return Vip(**values, backends=backends, healthcheck=spec, route=route,
                min_healthy=1 if min_healthy is None else min_healthy, icmp_echo=icmp_echo is not False,
-               hash=hash_by or "flow", encap=encap)
+               hash=hash_by or "flow", encap=encap, conntrack=conntrack is not False)
 
 
 def _backends(tables: list[Table], vip_address: IPAddress | None, check: CheckSpec,

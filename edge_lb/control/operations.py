@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from edge_lb import events
@@ -70,9 +70,11 @@ class RunningNode:
 def restart_only(old: Config, new: Config) -> list[str]:
     """Changes a reload cannot apply live: map sizes and the interface are fixed while the program runs."""
     problems = []
-    if new.dataplane != old.dataplane:
+    # new_flow_rate_limit is written into the ctl map by every apply: a reload takes it.
+    if replace(new.dataplane, new_flow_rate_limit=None) != replace(old.dataplane, new_flow_rate_limit=None):
         problems.append("dataplane: changed; map sizes, instance and XDP mode need a restart "
-                        "(`edge-lb run` adopts the pinned maps, established flows survive)")
+                        "(`edge-lb run` adopts the pinned maps, established flows survive; "
+                        "new_flow_rate_limit reloads live)")
     if new.node != old.node:
         problems.append("node: changed; interface, MACs and MTU need a restart")
     if new.api != old.api:

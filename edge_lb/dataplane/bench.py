@@ -26,7 +26,7 @@ from typing import Any
 from edge_lb.assets import asset_dir
 from edge_lb.config import parse_config
 from edge_lb.dataplane import loader
-from edge_lb.dataplane.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, sys_bpf
+from edge_lb.dataplane.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, possible_cpus, sys_bpf
 from edge_lb.dataplane.maglev import Member, build_table
 from edge_lb.dataplane.simulate import VERDICTS, Simulator
 from edge_lb.dataplane.testrun import _TestAttr
@@ -46,7 +46,9 @@ OWN_MAC, GW_MAC, CLIENT_MAC = "02:00:00:00:00:01", "00:00:de:ad:be:af", "02:00:0
 TARGETS = {"tcp_established": ("floor", 1.6), "tcp_syn_new_flow": ("floor", 2.6), "non_vip": ("pass", 1.6)}
 CONFIG: dict[str, Any] = {
     "node": {"interface": "bench0", "mac": OWN_MAC, "gateway_mac": GW_MAC, "mtu": 1500},
-    "dataplane": {"max_vips": 8, "max_backends": 64, "conn_table_size": 262144, "ring_size": RING_SIZE},
+    # The flood guard out of reach: tcp_syn_new_flow inserts every flow; tcp_syn_flood lowers it to 1.
+    "dataplane": {"max_vips": 8, "max_backends": 64, "conn_table_size": 262144, "ring_size": RING_SIZE,
+                  "new_flow_rate_limit": 1_000_000_000},
     "vip": [
         {"address": "10.200.1.1", "port": 80, "protocol": "tcp",
          "backend": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}, {"address": "10.0.0.3"}]},
@@ -168,12 +170,22 @@ class Case:
     expect: str  # the XDP action every run must return
     frames: Callable[[int], list[bytes]]  # count -> the frames of one round
     samples: list[float] = field(default_factory=list)
+    around: tuple[Callable[[], None], Callable[[], None]] | None = None  # before / after a round, unmeasured
 
     def run(self, count: int) -> float:
         """Run `count` frames once each; return the kernel's ns per run over them.
 
         The test-run attributes and buffers are built before the first run, so that as little Python as
         possible runs (and evicts the caches) between two runs: NAPI runs a program back to back, too."""
+        if self.around is not None:
+            self.around[0]()
+        try:
+            return self._run(count)
+        finally:
+            if self.around is not None:
+                self.around[1]()
+
+    def _run(self, count: int) -> float:
         frames = self.frames(count)
         buffers = [(ctypes.create_string_buffer(f, len(f)), ctypes.create_string_buffer(len(f) + 256))
                    for f in frames]
@@ -200,9 +212,9 @@ class Case:
 _ACTION = {name: code for code, name in VERDICTS.items()}
 
 
-def fresh(make: Callable[[int], bytes]) -> Callable[[int], list[bytes]]:
-    """Frames of flows never seen before, call after call."""
-    used = [FLOWS]  # flows below FLOWS are the established ones
+def fresh(make: Callable[[int], bytes], first: int = FLOWS) -> Callable[[int], list[bytes]]:
+    """Frames of flows never seen before, call after call, from flow number `first` on."""
+    used = [first]  # flows below FLOWS are the established ones
 
     def frames(count: int) -> list[bytes]:
         start = used[0]
@@ -217,20 +229,11 @@ def cycling(make: Callable[[int], bytes]) -> Callable[[int], list[bytes]]:
     return lambda count: [pool[i % FLOWS] for i in range(count)]
 
 
-def _possible_cpus() -> int:
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    spans = [part.split("-") for part in text.split(",")]
-    return sum(int(span[-1]) - int(span[0]) + 1 for span in spans)
-
-
 def conn_table_size(packets: int) -> int:
     """Entries enough that no insert evicts: the table is LRU per CPU (max_entries / possible CPUs each)."""
     inserts = (ROUNDS + 1) * packets + 4 * FLOWS
     size = 262144
-    while size < 2 * inserts * _possible_cpus():
+    while size < 2 * inserts * possible_cpus():
         size *= 2
     return size
 
@@ -255,7 +258,9 @@ def _fill_ring(floor: Any) -> None:
 def measure(packets: int) -> tuple[dict[str, dict[str, Any]], int]:
     """Every case's figures (name -> {"ns_per_packet", "runs", "action", "rounds_ns"}), and the CPU used."""
     config = dict(CONFIG, dataplane=dict(CONFIG["dataplane"], conn_table_size=conn_table_size(packets)))
-    sim = Simulator(parse_config(config))
+    normal = parse_config(config)
+    flooded = parse_config(dict(config, dataplane=dict(config["dataplane"], new_flow_rate_limit=1)))
+    sim = Simulator(normal)
     loaded: list[Any] = []
     try:
         pass_fd = _load_reference("pass.c", "xdp_pass", loaded)
@@ -264,6 +269,9 @@ def measure(packets: int) -> tuple[dict[str, dict[str, Any]], int]:
         lb = sim.dp.prog_fd
         cases = [
             Case("tcp_syn_new_flow", lb, "XDP_TX", fresh(lambda f: tcp4(f, SYN))),
+            # New flows over the flood guard's rate (1 a second on this CPU): the ring, no insert.
+            Case("tcp_syn_flood", lb, "XDP_TX", fresh(lambda f: tcp4(f, SYN), 1 << 22),
+                 around=(lambda: sim.reprogram(flooded), lambda: sim.reprogram(normal))),
             Case("tcp_established", lb, "XDP_TX", cycling(lambda f: tcp4(f, ACK))),
             Case("udp_vip", lb, "XDP_TX", cycling(udp4)),
             Case("tcp_ipv6_vip", lb, "XDP_TX", cycling(lambda f: tcp6(f, ACK))),

@@ -18,12 +18,13 @@ BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 
+_NR = _SYS_BPF.get(platform.machine())  # once: test runs call sys_bpf a million times
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def sys_bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
     """bpf(cmd, attr); raise DataplaneError naming `what` on failure."""
-    nr = _SYS_BPF.get(platform.machine())
+    nr = _NR
     if nr is None:
         raise DataplaneError(f"{what}: unsupported machine {platform.machine()}")
     rc = int(_libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
@@ -140,7 +141,9 @@ class _ElemAttr(ctypes.Structure):
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
-def _possible_cpus() -> int:
+def possible_cpus() -> int:
+    """The kernel's possible CPUs: per-CPU maps hold one value each, and an LRU map with per-CPU lists gives
+    each max_entries / this many entries."""
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
 
@@ -150,7 +153,7 @@ def pinned_counters(path: Path, count: int) -> list[tuple[int, int]]:
     raw = ctypes.create_string_buffer(os.fsencode(path))
     fd = sys_bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(raw)), f"open pinned {path}")
     try:
-        ncpu = _possible_cpus()
+        ncpu = possible_cpus()
         out = []
         for idx in range(count):
             key = ctypes.c_uint32(idx)

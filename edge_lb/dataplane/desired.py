@@ -63,6 +63,9 @@ class DesiredState:
 VIP_FILTER_BITS = 65536
 VIP_FILTER_MULT = 0x9E3779B1
 VIP_F_HASH_SOURCE = 1 << 0  # vips value flag: [[vip]] hash = "source" (balancer_consts.h)
+VIP_F_NO_CONNTRACK = 1 << 1  # vips value flag: [[vip]] conntrack = false (balancer_consts.h)
+# The default flood guard lets a CPU insert its share of the connection table once per this many seconds.
+FLOW_TURNOVER_S = 30
 VIP_ADDR_NO_ECHO = 1 << 31  # vip_addrs value flag: ICMP echo to the address not answered (balancer_consts.h)
 
 
@@ -185,12 +188,27 @@ def desired_state(config: Config, alloc: Allocator,
     for vip in config.vips:
         if not vip.icmp_echo:
             vip_addrs[(VipKey.of(vip).address, 0)] |= VIP_ADDR_NO_ECHO
-    vip_flags = {VipKey.of(v): VIP_F_HASH_SOURCE for v in config.vips if v.hash == "source"}
+    vip_flags = {VipKey.of(v): vip_flags_of(v) for v in config.vips if vip_flags_of(v)}
     port0 = sum(1 for k in vips if k.port == 0)
     cache.clear()
     cache.update(used)
     return DesiredState(vips=vips, backends=backends, rings=rings, vip_addrs=vip_addrs, port0_vips=port0,
                         vip_flags=vip_flags)
+
+
+def vip_flags_of(vip: Vip) -> int:
+    """The VIP_F_* flags of a VIP's vips value."""
+    return ((VIP_F_HASH_SOURCE if vip.hash == "source" else 0)
+            | (0 if vip.conntrack else VIP_F_NO_CONNTRACK))
+
+
+def new_flow_rate(conn_table_size: int, limit: int | None, cpus: int) -> int:
+    """Connection-table inserts per CPU per second: `limit` when set, else the rate at which a CPU's share of
+    the table (the LRU lists are per CPU: conn_table_size / cpus entries each) turns over in FLOW_TURNOVER_S.
+    A table of S entries holds only the flows of the last S / r seconds when r arrive a second: inserting
+    faster only evicts live flows. At this rate a flood on every CPU takes FLOW_TURNOVER_S to turn the table
+    over, so a flow that sends a packet that often keeps its entry, and its backend across ring changes."""
+    return limit if limit is not None else max(1, conn_table_size // (cpus * FLOW_TURNOVER_S))
 
 
 def encap_masks_v4(net: ipaddress.IPv4Network) -> tuple[bytes, bytes]:

@@ -98,6 +98,13 @@ def renew_short_counters(pins: Path, reasons: int) -> None:
         path.unlink()
 
 
+def renew_ctl(pins: Path) -> None:
+    """The ctl map holds only node settings, which every apply writes in full before the program is attached,
+    and nothing reads back: its pin is always made anew, so struct lb_ctl may grow (a program built for a
+    longer value than a pinned ctl's is refused by the verifier). The old program keeps its own reference."""
+    (pins / "ctl").unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class MapSizes:
     """max_entries of every map, derived from config; also what a pinned map must have to be adopted."""
@@ -119,7 +126,7 @@ class MapSizes:
                 "rings": self.ring_size * self.max_vips,
                 "backends": self.max_backends, "conn_table": self.conn_table_size, "ctl": 1,
                 "vip_stats": self.max_vips, "backend_stats": self.max_backends, "reason_stats": -1,
-                "icmp_rate": 1}
+                "icmp_rate": 1, "flow_rate": 1}
 
     def cflags(self) -> list[str]:
         return [f"-DRING_SIZE={int(self.ring_size)}", f"-DMAX_VIPS={int(self.max_vips)}",
@@ -163,6 +170,7 @@ class Dataplane:
             _ensure_bpffs_dir(pins)
             check_pinned(pins, sizes)
             renew_short_counters(pins, len(reason_names_in(BPF_DIR / "balancer_consts.h")))
+            renew_ctl(pins)
             cflags.append(f'-DPIN_DIR="{pins}"')
         bpf, prog = load_xdp(BPF_DIR / "balancer.c", "balancer", cflags)
         return cls(bpf, prog, sizes, pins)
@@ -289,6 +297,7 @@ class BccMapIO:
         leaf.encap_v4_hostmask = int.from_bytes(m4, "little")
         ctypes.memmove(leaf.encap_v6_prefix, p6, 16)
         leaf.encap_v6_hostmask = int.from_bytes(m6, "little")
+        leaf.new_flow_rate = ctl.new_flow_rate
         self._set(t, t.Key(0), leaf, "ctl")
 
     def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:

@@ -24,6 +24,7 @@ class Ctl:
     port0_vips: int
     encap_v4: ipaddress.IPv4Network
     encap_v6: ipaddress.IPv6Network
+    new_flow_rate: int  # connection-table inserts per CPU per second (the flood guard)
 
 
 class MapIO(Protocol):

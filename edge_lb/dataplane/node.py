@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from edge_lb import netlink
 from edge_lb.config import Config, IPAddress, Node
-from edge_lb.dataplane.desired import Allocator, RingCache, VipKey, desired_state
+from edge_lb.dataplane.bpfsys import possible_cpus
+from edge_lb.dataplane.desired import Allocator, RingCache, VipKey, desired_state, new_flow_rate
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.mapio import Ctl, MapIO
 from edge_lb.dataplane.programmer import ApplyReport, Programmer
@@ -46,8 +47,9 @@ def _mac(text: str) -> bytes:
 
 def ctl_for(config: Config, link: Link, port0_vips: int) -> Ctl:
     d = config.dataplane
+    rate = new_flow_rate(d.conn_table_size, d.new_flow_rate_limit, possible_cpus())
     return Ctl(own_mac=_mac(link.own_mac), gw_mac=_mac(link.gw_mac), mtu=link.mtu, port0_vips=port0_vips,
-               encap_v4=d.encap_src_v4, encap_v6=d.encap_src_v6)
+               encap_v4=d.encap_src_v4, encap_v6=d.encap_src_v6, new_flow_rate=rate)
 
 
 class NodeMaps:

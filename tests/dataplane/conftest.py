@@ -16,7 +16,10 @@ OWN_MAC, GW_MAC = "02:00:00:00:00:01", "00:00:de:ad:be:af"
 
 BASE: dict[str, Any] = {
     "node": {"interface": "eth0", "mac": OWN_MAC, "gateway_mac": GW_MAC, "mtu": 1500},
-    "dataplane": {"max_vips": 8, "max_backends": 64, "conn_table_size": 4096, "ring_size": 65537},
+    # The tests open hundreds of flows a second on one CPU: the flood guard (test_flood.py) must not decide
+    # which of them get a connection-table entry.
+    "dataplane": {"max_vips": 8, "max_backends": 64, "conn_table_size": 4096, "ring_size": 65537,
+                  "new_flow_rate_limit": 1_000_000},
     "vip": [
         {"address": "10.200.1.1", "port": 80, "protocol": "tcp",
          "backend": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}, {"address": "10.0.0.3"}]},

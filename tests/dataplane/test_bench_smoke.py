@@ -16,8 +16,8 @@ from .conftest import needs_root
 
 pytestmark = [pytest.mark.root, needs_root]
 
-CASES = {"tcp_syn_new_flow", "tcp_established", "udp_vip", "tcp_ipv6_vip", "tcp_established_gue",
-         "tcp_ipv6_gue", "non_vip", "pass", "floor"}
+CASES = {"tcp_syn_new_flow", "tcp_syn_flood", "tcp_established", "udp_vip", "tcp_ipv6_vip",
+         "tcp_established_gue", "tcp_ipv6_gue", "non_vip", "pass", "floor"}
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:

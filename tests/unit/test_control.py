@@ -12,7 +12,7 @@ import pytest
 
 from edge_lb import cli, events
 from edge_lb.api import sockets
-from edge_lb.config import Api
+from edge_lb.config import Api, Config
 from edge_lb.control import status
 from edge_lb.control.operations import NodeOperations
 from edge_lb.errors import SupervisorError
@@ -144,6 +144,20 @@ def test_reload_refuses_api_changes_that_need_a_restart() -> None:
     new = parse_config({"node": {"interface": "eth0"}, "api": {"token": "0123456789abcdef-new"}})
     assert restart_only(old, new) == ["api: changed; the listen address and token need a restart"]
     assert restart_only(old, old) == []
+
+
+def test_reload_applies_the_new_flow_rate_limit_live() -> None:
+    """[dataplane] new_flow_rate_limit is written into ctl by every apply: a reload takes it; the other
+    [dataplane] keys still need a restart."""
+    from edge_lb.config import parse_config
+    from edge_lb.control.operations import restart_only
+
+    def config(**dataplane: object) -> Config:
+        return parse_config({"node": {"interface": "eth0"}, "dataplane": dataplane})
+    assert restart_only(config(), config(new_flow_rate_limit=5000)) == []
+    assert restart_only(config(new_flow_rate_limit=5000), config(new_flow_rate_limit=9)) == []
+    [problem] = restart_only(config(), config(new_flow_rate_limit=5000, conn_table_size=4096))
+    assert problem.startswith("dataplane: changed;") and "new_flow_rate_limit reloads live" in problem
 
 
 class BrokenOperations(NodeOperations):

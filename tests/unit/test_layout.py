@@ -112,7 +112,7 @@ def test_prefilter_constants_match_the_c() -> None:
 def test_vip_flags_match_the_c() -> None:
     consts = defines(source("balancer_consts.h"))
     assert {k: c_value(v, consts) for k, v in consts.items() if k.startswith("VIP_F_")} == {
-        "VIP_F_HASH_SOURCE": desired.VIP_F_HASH_SOURCE}
+        "VIP_F_HASH_SOURCE": desired.VIP_F_HASH_SOURCE, "VIP_F_NO_CONNTRACK": desired.VIP_F_NO_CONNTRACK}
 
 
 def test_filter_bucket_is_the_formula_of_maybe_vip() -> None:

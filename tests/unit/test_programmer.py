@@ -359,3 +359,35 @@ def test_encap_is_a_backend_entry_rewrite(node: tuple[FakeMapIO, NodeMaps]) -> N
     report = maps.apply(cfg(one_back))
     assert report.backends_written == 1
     assert sorted(str(s.address) for s in io.backends.values() if not s.gue) == ["10.0.0.2"]
+
+
+def test_conntrack_false_is_a_vip_flag_beside_the_hash(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """[[vip]] conntrack = false sets VIP_F_NO_CONNTRACK in the VIP's value (with hash = "source" both bits),
+    rewritten live by a reload like the hash key, and cleared again."""
+    from edge_lb.dataplane.desired import VIP_F_HASH_SOURCE, VIP_F_NO_CONNTRACK
+
+    io, maps = node
+    key = VipKey(ipaddress.ip_address("10.200.1.1"), 80, 6)
+    assert cfg().vips[0].conntrack and io.vip_flags == {key: 0}
+    report = maps.apply(cfg(lambda d: d["vip"][0].update(conntrack=False)))
+    assert report.vips_rewritten == 1 and not report.ring_slots
+    assert io.vip_flags == {key: VIP_F_NO_CONNTRACK}
+    maps.apply(cfg(lambda d: d["vip"][0].update(conntrack=False, hash="source")))
+    assert io.vip_flags == {key: VIP_F_NO_CONNTRACK | VIP_F_HASH_SOURCE}
+    assert maps.apply(cfg()).vips_rewritten == 1 and io.vip_flags == {key: 0}
+
+
+def test_new_flow_rate_is_written_into_ctl_by_every_apply(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """The flood guard's rate: by default a CPU's share of the connection table (conn_table_size / possible
+    CPUs) per FLOW_TURNOVER_S seconds; [dataplane] new_flow_rate_limit overrides it, and an apply (a reload)
+    writes it into ctl with the rest of the node settings."""
+    from edge_lb.dataplane.bpfsys import possible_cpus
+    from edge_lb.dataplane.desired import FLOW_TURNOVER_S, new_flow_rate
+
+    io, maps = node
+    size = cfg().dataplane.conn_table_size
+    assert io.ctl is not None and io.ctl.new_flow_rate == size // (possible_cpus() * FLOW_TURNOVER_S)
+    maps.apply(cfg(lambda d: d.setdefault("dataplane", {}).update(new_flow_rate_limit=777)))
+    assert io.ctl.new_flow_rate == 777
+    assert new_flow_rate(262144, None, 2) == 4369 and new_flow_rate(262144, None, 64) == 136
+    assert new_flow_rate(1024, None, 64) == 1, "never 0: some flows always get an entry"
