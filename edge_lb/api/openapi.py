@@ -19,6 +19,7 @@ from edge_lb.control.document import (
     BackendRow,
     BackendState,
     BgpStatus,
+    ConnTableStatus,
     LocalFaultStatus,
     NodeView,
     Phase,
@@ -115,9 +116,19 @@ _SCHEMAS: Doc = {
         "watchdog": {"oneOf": [_ref("Watchdog"), {"type": "null"}], "description": "null: still starting"},
         "local_faults": {"oneOf": [_ref("LocalFaults"), {"type": "null"}],
                          "description": "null: still starting"},
+        "conntable": {"oneOf": [_ref("ConnTable"), {"type": "null"}], "description": "null: still starting"},
         "api": {"type": "object", "additionalProperties": _ref("ApiSite"),
                 "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"}},
         description="Null fields are not known yet (phase starting)."),
+    "ConnTable": _typed(ConnTableStatus, {
+        "new_flow_rate_limit": {"type": "integer", "minimum": 0,
+                                "description": "the flood guard: connection-table inserts per CPU per second "
+                                               "([dataplane] new_flow_rate_limit or its default)"},
+        "hits": {**_COUNT, "description": "packets whose backend came from the connection table"},
+        "misses": {**_COUNT, "description": "packets whose backend came from the ring (SYNs, new flows)"},
+        "flood_no_insert": {**_COUNT, "description": "new flows served from the ring without an entry: their "
+                                                     "CPU was over the limit (a flood)"},
+        "stateless": {**_COUNT, "description": "packets of VIPs with conntrack = false (always the ring)"}}),
     "ApiSite": _typed(ApiSite, {
         "open": _COUNT,
         "limit": {**_COUNT, "description": "over it, the longest-idle connection is closed (or the new one "

@@ -160,6 +160,7 @@ def _node(doc: NodeDocument) -> NodeView:
                                              "disable_file": str(bgp["disable_file"]),
                                              "speaker": bgp["speaker"]},
             "watchdog": doc.get("watchdog"), "local_faults": doc.get("local_faults"),
+            "conntable": doc.get("conntable"),
             "api": {site: {"open": s["open"], "limit": s["limit"], "evicted": s["evicted"],
                            "refused": s["refused"]} for site, s in doc.get("api", {}).items()}}
 

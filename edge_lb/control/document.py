@@ -88,6 +88,17 @@ class LocalFaultStatus(TypedDict):
     counts: dict[str, int]  # cause -> local faults since start (edge_lb_local_faults_total)
 
 
+class ConnTableStatus(TypedDict):
+    """edge_lb.control.status.conntable: the connection table's flood guard and what the data plane counted
+    (packets since the program was loaded, from the counter snapshot)."""
+
+    new_flow_rate_limit: int  # inserts per CPU per second, as written into the data plane (ctl)
+    hits: int  # backend taken from the table
+    misses: int  # backend taken from the ring: SYNs, new flows, stale entries
+    flood_no_insert: int  # new flows served from the ring without an entry: their CPU was over the limit
+    stateless: int  # packets of conntrack = false VIPs: always the ring
+
+
 class Served(TypedDict):
     """edge_lb.control.status.document: what the data plane serves."""
 
@@ -123,6 +134,7 @@ class NodeDocument(TypedDict):
     api: NotRequired[dict[str, ApiSite]]  # site -> its connections
     local_faults: NotRequired[LocalFaultStatus]
     watchdog: NotRequired[WatchdogStatus]
+    conntable: NotRequired[ConnTableStatus]
 
 
 class NodeView(TypedDict):
@@ -139,5 +151,6 @@ class NodeView(TypedDict):
     mtu: int | None
     bgp: BgpStatus | None
     local_faults: LocalFaultStatus | None
+    conntable: ConnTableStatus | None
     watchdog: WatchdogStatus | None
     api: dict[str, ApiSite]  # site -> its connections

@@ -147,7 +147,8 @@ class NodeOperations:
                 "applies": state.applies,
                 "bgp": node.bgp.status() if node.bgp is not None else None,
                 "api": self.api(),
-                "attached": node.attachment.on_interface, "local_faults": state.faults.status()}
+                "attached": node.attachment.on_interface, "local_faults": state.faults.status(),
+                "conntable": status.conntable(node.counters.snapshot, state.maps.new_flow_rate)}
 
     # -- changes, each through the one change path (Reconciler)
     async def reload(self) -> Doc:

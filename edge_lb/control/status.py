@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edge_lb.bgp.policy import host_prefix
-from edge_lb.control.document import BackendRow, Served, VipRow
+from edge_lb.control.document import BackendRow, ConnTableStatus, Served, VipRow
 from edge_lb.control.nodestate import NodeState
 from edge_lb.dataplane.counters import CounterSnapshot
 from edge_lb.dataplane.desired import VipKey
@@ -44,6 +44,23 @@ def document(state: NodeState, counters: CounterSnapshot) -> Served:
                      "in_ring": sum(1 for r in rows if r["ring_slots"]),
                      "backends": rows, "packets": packets, "bytes": nbytes})
     return {"vips": vips, "ring_size": ring_size}
+
+
+def conntable(counters: CounterSnapshot, new_flow_rate: int) -> ConnTableStatus:
+    """The connection table's counters (enum lb_stat) beside the flood guard's rate in effect."""
+    reasons = counters.reason_packets()
+    return {"new_flow_rate_limit": new_flow_rate, "hits": reasons.get("STAT_CT_HIT", 0),
+            "misses": reasons.get("STAT_CT_MISS", 0),
+            "flood_no_insert": reasons.get("STAT_CT_FLOOD_NO_INSERT", 0),
+            "stateless": reasons.get("STAT_CT_STATELESS", 0)}
+
+
+def _conntable(table: Doc | None) -> list[str]:
+    if not table:
+        return []
+    return [f"connection table: {table['hits']} hits, {table['misses']} from the ring, "
+            f"{table['flood_no_insert']} new flows not inserted (over {table['new_flow_rate_limit']} per CPU "
+            f"per second), {table['stateless']} stateless"]
 
 
 def _route(vip: Doc, bgp: Doc) -> str:
@@ -114,6 +131,7 @@ def render(doc: Doc, now: float | None = None) -> str:
                         "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
     lines[-1:-1] = _local_faults(doc.get("local_faults"), now)
     lines[-1:-1] = _hang(doc)
+    lines[-1:-1] = _conntable(doc.get("conntable"))
     bgp = doc.get("bgp")
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"

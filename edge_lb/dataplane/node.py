@@ -60,6 +60,7 @@ class NodeMaps:
         d = config.dataplane
         self.io = io
         self.link = link  # as last written into the ctl map
+        self.new_flow_rate = 0  # the flood guard's rate, as last written into the ctl map (0: not yet)
         self.alloc = Allocator(max_vips=d.max_vips, max_backends=d.max_backends)
         self.programmer = Programmer(io, d.ring_size)
         self.ring_cache: RingCache = {}
@@ -105,12 +106,14 @@ class NodeMaps:
         saved = (dict(self.alloc.vip_nums), dict(self.alloc.backend_idx))
         try:
             want = desired_state(config, self.alloc, health, self.ring_cache)
-            self.io.write_ctl(ctl_for(config, link, want.port0_vips))
+            ctl = ctl_for(config, link, want.port0_vips)
+            self.io.write_ctl(ctl)
             report = self.programmer.apply(want)
         except Exception:
             self.alloc.vip_nums, self.alloc.backend_idx = saved
             raise
         self.link = link
+        self.new_flow_rate = ctl.new_flow_rate
         return report
 
 

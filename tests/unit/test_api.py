@@ -77,7 +77,18 @@ def unchanged(node: MemNode) -> bool:
 
 def test_node_reports_phase_data_plane_and_bgp() -> None:
     async def body(client: Client, mem: MemNode) -> None:
+        from edge_lb.dataplane.bpfsys import possible_cpus
+        from edge_lb.dataplane.counters import reason_names
+        from edge_lb.dataplane.desired import new_flow_rate
+
+        reasons = mem.io.counters.setdefault("reason_stats", {})
+        for name, packets in (("STAT_CT_HIT", 50), ("STAT_CT_MISS", 9), ("STAT_CT_FLOOD_NO_INSERT", 7)):
+            reasons[reason_names().index(name)] = (packets, 0)
+        mem.counters.refresh()
         node = await answer(client, "GET", "/api/v1/node", 200)
+        limit = new_flow_rate(mem.state.config.dataplane.conn_table_size, None, possible_cpus())
+        assert node.pop("conntable") == {"new_flow_rate_limit": limit, "hits": 50, "misses": 9,
+                                         "flood_no_insert": 7, "stateless": 0}
         assert 0 <= node.pop("uptime") < 60
         assert node.pop("api") == {}, "no API sites around the in-memory node's operations"
         assert node.pop("watchdog") is None, "the in-memory node runs no watchdog"

@@ -111,6 +111,10 @@ def test_status_table_shows_every_column() -> None:
     assert "NOT ATTACHED" not in text
     assert "route " not in text, "no [bgp]: no route line"
     assert "XDP program NOT ATTACHED to eth0" in status.render({**doc, "attached": False}, now=100.0)
+    assert "connection table" not in text
+    table = {"new_flow_rate_limit": 4369, "hits": 50, "misses": 9, "flood_no_insert": 7, "stateless": 3}
+    assert ("connection table: 50 hits, 9 from the ring, 7 new flows not inserted (over 4369 per CPU per "
+            "second), 3 stateless") in status.render({**doc, "conntable": table}, now=100.0)
 
 
 @pytest.mark.parametrize(("bgp", "line"), [

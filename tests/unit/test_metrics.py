@@ -131,8 +131,8 @@ def test_serving_states_and_an_unknown_state(state: str, up: int) -> None:
 def test_reasons_named_from_the_c_enum(ops: CountingOperations) -> None:
     s = scrape(Metrics(ops))
     assert names(s, "edge_lb_packets_total", "reason") == {reason_label(n) for n in counters.reason_names()}
-    assert {"tx", "ct_hit", "ct_miss", "pass_not_vip", "drop_fragment"} <= names(s, "edge_lb_packets_total",
-                                                                                    "reason")
+    assert {"tx", "ct_hit", "ct_miss", "ct_flood_no_insert", "ct_stateless", "pass_not_vip",
+            "drop_fragment"} <= names(s, "edge_lb_packets_total", "reason")
     assert value(s, "edge_lb_packets_total", reason="tx") == 10
     assert value(s, "edge_lb_packets_total", reason="ct_hit") == 7
     assert value(s, "edge_lb_packets_total", reason="drop_fragment") == 0
