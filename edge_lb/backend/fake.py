@@ -45,6 +45,7 @@ class FakeSystem:
         default_factory=lambda: {ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("fd00::2")})
     sysctls: dict[str, int | None] = field(default_factory=lambda: _sysctls("eth0"))
     xdp: tuple[int, str] | None = None
+    decap_addresses: set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
     modules: set[str] = field(default_factory=set)
     tunnels: dict[str, tuple[str, bool]] = field(default_factory=dict)
     advmss: dict[RouteKey, int | None] = field(default_factory=lambda: {V4_DEFAULT: None, V6_DEFAULT: None})
@@ -60,7 +61,9 @@ class FakeSystem:
         return Facts(interface=self.interface, mtu=self.mtu, families=frozenset(self.families),
                      lo=frozenset(self.lo), on_interface=frozenset(self.on_interface),
                      sysctls=dict(self.sysctls),
-                     xdp=self.xdp, modules=frozenset(self.modules), tunnels=dict(self.tunnels),
+                     xdp=self.xdp, decap_addresses=None if self.decap_addresses is None
+                     else frozenset(self.decap_addresses), modules=frozenset(self.modules),
+                     tunnels=dict(self.tunnels),
                      reply_routes={vip: self._route(vip.version) for vip in wanted.vips})
 
     def _route(self, family: int) -> RouteFact | None:
@@ -83,8 +86,9 @@ class FakeSystem:
                 self.sysctls[key] = value
             case AttachDecap():
                 self.xdp = (7, DECAP_PROGRAM)
+                self.decap_addresses = set(self.on_interface)
             case DetachDecap():
-                self.xdp = None
+                self.xdp, self.decap_addresses = None, None
             case AddTunnel(name=name, kind=kind):
                 self.tunnels[name] = (kind, True)
                 self.sysctls.update(_sysctls(name))

@@ -73,11 +73,20 @@ def vip_item(facts: Facts, vip: IPAddress) -> Item:
 
 
 def decap_ok(facts: Facts) -> bool:
-    return _xdp_decap(facts) or not missing_tunnels(facts)
+    return (_xdp_decap(facts) and not uncovered(facts)) or not missing_tunnels(facts)
 
 
 def _xdp_decap(facts: Facts) -> bool:
     return facts.xdp is not None and facts.xdp[1] == DECAP_PROGRAM
+
+
+def uncovered(facts: Facts) -> list[IPAddress]:
+    """The interface's addresses (not link-local: the LB sends to no such address) an attached xdp_decap
+    does not decapsulate for: added after it was attached (attach again to take them)."""
+    if facts.decap_addresses is None:
+        return []
+    return sorted((a for a in facts.on_interface if not a.is_link_local and a not in facts.decap_addresses),
+                  key=lambda a: (a.version, a))
 
 
 def missing_tunnels(facts: Facts) -> list[int]:
@@ -87,7 +96,11 @@ def missing_tunnels(facts: Facts) -> list[int]:
 
 
 def decap_item(facts: Facts) -> Item:
-    if _xdp_decap(facts):
+    if _xdp_decap(facts) and (lacking := uncovered(facts)) and missing_tunnels(facts):
+        return Item(name="decap", ok=False,
+                    detail=f"{DECAP_PROGRAM} on {facts.interface} does not decapsulate for {_names(lacking)} "
+                    "(added since it was attached?): packets to it are dropped")
+    if _xdp_decap(facts) and not uncovered(facts):
         assert facts.xdp is not None
         return Item(name="decap", ok=True,
                     detail=f"{DECAP_PROGRAM} (XDP, id {facts.xdp[0]}) on {facts.interface}")

@@ -84,6 +84,7 @@ class Facts:
     on_interface: frozenset[IPAddress]  # addresses on the interface itself
     sysctls: Mapping[str, int | None]  # "net.ipv4.conf.all.rp_filter" -> value, None when absent
     xdp: tuple[int, str] | None  # (id, name) of the interface's XDP program
+    decap_addresses: frozenset[IPAddress] | None = None  # what an attached xdp_decap decapsulates for
     modules: frozenset[str]  # kernel modules available (loaded, built in, or installed) among MODULES
     tunnels: Mapping[str, tuple[str, bool]]  # device name -> (kind, up), for ipip and ip6tnl devices
     reply_routes: Mapping[IPAddress, RouteFact | None]  # per VIP; None: no route for its replies

@@ -71,7 +71,8 @@ class LinuxSystem:
             on_interface=frozenset(a.ip for a in addresses),
             sysctls={conf(d, n): read_sysctl(conf(d, n))
                      for d in ("all", wanted.interface, *tunnels) for n in _SYSCTL_NAMES},
-            xdp=_xdp(wanted.interface),
+            xdp=(xdp := _xdp(wanted.interface)),
+            decap_addresses=_decap_addresses(xdp),
             modules=frozenset(available_modules(MODULES.values())),
             tunnels=tunnels,
             reply_routes={vip: _reply_route(vip) for vip in wanted.vips},
@@ -147,6 +148,17 @@ def _xdp(interface: str) -> tuple[int, str] | None:
         return prog_id, bpfsys.prog_name(prog_id)
     except DataplaneError:
         return prog_id, "?"
+
+
+def _decap_addresses(xdp: tuple[int, str] | None) -> frozenset[IPAddress] | None:
+    from edge_lb.dataplane import decap
+
+    if xdp is None or xdp[1] != DECAP_PROGRAM:
+        return None
+    try:
+        return frozenset(decap.attached_addresses(xdp[0]))
+    except DataplaneError:
+        return None  # not readable (another build of it?): its addresses are not judged
 
 
 def _reply_route(vip: IPAddress) -> RouteFact | None:

@@ -12,8 +12,10 @@ from pathlib import Path
 from edge_lb.errors import DataplaneError
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_GET = 7
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
@@ -83,17 +85,77 @@ class _ProgInfo(ctypes.Structure):
                 ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
 
 
+class _NextKeyAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("key", ctypes.c_uint64), ("next_key", ctypes.c_uint64)]
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"info of {what}")
+
+
+def prog_id(prog_fd: int) -> int:
+    """The id of the program behind a file descriptor."""
+    info = _ProgInfo()
+    _info(prog_fd, info, f"program fd {prog_fd}")
+    return int(info.id)
+
+
 def prog_name(prog_id: int) -> str:
     """The name of loaded program `prog_id` (its function's name, at most 15 characters)."""
-    attr = _IdAttr(id=prog_id)
-    fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")
+    fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program id {prog_id}")
     try:
         info = _ProgInfo()
-        attr2 = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr2, f"info of program id {prog_id}")
+        _info(fd, info, f"program id {prog_id}")
         return bytes(info.name).decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def prog_maps(prog_id: int) -> dict[str, int]:
+    """The maps loaded program `prog_id` uses: name -> map id."""
+    fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program id {prog_id}")
+    try:
+        info = _ProgInfo()
+        _info(fd, info, f"program id {prog_id}")
+        ids = (ctypes.c_uint32 * info.nr_map_ids)()
+        wanted = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
+        _info(fd, wanted, f"program id {prog_id}")
+    finally:
+        os.close(fd)
+    out = {}
+    for map_id in ids:
+        map_fd = sys_bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map id {map_id}")
+        try:
+            map_info = _MapInfo()
+            _info(map_fd, map_info, f"map id {map_id}")
+            out[bytes(map_info.name).decode(errors="replace")] = int(map_id)
+        finally:
+            os.close(map_fd)
+    return out
+
+
+def map_keys(map_id: int, key_size: int, limit: int = 1 << 16) -> list[bytes]:
+    """Every key of map `map_id` (BPF_MAP_GET_NEXT_KEY from the start), at most `limit`."""
+    fd = sys_bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map id {map_id}")
+    keys: list[bytes] = []
+    try:
+        previous = None
+        while len(keys) < limit:
+            nxt = ctypes.create_string_buffer(key_size)
+            attr = _NextKeyAttr(map_fd=fd, key=ctypes.addressof(previous) if previous is not None else 0,
+                                next_key=ctypes.addressof(nxt))
+            try:
+                sys_bpf(BPF_MAP_GET_NEXT_KEY, attr, f"next key of map id {map_id}")
+            except DataplaneError as exc:
+                if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOENT:
+                    break  # the last key
+                raise
+            keys.append(nxt.raw)
+            previous = nxt
+    finally:
+        os.close(fd)
+    return keys
 
 
 def pinned_map_max_entries(path: Path) -> int:

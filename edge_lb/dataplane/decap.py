@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 from edge_lb import netlink
 from edge_lb.assets import asset_dir
-from edge_lb.dataplane import gue, loader
+from edge_lb.dataplane import bpfsys, gue, loader
 from edge_lb.errors import DataplaneError, NetlinkError
 from healthchecks.base import IPAddress
 
@@ -110,6 +110,26 @@ def _address_key(table: Any, address: IPAddress) -> Any:
     raw = address.packed.ljust(16, b"\0")
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     return table.Key(addr=(ctypes.c_ubyte * 16)(*raw), family=family)
+
+
+class AddrKey(ctypes.Structure):
+    """struct decap_addr_key, for reading an attached program's map without bcc (edge-lb backend check);
+    tests/dataplane/test_decap_fixtures.py checks it against bcc's layout of the struct."""
+
+    _fields_ = [("addr", ctypes.c_ubyte * 16), ("family", ctypes.c_uint32)]
+
+
+def attached_addresses(prog_id: int) -> set[IPAddress]:
+    """The outer destinations the loaded decap program `prog_id` decapsulates for (its decap_addrs)."""
+    maps = bpfsys.prog_maps(prog_id)
+    if "decap_addrs" not in maps:
+        raise DataplaneError(f"program id {prog_id} has no decap_addrs map: not {PROGRAM}")
+    out: set[IPAddress] = set()
+    for raw in bpfsys.map_keys(maps["decap_addrs"], ctypes.sizeof(AddrKey)):
+        key = AddrKey.from_buffer_copy(raw)
+        size = 4 if key.family == socket.AF_INET else 16
+        out.add(ipaddress.ip_address(bytes(key.addr)[:size]))
+    return out
 
 
 def read_stats(bpf: Any) -> DecapStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
 
-from edge_lb.dataplane import decap
+from edge_lb.dataplane import bpfsys, decap
 from edge_lb.dataplane.testrun import run_xdp
 
 pytestmark = [
@@ -229,3 +230,15 @@ def test_bad_max_addrs_is_rejected_before_compiling() -> None:
         decap.load(max_addrs=0)
     with pytest.raises(DataplaneError, match="gue_port"):
         decap.load(gue_port=65536)
+
+
+def test_attached_addresses_reads_the_map_back_without_bcc(program: decap.DecapProgram) -> None:
+    """`edge-lb backend check` reads an attached decapsulator's addresses by program id, through a ctypes
+    mirror of struct decap_addr_key: it must be clang's layout, and give back what was written."""
+    bcc_key = program.bpf["decap_addrs"].Key
+    assert ctypes.sizeof(bcc_key) == ctypes.sizeof(decap.AddrKey)
+    assert [(name, getattr(bcc_key, name).offset) for name, _ in bcc_key._fields_] == \
+        [(name, getattr(decap.AddrKey, name).offset) for name, _ in decap.AddrKey._fields_]
+    prog_id = bpfsys.prog_id(program.prog_fd)
+    assert bpfsys.prog_name(prog_id) == decap.PROGRAM
+    assert decap.attached_addresses(prog_id) == {ipaddress.ip_address(OUR4), ipaddress.ip_address(OUR6)}

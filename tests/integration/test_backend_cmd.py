@@ -3,9 +3,10 @@ lab set up with the same `edge-lb backend setup`, and the LB loaded (`edge-lb lo
 
     client --- router --- lb (XDP) --IPIP--> b1 (backend setup: VIP on lo, decap.c, ARP, rp_filter, MSS)
 
-Each fault in turn is named by `edge-lb backend check` (the real CLI, in b1's namespace, exit 1), setup fixes
-it (check exits 0) and HTTP through the VIP from the client works again; setup twice changes nothing;
-teardown restores the namespace as it was before setup. And the SYN-ACK's MSS option proves which route the
+Each fault in turn (and an address added to eth0 after decap.c was attached for the old ones) is named by
+`edge-lb backend check` (the real CLI, in b1's namespace, exit 1), setup fixes it (check exits 0) and HTTP
+through the VIP from the client works again; setup twice changes nothing; teardown restores the namespace as
+it was before setup. And the SYN-ACK's MSS option proves which route the
 kernel takes the advertised MSS from: the route the reply takes, not the VIP's local route.
 """
 
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.root
 
 SYSCTLS = [f"net.ipv4.conf.{dev}.{name}" for dev in ("all", "eth0")
            for name in ("rp_filter", "arp_ignore", "arp_announce")]
+EXTRA = "10.77.10.9/24"  # a second address for b1's eth0
 CLAMPED = 1500 - 48 - 40  # the veth's MTU - the default overhead (48: GUE over IPv6) - IPv4 and TCP headers
 
 
@@ -127,6 +129,8 @@ def _sysctls(**values: int) -> Callable[[DataplaneLab], None]:
 FAULTS: dict[str, tuple[Callable[[DataplaneLab], object], str, bool]] = {
     "VIP removed from lo": (lambda d: b1(d).ns.ip("addr", "del", f"{VIP}/32", "dev", "lo"), "vip", True),
     "decap detached": (lambda d: b1(d).ns.ip("link", "set", "dev", "eth0", "xdp", "off"), "decap", True),
+    # decap.c decapsulates for the addresses eth0 had when it was attached: a new one is not among them.
+    "address added after decap": (lambda d: b1(d).ns.addr("eth0", EXTRA), "decap", False),
     "rp_filter=1": (_sysctls(eth0__rp_filter=1), "rp_filter", False),
     "arp_ignore=0": (_sysctls(all__arp_ignore=0, eth0__arp_ignore=0), "arp_ignore", False),
     "MSS not clamped": (lambda d: b1(d).ns.ip("route", "change", "default", "via", "10.77.10.1", "dev",
@@ -149,6 +153,8 @@ def test_check_names_the_fault_and_setup_fixes_it(blab: DataplaneLab, fault: str
     assert setup.returncode == 0 and "changed: " in setup.stdout
     assert failing(d) == []
     assert served(d) == {"b1": 3, "failures": 0}
+    if fault == "address added after decap":
+        b1(d).ns.ip("addr", "del", EXTRA, "dev", "eth0")
 
 
 def test_setup_twice_changes_nothing_and_teardown_restores_the_namespace(blab: DataplaneLab) -> None:

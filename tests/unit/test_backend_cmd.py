@@ -59,6 +59,7 @@ def _sysctl(**values: int) -> Callable[[FakeSystem], None]:
 FAULTS: dict[str, tuple[Callable[[FakeSystem], None], str]] = {
     "VIP removed from lo": (lambda f: f.lo.clear(), "vip"),
     "decap detached": (lambda f: setattr(f, "xdp", None), "decap"),
+    "an address added after decap": (lambda f: f.on_interface.add(ipaddress.ip_address("10.0.0.9")), "decap"),
     "rp_filter=1 on eth0": (_sysctl(eth0__rp_filter=1), "rp_filter"),
     "rp_filter=1 on all": (_sysctl(all__rp_filter=1), "rp_filter"),
     "arp_ignore=0": (_sysctl(all__arp_ignore=0, eth0__arp_ignore=0), "arp_ignore"),
