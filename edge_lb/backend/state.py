@@ -36,11 +36,16 @@ VERSION = 1
 def default_path() -> Path:
     """The state file of this process's network namespace."""
     try:
-        ours, init = os.stat("/proc/self/ns/net").st_ino, os.stat("/proc/1/ns/net").st_ino
+        ours, init = _netns("/proc/self/ns/net"), _netns("/proc/1/ns/net")
     except OSError:  # /proc/1 unreadable: treat as the init namespace
         ours = init = 0
     name = "backend.json" if ours == init else f"backend-netns-{ours}.json"
     return paths.RUN_DIR / name
+
+
+def _netns(link: str) -> int:
+    """The inode of a network namespace link: equal inodes, the same namespace."""
+    return os.stat(link).st_ino
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -124,11 +124,13 @@ def write_sysctl(key: str, value: int) -> None:
     (PROC_SYS / key).write_text(f"{value}\n")
 
 
-def available_modules(names: Iterable[str]) -> set[str]:
+def available_modules(names: Iterable[str], sys_module: Path = Path("/sys/module"),
+                      lib_modules: Path | None = None) -> set[str]:
     """The modules among `names` this kernel has: loaded or built in (/sys/module), or installed for it
     (modules.dep / modules.builtin under /lib/modules/RELEASE)."""
-    found = {n for n in names if Path("/sys/module", n).exists()}
-    base = Path("/lib/modules", os.uname().release)
+    names = list(names)
+    found = {n for n in names if (sys_module / n).exists()}
+    base = lib_modules if lib_modules is not None else Path("/lib/modules", os.uname().release)
     for listing in ("modules.dep", "modules.builtin"):
         try:
             text = (base / listing).read_text()

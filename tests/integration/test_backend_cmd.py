@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from edge_lb.backend.system import available_modules
 from edge_lb.lab.labs import (
     VIP,
     VIP_PORT,
@@ -178,3 +179,15 @@ def test_setup_twice_changes_nothing_and_teardown_restores_the_namespace(blab: D
     assert "restored: net/ipv4/conf/eth0/rp_filter = 1 (was 2)" in down.stdout
     assert snapshot(d) == bare
     assert backend(d, "setup").returncode == 0  # serving again, for whatever runs next on this lab
+
+
+def test_ipip_mode_is_refused_without_the_module_and_changes_nothing(blab: DataplaneLab) -> None:
+    """The machines this project runs on have no ipip module (docs: environment.md), so `--mode ipip` must
+    name it, point to --mode xdp, and leave b1 as it was."""
+    assert "ipip" not in available_modules(["ipip"]), "this kernel has ipip: the refusal cannot be shown here"
+    before = snapshot(blab)
+    result = backend(blab, "setup", "--mode", "ipip")
+    assert result.returncode == 1
+    assert "--mode ipip needs the kernel module(s) ipip" in result.stderr
+    assert "Use --mode xdp" in result.stderr
+    assert snapshot(blab) == before and failing(blab) == []

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_lb import cli
+from edge_lb import cli, paths
 from edge_lb.backend import command, judge, plan, state
 from edge_lb.backend.fake import V4_DEFAULT, V6_DEFAULT, FakeSystem
 from edge_lb.backend.judge import conf
 from edge_lb.backend.model import AddTunnel, AttachDecap, SetAdvmss, SetSysctl, Wanted
+from edge_lb.backend.system import available_modules
 from edge_lb.errors import BackendError
 
 VIP4, VIP6 = ipaddress.ip_address("10.0.100.1"), ipaddress.ip_address("fd00:100::1")
@@ -244,3 +245,27 @@ def test_the_gue_port_reaches_decap(tmp_path: Path) -> None:
     fake = FakeSystem()
     run(fake, f"setup --vip {VIP4} --gue-port 7000", tmp_path)
     assert AttachDecap(interface="eth0", gue_port=7000) in fake.applied
+
+
+def test_kernel_modules_are_found_loaded_installed_or_built_in(tmp_path: Path) -> None:
+    sys_module, lib = tmp_path / "sys", tmp_path / "lib"
+    sys_module.mkdir()
+    lib.mkdir()
+    assert available_modules(["ipip", "ip6_tunnel"], sys_module, lib) == set()
+    (lib / "modules.dep").write_text("kernel/net/ipv4/ipip.ko.xz: kernel/net/ipv4/tunnel4.ko.xz\n"
+                                     "kernel/net/ipv6/sit.ko.zst: kernel/net/ipv4/tunnel4.ko.xz\n")
+    assert available_modules(["ipip", "ip6_tunnel"], sys_module, lib) == {"ipip"}
+    (lib / "modules.builtin").write_text("kernel/net/ipv6/ip6_tunnel.ko\n")
+    assert available_modules(["ipip", "ip6_tunnel"], sys_module, lib) == {"ipip", "ip6_tunnel"}
+    (sys_module / "ip6_tunnel").mkdir()
+    (lib / "modules.builtin").unlink()
+    assert available_modules(["ipip", "ip6_tunnel"], sys_module, lib) == {"ipip", "ip6_tunnel"}
+
+
+def test_the_state_file_is_per_network_namespace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(paths, "RUN_DIR", tmp_path)
+    inodes = {"/proc/self/ns/net": 4026531840, "/proc/1/ns/net": 4026531840}
+    monkeypatch.setattr(state, "_netns", inodes.__getitem__)
+    assert state.default_path() == tmp_path / "backend.json"
+    inodes["/proc/self/ns/net"] = 4026532999
+    assert state.default_path() == tmp_path / "backend-netns-4026532999.json"
