@@ -10,6 +10,7 @@ module that opens pyroute2's IPRoute or AsyncIPRoute.
     default_interface()                                          the device of the default route
     reply_route(dst, src) / set_route_advmss(...)                 the FIB entry a reply takes; its advmss
     tunnel_links / add_external_tunnel / delete_link              ipip and ip6tnl devices (backends)
+    xdp_attached(ifname)                                         ... with its mode (native, generic)
     NetlinkEvents                                                link, neighbour and route events, async
 
 The sync functions block (pyroute2's IPRoute runs its own event loop): from async code, run them in a thread.
@@ -144,10 +145,21 @@ def _neighbour_mac(ipr: Any, oif: int, gw: str, ifname: str) -> str:
 
 def xdp_prog_id(ifname: str) -> int | None:
     """The id of the XDP program attached to ifname (any mode), or None."""
+    return xdp_attached(ifname)[0]
+
+
+# XDP_ATTACHED_* (linux/if_link.h) as pyroute2 names them -> our mode names
+XDP_ATTACHED_MODE = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
+
+
+def xdp_attached(ifname: str) -> tuple[int | None, str | None]:
+    """(id, mode) of the XDP program attached to ifname ("native", "generic", ...), or (None, None)."""
     with _ipr() as ipr:
         xdp = _link(ipr, ifname).get_attr("IFLA_XDP")
         prog = xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else None
-        return int(prog) if prog else None
+        if not prog:
+            return None, None
+        return int(prog), XDP_ATTACHED_MODE.get(str(xdp.get_attr("IFLA_XDP_ATTACHED")))
 
 
 def interface_networks(ifname: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:

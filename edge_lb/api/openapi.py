@@ -23,6 +23,7 @@ from edge_lb.control.document import (
     LocalFaultStatus,
     NodeView,
     Phase,
+    ProgramStatus,
     SpeakerStatus,
     VipRow,
     WatchdogStatus,
@@ -117,6 +118,7 @@ _SCHEMAS: Doc = {
         "local_faults": {"oneOf": [_ref("LocalFaults"), {"type": "null"}],
                          "description": "null: still starting"},
         "conntable": {"oneOf": [_ref("ConnTable"), {"type": "null"}], "description": "null: still starting"},
+        "program": {"oneOf": [_ref("Program"), {"type": "null"}], "description": "null: still starting"},
         "api": {"type": "object", "additionalProperties": _ref("ApiSite"),
                 "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"}},
         description="Null fields are not known yet (phase starting)."),
@@ -129,6 +131,11 @@ _SCHEMAS: Doc = {
         "flood_no_insert": {**_COUNT, "description": "new flows served from the ring without an entry: their "
                                                      "CPU was over the limit (a flood)"},
         "stateless": {**_COUNT, "description": "packets of VIPs with conntrack = false (always the ring)"}}),
+    "Program": _typed(ProgramStatus, {
+        "origin": {"type": "string", "enum": ["adopted", "compiled"],
+                   "description": "adopted: the pinned program of the same build, without compiling"},
+        "digest": {**_TEXT, "description": "sha256 of the C sources and compile flags it was built from"},
+        "seconds": {"type": "number", "minimum": 0, "description": "adopting or compiling it took"}}),
     "ApiSite": _typed(ApiSite, {
         "open": _COUNT,
         "limit": {**_COUNT, "description": "over it, the longest-idle connection is closed (or the new one "

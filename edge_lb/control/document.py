@@ -64,6 +64,15 @@ class WatchdogStatus(TypedDict):
     systemd: bool  # WatchdogSec is set: WATCHDOG=1 is sent
 
 
+class ProgramStatus(TypedDict):
+    """The XDP program this supervisor serves with (edge_lb.dataplane.loader.Dataplane) and how it got it."""
+
+    origin: str  # "adopted": the pinned program of the same build, taken by fd without compiling;
+    #              "compiled": built by bcc at this start (first start, or the sources/flags changed)
+    digest: str  # sha256 of the C sources and compile flags it was built from (edge_lb.dataplane.pinned)
+    seconds: float  # how long adopting or compiling took at startup
+
+
 class BgpStatus(TypedDict):
     """edge_lb.bgp.controller.BgpController.status()."""
 
@@ -135,6 +144,7 @@ class NodeDocument(TypedDict):
     local_faults: NotRequired[LocalFaultStatus]
     watchdog: NotRequired[WatchdogStatus]
     conntable: NotRequired[ConnTableStatus]
+    program: NotRequired[ProgramStatus]
 
 
 class NodeView(TypedDict):
@@ -153,4 +163,5 @@ class NodeView(TypedDict):
     local_faults: LocalFaultStatus | None
     conntable: ConnTableStatus | None
     watchdog: WatchdogStatus | None
+    program: ProgramStatus | None
     api: dict[str, ApiSite]  # site -> its connections

@@ -30,7 +30,7 @@ from edge_lb.bgp.controller import BgpController, disable_path, set_switch
 from edge_lb.config import Config, load_config
 from edge_lb.control import status
 from edge_lb.control.attachment import Attachment
-from edge_lb.control.document import ApiSite, NodeDocument
+from edge_lb.control.document import ApiSite, NodeDocument, ProgramStatus
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
 from edge_lb.control.watchdog import Watchdog
@@ -65,6 +65,7 @@ class RunningNode:
     attachment: Attachment
     bgp: BgpController | None
     started: float = field(default_factory=time.time)
+    program: ProgramStatus | None = None  # how startup got the XDP program (None in unit tests' nodes)
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -130,6 +131,8 @@ class NodeOperations:
         doc = self._status(vips)
         if self.watchdog is not None and self._node is not None:
             doc["watchdog"] = self.watchdog.status()
+        if self._node is not None and self._node.program is not None:
+            doc["program"] = self._node.program
         return doc
 
     def _status(self, vips: bool) -> NodeDocument:

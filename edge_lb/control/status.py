@@ -125,6 +125,10 @@ def render(doc: Doc, now: float | None = None) -> str:
     head = f"edge-lb {doc.get('instance', '?')} on {doc.get('interface', '?')} (pid {doc.get('pid', '?')})"
     lines = [head, f"gateway {doc.get('gateway_mac', '?')}, uptime {doc.get('uptime', 0):.0f}s, "
              f"config {doc.get('config', '?')}", ""]
+    program = doc.get("program")
+    if program:
+        lines[-1:-1] = [f"program {program['origin']} (digest {program['digest'][:16]}) in "
+                        f"{program['seconds']:.2f}s"]
     lines[-1:-1] = _api(doc.get("api"))
     if doc.get("attached") is False:
         lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "

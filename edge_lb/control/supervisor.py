@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from edge_lb.bgp.policy import Speaker
 from edge_lb.config import Config, load_config
 from edge_lb.control import limits, overrides
 from edge_lb.control.attachment import Attachment
+from edge_lb.control.document import ProgramStatus
 from edge_lb.control.gwwatch import GatewayWatcher
 from edge_lb.control.instance import SECOND_RUN, InstanceLock
 from edge_lb.control.linkwatch import LinkWatch
@@ -131,7 +133,7 @@ class Supervisor:
         await self.control.start(path)  # first: a second supervisor on the instance stops here
         self._on_shutdown("control socket", self.control.stop)
         await self.control.start_tcp(config.api)  # a taken port or a bad token file fails before attach
-        dp = Dataplane.load(config.dataplane, pin=True)
+        dp, program = await self._dataplane(config)
         self._undo.callback(dp.close)
         maps = NodeMaps(dp.io, config, await self._link(config), adopt=True)
         counters = CounterSampler(dp.io)
@@ -144,18 +146,33 @@ class Supervisor:
         rec = Reconciler(state, bgp or NoRoutes(), weights_file=paths.weights(instance),
                          observe=self.metrics.observe_apply)
         report = await rec.change("startup")
-        dp.attach(config.node.interface, config.dataplane.xdp_mode)
+        await asyncio.to_thread(dp.attach, config.node.interface, config.dataplane.xdp_mode)
         await attachment.record()
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
-        self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp)
+        self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp, program=program)
         self.ops.serve(self.node)
         if self._early_mac is not None and self._early_mac != state.link.gw_mac:
             self._gateway_changed(self._early_mac)
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
         notify("READY=1")  # systemd Type=notify: started only now
+
+    @staticmethod
+    async def _dataplane(config: Config) -> tuple[Dataplane, ProgramStatus]:
+        """The pinned program and maps adopted by fd when they are the same build and still attached (no
+        compiler: the restart answers at once); else compiled in a thread, so status answers meanwhile."""
+        d, began = config.dataplane, time.monotonic()
+        # threads: both read the interface with pyroute2's sync IPRoute (its own event loop)
+        got = await asyncio.to_thread(Dataplane.adopt, d, config.node.interface, d.xdp_mode)
+        if isinstance(got, str):
+            events.emit("startup", phase="program", program="compiling", why=f"not adopted: {got}")
+            got = await asyncio.to_thread(Dataplane.load, d, True)
+        took = time.monotonic() - began
+        events.emit("startup", phase="program", program=got.origin, digest=got.digest[:16],
+                    seconds=f"{took:.3f}")
+        return got, {"origin": got.origin, "digest": got.digest, "seconds": round(took, 3)}
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:

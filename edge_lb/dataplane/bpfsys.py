@@ -8,6 +8,7 @@ import errno
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 from edge_lb.errors import DataplaneError
 
@@ -169,8 +170,15 @@ def is_bpffs(path: Path) -> bool:
 
 def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
     """Read `count` u32 values of a u32 ARRAY map from index `start` with BPF_MAP_LOOKUP_BATCH."""
+    raw = array_values(map_fd, start, count, 4)
+    return list((ctypes.c_uint32 * (len(raw) // 4)).from_buffer(raw))
+
+
+def array_values(map_fd: int, start: int, count: int, value_size: int) -> ctypes.Array[ctypes.c_char]:
+    """The values of indexes start..start+count-1 of an ARRAY (or per-CPU array: value_size then covers
+    every CPU) in BPF_MAP_LOOKUP_BATCH calls, as one buffer; shorter when the map ends first."""
     keys = (ctypes.c_uint32 * count)()
-    values = (ctypes.c_uint32 * count)()
+    values = ctypes.create_string_buffer(count * value_size)
     # The batch token is the previous key: reading resumes at the key after it; no token = from index 0.
     token_in = ctypes.c_uint32(start - 1 if start else 0)
     token_out = ctypes.c_uint32(0)
@@ -179,7 +187,7 @@ def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
         attr = _BatchAttr(
             in_batch=ctypes.addressof(token_in) if (start or got) else 0,
             out_batch=ctypes.addressof(token_out),
-            keys=ctypes.addressof(keys) + 4 * got, values=ctypes.addressof(values) + 4 * got,
+            keys=ctypes.addressof(keys) + 4 * got, values=ctypes.addressof(values) + value_size * got,
             count=count - got, map_fd=map_fd)
         try:
             sys_bpf(BPF_MAP_LOOKUP_BATCH, attr, f"batch read of map fd {map_fd}")
@@ -192,7 +200,7 @@ def array_lookup_range(map_fd: int, start: int, count: int) -> list[int]:
         token_in.value = token_out.value
         if attr.count == 0:
             break
-    return list(values[:got])
+    return values if got == count else (ctypes.c_char * (got * value_size)).from_buffer(values)
 
 
 BPF_MAP_LOOKUP_ELEM = 1
@@ -226,3 +234,111 @@ def pinned_counters(path: Path, count: int) -> list[tuple[int, int]]:
         return out
     finally:
         os.close(fd)
+
+
+# -- the commands an adopted data plane needs without bcc: pins, program info, element and batch writes
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_MAP_UPDATE_BATCH = 26
+
+
+def obj_get(path: Path) -> int:
+    """An fd of the BPF object pinned at `path` (the caller closes it)."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    return sys_bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(raw)), f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """Pin the BPF object of `fd` at `path` (bpffs; the name must not contain a dot)."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    sys_bpf(BPF_OBJ_PIN, _ObjGetAttr(pathname=ctypes.addressof(raw), bpf_fd=fd), f"pin {path}")
+
+
+class _ProgInfoHead(ctypes.Structure):
+    # The leading fields of struct bpf_prog_info (include/uapi/linux/bpf.h) up to its name.
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+def prog_ids(fd: int, max_maps: int = 64) -> tuple[int, frozenset[int]]:
+    """(program id, ids of the maps it uses) of the program behind `fd`."""
+    ids = (ctypes.c_uint32 * max_maps)()
+    info = _ProgInfoHead(nr_map_ids=max_maps, map_ids=ctypes.addressof(ids))
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                              info=ctypes.addressof(info)), f"info of prog fd {fd}")
+    return int(info.id), frozenset(ids[:min(int(info.nr_map_ids), max_maps)])
+
+
+def map_info(fd: int) -> _MapInfo:
+    info = _MapInfo()
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                              info=ctypes.addressof(info)), f"info of map fd {fd}")
+    return info
+
+
+def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str) -> None:
+    sys_bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                           value=ctypes.addressof(value)), f"write {what}")
+
+
+def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData, what: str) -> bool:
+    """Fill `value` with the entry of `key`; False when there is none."""
+    try:
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                               value=ctypes.addressof(value)), f"read {what}")
+    except DataplaneError as exc:
+        if _errno(exc) == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_delete(fd: int, key: ctypes._CData, what: str) -> None:
+    """Delete the entry of `key`; none there is not an error."""
+    try:
+        sys_bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key)), f"delete {what}")
+    except DataplaneError as exc:
+        if _errno(exc) != errno.ENOENT:
+            raise
+
+
+def fd_keys(fd: int, key_type: type[ctypes.Structure], limit: int) -> list[ctypes.Structure]:
+    """Every key of a hash map (at most `limit`: a bound on a map changing under us)."""
+    keys: list[ctypes.Structure] = []
+    prev: ctypes.Structure | None = None
+    while len(keys) < limit:
+        nxt = key_type()
+        attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(prev) if prev is not None else 0,
+                         value=ctypes.addressof(nxt))
+        try:
+            sys_bpf(BPF_MAP_GET_NEXT_KEY, attr, f"keys of map fd {fd}")
+        except DataplaneError as exc:
+            if _errno(exc) == errno.ENOENT:
+                break
+            raise
+        keys.append(nxt)
+        prev = nxt
+    return keys
+
+
+def map_update_batch(fd: int, keys: ctypes.Array[Any], values: ctypes.Array[Any], what: str) -> None:
+    """Write len(keys) entries in one BPF_MAP_UPDATE_BATCH (the kernel loops over them)."""
+    count = len(keys)
+    done = 0
+    key_size, value_size = ctypes.sizeof(keys) // count, ctypes.sizeof(values) // count
+    while done < count:  # the kernel may stop early (a signal): resume after what it wrote
+        attr = _BatchAttr(keys=ctypes.addressof(keys) + done * key_size,
+                          values=ctypes.addressof(values) + done * value_size, count=count - done, map_fd=fd)
+        sys_bpf(BPF_MAP_UPDATE_BATCH, attr, f"write {what}")
+        if attr.count == 0:
+            raise DataplaneError(f"write {what}: the kernel wrote nothing of {count - done} entries")
+        done += attr.count
+
+
+def _errno(exc: DataplaneError) -> int | None:
+    return exc.__cause__.errno if isinstance(exc.__cause__, OSError) else None

@@ -7,31 +7,21 @@ here into DataplaneError naming what was being done.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import ipaddress
-import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_lb import paths
+from edge_lb import netlink, paths
 from edge_lb.assets import asset_dir
 from edge_lb.config import Dataplane as DataplaneSettings
-from edge_lb.config import IPAddress
-from edge_lb.dataplane import bpfsys
+from edge_lb.dataplane import bpfsys, pinned
 from edge_lb.dataplane.counters import reason_names_in
-from edge_lb.dataplane.desired import VIP_FILTER_BITS, BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
-from edge_lb.dataplane.mapio import Ctl
+from edge_lb.dataplane.desired import VIP_FILTER_BITS
+from edge_lb.dataplane.fdmaps import BACKEND_F_GUE, BACKEND_F_IPV6, BACKEND_F_UP, FAMILY_TAG, LAYOUTS, FdMapIO
 from edge_lb.errors import DataplaneError
 
 BPF_DIR = asset_dir("bpf")
-# Mirrors of C constants, each checked against its header by tests/unit/test_layout.py.
-FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in bpf/balancer_consts.h
-BACKEND_F_IPV6 = 1 << 0  # bpf/balancer_consts.h
-BACKEND_F_UP = 1 << 1  # bpf/balancer_consts.h
-BACKEND_F_GUE = 1 << 2  # bpf/balancer_consts.h
 XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2}  # XDP_FLAGS_SKB_MODE / _DRV_MODE, linux/if_link.h
 
 
@@ -149,39 +139,82 @@ def check_pinned(pins: Path, sizes: MapSizes) -> None:
                 f"`edge-lb unload -c FILE` (detaches and unpins: drops the connection table) and start again")
 
 
-class Dataplane:
-    """The compiled balancer: program fd, maps, attach/detach."""
+# every map of balancer.c (each pinned with pin=True; tests/dataplane/test_fdmaps.py checks the list)
+MAP_NAMES = (*LAYOUTS, "conn_table", "icmp_rate", "flow_rate")
 
-    def __init__(self, bpf: Any, prog: Any, sizes: MapSizes, pins: Path | None) -> None:
-        self.bpf = bpf
-        self.prog = prog
+
+class Dataplane:
+    """The balancer program and its maps by fd: compiled by bcc (load), or adopted from its pins without
+    bcc when the pinned program is the same build and still attached (adopt)."""
+
+    def __init__(self, prog_fd: int, map_fds: Mapping[str, int], sizes: MapSizes, pins: Path | None, *,
+                 bpf: Any = None, fn: Any = None, adopted: pinned.Adopted | None = None,
+                 digest: str = "") -> None:
+        self._prog_fd = prog_fd
         self.sizes = sizes
         self.pins = pins
-        self.io = BccMapIO(bpf, sizes.ring_size)
+        self.bpf = bpf  # the bcc object and function when compiled here; None when adopted
+        self._fn = fn
+        self.adopted = adopted
+        self.digest = digest
+        self.io = FdMapIO({name: map_fds[name] for name in LAYOUTS}, sizes.ring_size)
+
+    @property
+    def origin(self) -> str:
+        return "adopted" if self.adopted is not None else "compiled"
 
     @classmethod
     def load(cls, settings: DataplaneSettings, pin: bool) -> Dataplane:
-        """Compile and load. With pin=True, maps live under /sys/fs/bpf/edge_lb/<instance> and are adopted."""
+        """Compile and load. With pin=True, maps live under /sys/fs/bpf/edge_lb/<instance> and are adopted,
+        and the program is pinned beside them under its digest (for adopt after a restart)."""
         _import_bcc()  # before touching bpffs: a missing bcc is the clearer error
         sizes = MapSizes.of(settings)
-        cflags = sizes.cflags()
         pins = paths.pins(settings.instance) if pin else None
+        cflags = _cflags(sizes, pins)
         if pins is not None:
             _ensure_bpffs_dir(pins)
             check_pinned(pins, sizes)
             renew_short_counters(pins, len(reason_names_in(BPF_DIR / "balancer_consts.h")))
             renew_ctl(pins)
-            cflags.append(f'-DPIN_DIR="{pins}"')
         bpf, prog = load_xdp(BPF_DIR / "balancer.c", "balancer", cflags)
-        return cls(bpf, prog, sizes, pins)
+        digest = pinned.program_digest(BPF_DIR / "balancer.c", cflags)
+        if pins is not None:
+            try:
+                pinned.pin_program(int(prog.fd), pins, digest)
+            except DataplaneError:
+                bpf.cleanup()
+                raise
+        fds = {name: int(bpf[name.encode()].map_fd) for name in LAYOUTS}
+        return cls(int(prog.fd), fds, sizes, pins, bpf=bpf, fn=prog, digest=digest)
+
+    @classmethod
+    def adopt(cls, settings: DataplaneSettings, interface: str, mode: str) -> Dataplane | str:
+        """The pinned program and maps without compiling, when the program pinned under the digest of the
+        build this config asks for is the one attached to `interface` in `mode`; else why not."""
+        sizes = MapSizes.of(settings)
+        pins = paths.pins(settings.instance)
+        cflags = _cflags(sizes, pins)
+        digest = pinned.program_digest(BPF_DIR / "balancer.c", cflags)
+        got = pinned.adopt(pins, digest, MAP_NAMES, interface, mode)
+        if isinstance(got, str):
+            return got
+        try:
+            return cls(got.prog_fd, got.map_fds, sizes, pins, adopted=got, digest=digest)
+        except DataplaneError:
+            got.close()
+            raise
 
     @property
     def prog_fd(self) -> int:
-        return int(self.prog.fd)
+        return self._prog_fd
 
     def attach(self, ifname: str, mode: str = "native") -> None:
-        """Attach to ifname, atomically replacing whatever program (ours or older) is attached there."""
-        attach_xdp(ifname, self.prog, mode)
+        """Attach to ifname, atomically replacing whatever program (ours or older) is attached there. An
+        adopted program that is still the one attached is left as it is (no bcc needed)."""
+        if self.adopted is not None and netlink.xdp_attached(ifname) == (self.adopted.prog_id, mode):
+            return
+        fn = self._fn or _import_bcc().BPF.Function(None, b"balancer", self._prog_fd)  # bcc only now
+        attach_xdp(ifname, fn, mode)
 
     @staticmethod
     def detach(ifname: str, mode: str = "native") -> None:
@@ -189,7 +222,17 @@ class Dataplane:
 
     def close(self) -> None:
         """Close our fds. Pinned maps and an attached program stay in the kernel."""
-        self.bpf.cleanup()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+        if self.adopted is not None:
+            self.adopted.close()
+
+
+def _cflags(sizes: MapSizes, pins: Path | None) -> list[str]:
+    cflags = sizes.cflags()
+    if pins is not None:
+        cflags.append(f'-DPIN_DIR="{pins}"')
+    return cflags
 
 
 def remove_pins(instance: str) -> list[Path]:
@@ -214,172 +257,5 @@ def _ensure_bpffs_dir(path: Path) -> None:
         raise DataplaneError(f"create pin directory {path}: {exc}") from exc
 
 
-def _addr_words(address: IPAddress) -> bytes:
-    return address.packed.ljust(16, b"\0")
-
-
-def _port_be(port: int) -> int:
-    return socket.htons(port)
-
-
-class BccMapIO:
-    """MapIO over bcc tables. Layouts come from bcc's Key/Leaf types (clang's own layout)."""
-
-    def __init__(self, bpf: Any, ring_size: int) -> None:
-        self.t = {name: bpf[name.encode()] for name in
-                  ("vips", "vip_addrs", "vip_filter", "rings", "backends", "ctl", "vip_stats",
-                   "backend_stats", "reason_stats", "conn_table")}
-        self.ring_size = ring_size
-
-    # -- conversions -------------------------------------------------------------------------------------
-    def _vip_key(self, key: VipKey) -> Any:
-        k = self.t["vips"].Key()
-        ctypes.memmove(k.addr, _addr_words(key.address), 16)
-        k.port, k.proto, k.family = _port_be(key.port), key.proto, FAMILY_TAG[key.address.version]
-        return k
-
-    @staticmethod
-    def _address(words: Any, family: int) -> IPAddress:
-        raw = bytes(words)
-        return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
-
-    # -- reads ---------------------------------------------------------------------------------------------
-    def read_vips(self) -> dict[VipKey, int]:
-        return {VipKey(self._address(k.addr, k.family), socket.ntohs(k.port), k.proto): v.vip_num
-                for k, v in self.t["vips"].items()}
-
-    def read_vip_flags(self) -> dict[VipKey, int]:
-        return {VipKey(self._address(k.addr, k.family), socket.ntohs(k.port), k.proto): int(v.flags)
-                for k, v in self.t["vips"].items() if v.flags}
-
-    def read_backends(self) -> dict[int, BackendSlot]:
-        out: dict[int, BackendSlot] = {}
-        for k, v in self.t["backends"].items_lookup_batch():
-            if v.flags == 0 and not any(v.addr):  # cleared slot (a down IPv4 backend also has flags 0)
-                continue
-            fam = 6 if v.flags & BACKEND_F_IPV6 else 4
-            out[int(k)] = BackendSlot(v.vip_num, self._address(v.addr, fam), bool(v.flags & BACKEND_F_UP),
-                                      bool(v.flags & BACKEND_F_GUE))
-        return out
-
-    def read_vip_addrs(self) -> dict[IPAddress, int]:
-        return {self._address(k.addr, k.family): int(v.value) for k, v in self.t["vip_addrs"].items()}
-
-    def read_ring(self, vip_num: int) -> tuple[int, ...]:
-        return tuple(bpfsys.array_lookup_range(self.t["rings"].map_fd, vip_num * self.ring_size,
-                                               self.ring_size))
-
-    def read_filter(self) -> dict[int, int]:
-        words = bpfsys.array_lookup_range(self.t["vip_filter"].map_fd, 0, VIP_FILTER_BITS // 32)
-        return {w: bits for w, bits in enumerate(words) if bits}
-
-    # -- writes --------------------------------------------------------------------------------------------
-    def write_filter(self, words: Mapping[int, int]) -> None:
-        if not words:
-            return
-        t = self.t["vip_filter"]
-        keys = (t.Key * len(words))(*words)
-        values = (t.Leaf * len(words))(*words.values())
-        try:
-            t.items_update_batch(keys, values)
-        except Exception as exc:
-            raise DataplaneError(f"write {len(words)} words of the VIP prefilter: {exc}") from exc
-
-    def write_ctl(self, ctl: Ctl) -> None:
-        t = self.t["ctl"]
-        leaf = t.Leaf()
-        ctypes.memmove(leaf.own_mac, ctl.own_mac, 6)
-        ctypes.memmove(leaf.gw_mac, ctl.gw_mac, 6)
-        leaf.mtu, leaf.port0_vips = ctl.mtu, ctl.port0_vips
-        p4, m4 = encap_masks_v4(ctl.encap_v4)
-        p6, m6 = encap_masks_v6(ctl.encap_v6)
-        leaf.encap_v4_prefix = int.from_bytes(p4, "little")
-        leaf.encap_v4_hostmask = int.from_bytes(m4, "little")
-        ctypes.memmove(leaf.encap_v6_prefix, p6, 16)
-        leaf.encap_v6_hostmask = int.from_bytes(m6, "little")
-        leaf.new_flow_rate = ctl.new_flow_rate
-        self._set(t, t.Key(0), leaf, "ctl")
-
-    def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
-        t = self.t["vips"]
-        for key, num in vips.items():
-            self._set(t, self._vip_key(key), t.Leaf(vip_num=num, flags=flags.get(key, 0)), f"vip {key}")
-
-    def delete_vips(self, keys: Iterable[VipKey]) -> None:
-        for key in keys:
-            self._delete(self.t["vips"], self._vip_key(key))
-
-    def put_vip_addrs(self, addrs: Mapping[IPAddress, int]) -> None:
-        t = self.t["vip_addrs"]
-        for addr, count in addrs.items():
-            self._set(t, self._vip_key(VipKey(addr, 0, 0)), t.Leaf(count), f"vip address {addr}")
-
-    def delete_vip_addrs(self, addrs: Iterable[IPAddress]) -> None:
-        for addr in addrs:
-            self._delete(self.t["vip_addrs"], self._vip_key(VipKey(addr, 0, 0)))
-
-    def put_backends(self, backends: Mapping[int, BackendSlot]) -> None:
-        t = self.t["backends"]
-        for idx, slot in backends.items():
-            leaf = t.Leaf()
-            ctypes.memmove(leaf.addr, _addr_words(slot.address), 16)
-            leaf.flags = ((BACKEND_F_IPV6 if slot.address.version == 6 else 0)
-                          | (BACKEND_F_UP if slot.up else 0) | (BACKEND_F_GUE if slot.gue else 0))
-            leaf.vip_num = slot.vip_num
-            self._set(t, t.Key(idx), leaf, f"backend {idx} ({slot.address})")
-
-    def clear_backends(self, indexes: Iterable[int]) -> None:
-        t = self.t["backends"]
-        for idx in indexes:
-            self._set(t, t.Key(idx), t.Leaf(), f"backend {idx}")
-
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
-        if not changes:
-            return
-        t = self.t["rings"]
-        keys = (t.Key * len(changes))(*(vip_num * self.ring_size + s for s, _ in changes))
-        values = (t.Leaf * len(changes))(*(i for _, i in changes))
-        try:
-            t.items_update_batch(keys, values)
-        except Exception as exc:
-            raise DataplaneError(f"write {len(changes)} ring slots of VIP #{vip_num}: {exc}") from exc
-
-    # -- counters ------------------------------------------------------------------------------------------
-    def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
-        """Per-CPU counters summed: index -> (packets, bytes), non-zero entries only."""
-        out: dict[int, tuple[int, int]] = {}
-        for k, per_cpu in self.t[name].items():
-            pk = sum(c.packets for c in per_cpu)
-            by = sum(c.bytes for c in per_cpu)
-            if pk or by:
-                out[int(k.value)] = (pk, by)
-        return out
-
-    def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
-        t = self.t[name]
-        for i in indexes:
-            try:
-                t.clearitem(t.Key(i))
-            except Exception as exc:
-                raise DataplaneError(f"zero {name}[{i}]: {exc}") from exc
-
-    @staticmethod
-    def _set(t: Any, key: Any, leaf: Any, what: str) -> None:
-        try:
-            t[key] = leaf
-        except Exception as exc:
-            raise DataplaneError(f"write {what}: {exc}") from exc
-
-    @staticmethod
-    def _delete(t: Any, key: Any) -> None:
-        try:
-            del t[key]
-        except KeyError:
-            pass
-        except Exception as exc:
-            if getattr(exc, "errno", None) != errno.ENOENT:
-                raise DataplaneError(f"delete map entry: {exc}") from exc
-
-
-__all__ = ["BccMapIO", "Dataplane", "MapSizes", "attach_xdp", "check_pinned", "detach_xdp", "load_xdp",
-           "remove_pins", "xdp_flags"]
+__all__ = ["BACKEND_F_GUE", "BACKEND_F_IPV6", "BACKEND_F_UP", "FAMILY_TAG", "Dataplane", "MapSizes",
+           "attach_xdp", "check_pinned", "detach_xdp", "load_xdp", "remove_pins", "xdp_flags"]

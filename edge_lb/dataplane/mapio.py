@@ -1,6 +1,7 @@
 """The small interface between the reconciler and the BPF maps, and its in-memory twin for tests.
 
-The real implementation is edge_lb.dataplane.loader.BccMapIO (loader is the only module that imports bcc).
+The real implementation is edge_lb.dataplane.fdmaps.FdMapIO (over map fds with bpf(2); the same for a program
+bcc has just compiled and one adopted from its pins without bcc).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -101,20 +102,56 @@ def test_reload_broken_config_changes_nothing_and_added_backend_gets_new_flows(d
     assert "result=applied" in dlab.supervisor_log()
 
 
+def _xdp_id(d: DataplaneLab) -> str:
+    assert d.lb is not None
+    found = re.search(r"prog/xdp id (\d+)", d.lb.ns.ip("-d", "link", "show", "eth0").stdout)
+    assert found, "an XDP program on the LB's eth0"
+    return found.group(1)
+
+
+def _kill9_and_restart(d: DataplaneLab) -> str:
+    """SIGKILL the supervisor, start another; the new one's part of the log."""
+    assert d.supervisor is not None
+    d.supervisor.send_signal(signal.SIGKILL)
+    d.supervisor.wait(timeout=10)
+    mark = len(d.supervisor_log())
+    d.start_supervisor()
+    return d.supervisor_log()[mark:]
+
+
 def test_kill9_and_restart_keeps_50_connections(dlab: DataplaneLab) -> None:
+    """Unchanged build: the restarted supervisor adopts the pinned program without compiling (issue 13,
+    item 5). Changed build (another compile flag): it compiles and replaces the program. Both keep every
+    held connection on its backend."""
     start(dlab)
+    assert "program=compiled" in dlab.supervisor_log()
     held = dlab.hold(50)
     before = held.round()
     assert not [s for s in before if s.startswith("error")], before
+    attached = _xdp_id(dlab)
     assert dlab.supervisor is not None
     dlab.supervisor.send_signal(signal.SIGKILL)
     dlab.supervisor.wait(timeout=10)
     assert held.round() == before, "the attached program keeps serving without its supervisor"
+    mark = len(dlab.supervisor_log())
     dlab.start_supervisor()
-    assert "adopted_up=3" in dlab.supervisor_log()
+    log = dlab.supervisor_log()[mark:]
+    assert "adopted_up=3" in log
+    assert "program=adopted" in log and "program=compiling" not in log, log
+    assert dlab.status()["program"]["origin"] == "adopted"
+    assert _xdp_id(dlab) == attached, "the same program stays attached"
     assert held.round() == before, "every connection survives the restart on its backend"
     assert len(set(before)) > 1, "the held connections span several backends"
     assert dlab.http_get(30)["failures"] == 0
+
+    # Another build: a compile flag derived from [dataplane] changes the digest.
+    dlab.config_path.write_text(dlab.config_path.read_text().replace(
+        "[dataplane]\n", "[dataplane]\nicmp_too_big_rate = 500\n", 1))
+    log = _kill9_and_restart(dlab)
+    assert "program=compiling why=\"not adopted: the pinned program is another build" in log, log
+    assert "program=compiled" in log and dlab.status()["program"]["origin"] == "compiled"
+    assert _xdp_id(dlab) != attached, "the new build replaced the attached program"
+    assert held.round() == before, "every connection survives the replacement on its backend"
 
 
 def test_sigterm_keeps_serving_and_unload_removes_everything(dlab: DataplaneLab) -> None:

@@ -13,6 +13,7 @@ import ipaddress
 import platform
 import re
 import socket
+import types
 from pathlib import Path
 from typing import Any
 
@@ -175,14 +176,15 @@ def test_balancer_loads_with_every_required_define_and_opens_only_its_maps(
     class Bpf:
         def __getitem__(self, name: bytes) -> object:
             opened.append(name.decode())
-            return object()
+            return types.SimpleNamespace(map_fd=len(opened))
 
     def load_xdp(src: Path, func: str, cflags: list[str]) -> tuple[Any, Any]:
         loaded.append((src, func, list(cflags)))
-        return Bpf(), object()
+        return Bpf(), types.SimpleNamespace(fd=0)
 
     monkeypatch.setattr(loader, "_import_bcc", lambda: None)
     monkeypatch.setattr(loader, "load_xdp", load_xdp)
+    monkeypatch.setattr(loader, "FdMapIO", lambda fds, ring_size: None)
     loader.Dataplane.load(DataplaneSettings(ring_size=1009), pin=False)
     [(src, func, cflags)] = loaded
     assert src == BPF_DIR / "balancer.c"
