@@ -162,7 +162,7 @@ def test_a_million_new_syns_do_not_evict_established_flows() -> None:
             chosen = establish(sim)
             sim.reprogram(config(None))  # the default limit, as a reload writes it
             limit = new_flow_rate(config(None).dataplane.conn_table_size, None, possible_cpus())
-            assert sim.dp.io.t["ctl"][0].new_flow_rate == limit
+            assert sim.dp.bpf[b"ctl"][0].new_flow_rate == limit
             before = reasons(sim)
             seconds = flood(sim, FLOOD)
             after = reasons(sim)
@@ -326,7 +326,7 @@ def set_flow_window(sim: Simulator, inserts: int) -> None:
 def conn_entries(sim: Simulator) -> dict[tuple[str, int], int]:
     """The connection table: (client address, client port) -> backend index."""
     out = {}
-    for key, value in sim.dp.io.t["conn_table"].items():
+    for key, value in sim.dp.bpf[b"conn_table"].items():
         raw = bytes(key.src)
         client = ipaddress.ip_address(raw[:4] if key.family == 4 else raw)
         sport = int.from_bytes(int(key.sport).to_bytes(2, "little"), "big")  # stored in network order
