@@ -1,22 +1,28 @@
-"""Time one reconciler apply (desired state -> Maglev -> slot diff) for many VIPs on one backend pool:
-`python benchmarks/apply_bench.py [--vips 50] [--backends 10] [--runs 5]`.
+"""Time one reconciler apply (desired state -> Maglev -> slot diff -> map writes) for many VIPs on one backend
+pool: `python benchmarks/apply_bench.py [--vips 50] [--backends 10] [--runs 5] [--kernel] [--loop-lag]`.
 
-The apply runs on the supervisor's event loop, so its length is how long health checks, the API and BGP wait
-when a backend shared by every VIP dies. The maps are the in-memory twin (mapio.FakeMapIO): this measures the
-Python side only; the kernel writes of the changed slots come on top (one batch per VIP).
+When a backend shared by every VIP dies, every VIP's ring is rebuilt at once. By default the maps are the
+in-memory twin (mapio.FakeMapIO): the Python side only. `--kernel` (root, bcc) loads the real program
+unpinned and unattached and writes its maps through FdMapIO, as the supervisor does. `--loop-lag` also
+runs the dead-backend apply under an asyncio loop with a 1 ms ticker and reports the ticker's longest wait:
+once with the apply called on the loop, as control/reconciler.py runs it, and once in a worker thread (what
+moving it off the loop would give; not done: see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from edge_lb.config import Config, parse_config
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.dataplane.maglev import DEFAULT_RING_SIZE
-from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.mapio import FakeMapIO, MapIO
 from edge_lb.dataplane.node import Link, NodeMaps
 
 LINK = Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500)
@@ -32,16 +38,69 @@ def pool_config(vips: int, backends: int) -> Config:
                  "backend": pool} for n in range(vips)]})
 
 
-def one_run(config: Config) -> tuple[float, float]:
+def dead_health(config: Config) -> dict[tuple[VipKey, Any], bool]:
+    dead = config.vips[0].backends[1].address
+    return {(VipKey.of(v), dead): False for v in config.vips}
+
+
+def one_run(config: Config, io: MapIO) -> tuple[float, float]:
     """Seconds of the first apply (every ring built) and of the apply after one pool member died."""
-    maps = NodeMaps(FakeMapIO(DEFAULT_RING_SIZE), config, LINK, adopt=False)
+    maps = NodeMaps(io, config, LINK, adopt=False)
     began = time.perf_counter()
     maps.apply(config)
     first = time.perf_counter() - began
-    dead = config.vips[0].backends[1].address
     began = time.perf_counter()
-    maps.apply(config, {(VipKey.of(v), dead): False for v in config.vips})
+    maps.apply(config, dead_health(config))
     return first, time.perf_counter() - began
+
+
+async def _lag_during(work: Callable[[], Any]) -> float:
+    """The longest a 1 ms ticker on this loop waited beyond its sleep while `work` ran."""
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - before - 0.001)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.005)
+    await work()
+    done.set()
+    await tick
+    return worst
+
+
+def loop_lag(config: Config, io_for: Callable[[], MapIO]) -> dict[str, float]:
+    """Longest loop stall during the dead-backend apply: called on the loop vs. in a worker thread."""
+    out = {}
+    health = dead_health(config)
+    for mode in ("on the loop", "worker thread"):
+        maps = NodeMaps(io_for(), config, LINK, adopt=False)
+        maps.apply(config)
+
+        async def work(maps: NodeMaps = maps, mode: str = mode) -> None:
+            if mode == "on the loop":
+                maps.apply(config, health)
+            else:
+                await asyncio.to_thread(maps.apply, config, health)
+        out[mode] = asyncio.run(_lag_during(work))
+    return out
+
+
+def _kernel_io(config: Config) -> Callable[[], MapIO]:
+    from edge_lb.dataplane.loader import Dataplane
+    loaded: list[Any] = []
+
+    def make() -> MapIO:
+        for dp in loaded:
+            dp.close()
+        loaded[:] = [Dataplane.load(config.dataplane, pin=False)]
+        return loaded[0].io  # type: ignore[no-any-return]
+    return make
 
 
 def main() -> None:
@@ -50,14 +109,22 @@ def main() -> None:
     parser.add_argument("--vips", type=int, default=50)
     parser.add_argument("--backends", type=int, default=10)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--kernel", action="store_true", help="real maps (root, bcc)")
+    parser.add_argument("--loop-lag", action="store_true", help="event-loop stall during the apply")
     args = parser.parse_args()
     config = pool_config(args.vips, args.backends)
-    runs = [one_run(config) for _ in range(args.runs)]
+    io_for = _kernel_io(config) if args.kernel else (lambda: FakeMapIO(DEFAULT_RING_SIZE))
+    maps_kind = "kernel maps" if args.kernel else "in-memory maps"
+    runs = [one_run(config, io_for()) for _ in range(args.runs)]
     cases = (("first apply", [r[0] for r in runs]), ("one backend of the pool dead", [r[1] for r in runs]))
     for name, values in cases:
-        print(f"{args.vips} VIPs x {args.backends} backends, ring {DEFAULT_RING_SIZE}, {name}: "
+        print(f"{args.vips} VIPs x {args.backends} backends, ring {DEFAULT_RING_SIZE}, {maps_kind}, {name}: "
               f"median {statistics.median(values) * 1000:.0f} ms (min {min(values) * 1000:.0f}, "
               f"max {max(values) * 1000:.0f}) of {args.runs}")
+    if args.loop_lag:
+        for mode, lag in loop_lag(config, io_for).items():
+            print(f"  longest event-loop stall during the dead-backend apply, apply {mode}: "
+                  f"{lag * 1000:.1f} ms")
 
 
 if __name__ == "__main__":
