@@ -45,6 +45,7 @@ from edge_lb.dataplane.counters import reason_names
 from edge_lb.errors import LabError
 from edge_lb.lab.bird import Bird
 from edge_lb.lab.frr import Frr, FrrPeer, frr_conf
+from edge_lb.lab.labbackend import setup_backends
 from edge_lb.lab.labs import (
     PY,
     Holder,
@@ -53,7 +54,6 @@ from edge_lb.lab.labs import (
     remove_instance,
     role_of,
     router_link,
-    setup_backends,
     spawn_http,
     spawn_supervisor,
     stop_http,

@@ -35,6 +35,7 @@ from edge_lb.dataplane import bpfsys
 from edge_lb.dataplane.counters import reason_names
 from edge_lb.dataplane.loader import remove_pins
 from edge_lb.errors import EdgeLbError, LabError
+from edge_lb.lab.labbackend import setup_backends
 from edge_lb.lab.netns import Lab, Netns
 
 VIP = "10.77.100.1"
@@ -217,43 +218,6 @@ class DataplaneLab:
 def role_of(node: Node) -> str:
     """The role part of a lab namespace name: "b2" of "elbt1a2b3c-b2"."""
     return node.ns.name.rsplit("-", 1)[1]
-
-
-def backend_state(server: Node) -> Path:
-    """Where the lab's `edge-lb backend setup` of `server` records its changes (gone with the lab)."""
-    return server.ns.lab.tmpdir / f"backend-{role_of(server)}.json"
-
-
-def backend_argv(server: Node, command: str, vips: list[str], *extra: str) -> list[str]:
-    """`edge-lb backend COMMAND` for `server`'s eth0 (its state file in the lab's tmpdir)."""
-    argv = [PY, "-m", "edge_lb", "backend", command, *(a for v in vips for a in ("--vip", v))]
-    if command != "teardown":
-        argv += ["--interface", "eth0"]
-    if command != "check":
-        argv += ["--state", str(backend_state(server))]
-    return [*argv, *extra]
-
-
-def setup_backends(servers: list[Node], vips: list[str], overhead: int | None = None,
-                   timeout: float = 120.0) -> None:
-    """`edge-lb backend setup --mode xdp` in each backend's namespace, all at once (each compiles decap.c):
-    the VIPs on lo, ARP and rp_filter settings, decap.c on eth0 (for eth0's addresses, IPv4 and IPv6), the
-    advertised MSS lowered on the route the replies take. The same code an operator runs on a backend."""
-    extra = ["--mode", "xdp", *(["--overhead", str(overhead)] if overhead is not None else [])]
-    procs = [(s, subprocess.Popen([*s.ns.prefix(), *backend_argv(s, "setup", vips, *extra)], text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)) for s in servers]
-    deadline = time.monotonic() + timeout
-    failed = []
-    for server, proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        if proc.returncode != 0:
-            failed.append(f"{server.ns.name}: exit {proc.returncode}: {out.strip()}")
-    if failed:
-        raise LabError("edge-lb backend setup failed: " + "; ".join(failed))
 
 
 def spawn_http(server: Node, port: int, bind: str = "0.0.0.0") -> subprocess.Popen[bytes]:

@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from edge_lb.backend.system import available_modules
+from edge_lb.lab.labbackend import backend_argv, backend_state
 from edge_lb.lab.labs import (
     VIP,
     VIP_PORT,
     DataplaneLab,
     Node,
-    backend_argv,
-    backend_state,
     http_get,
     wait_for,
 )
