@@ -41,8 +41,10 @@ def effective(facts: Facts, device: str, name: str) -> int:
 
 
 def inner_devices(facts: Facts) -> list[str]:
-    """Where a decapsulated packet arrives: the interface (XDP decap), and the tunnel devices (ipip)."""
-    tunnels = [name for name in facts.tunnels if facts.sysctls.get(conf(name, "rp_filter")) is not None]
+    """Where a decapsulated packet arrives: the interface (XDP decap), and the tunnel devices that are up
+    (ipip)."""
+    tunnels = [name for name, (_, up) in facts.tunnels.items()
+               if up and facts.sysctls.get(conf(name, "rp_filter")) is not None]
     return [facts.interface, *sorted(tunnels)]
 
 

@@ -159,6 +159,9 @@ def test_ipip_mode_is_the_default_with_the_modules(tmp_path: Path) -> None:
     assert SetSysctl(key=conf("elb-ip6tnl0", "rp_filter"), value=2) in fake.applied
     fake.sysctls[conf("elb-ipip0", "rp_filter")] = 1  # the inner packet arrives on the tunnel device
     assert failing(fake) == ["rp_filter"]
+    fake.tunnels["elb-ipip0"] = ("ipip", False)  # down: no packet arrives there (and decap is missing)
+    assert failing(fake) == ["decap"]
+    fake.tunnels["elb-ipip0"] = ("ipip", True)
     run(fake, "teardown", tmp_path)
     assert fake.tunnels == {}
 
