@@ -14,7 +14,8 @@ import pytest
 from edge_lb import paths
 from edge_lb.dataplane import bpfsys, fdmaps, pinned
 from edge_lb.dataplane.loader import BPF_DIR, MAP_NAMES, Dataplane, remove_pins
-from tests.dataplane.conftest import make_config
+
+from .conftest import make_config
 
 pytestmark = pytest.mark.root
 
