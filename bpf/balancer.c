@@ -441,13 +441,28 @@ static __always_inline int within_rate(struct lb_rate *r, __u64 limit) {
   return 1;
 }
 
+/* As within_rate, but the clock is read only once `limit` inserts were counted in the window (below the limit, the
+ * common case, an insert costs an increment): a window still lasts at least a second and holds at most `limit`. */
+static __always_inline int new_flow_allowed(struct lb_rate *r, __u64 limit) {
+  if (r->sent < limit) {
+    r->sent++;
+    return 1;
+  }
+  __u64 now = bpf_ktime_get_ns();
+  if (now - r->window_start < LB_NSEC_PER_SEC)
+    return 0;
+  r->window_start = now;
+  r->sent = 1;
+  return 1;
+}
+
 /* The flood guard (Katran's MAX_CONN_RATE): a new flow goes into the connection table only while this CPU has
  * inserted fewer than ctl->new_flow_rate this second. Beyond, it is served from the ring without an insert, so a
  * flood of new flows cannot evict the entries of established ones (the LRU lists are per CPU). */
 static __always_inline void remember_flow(struct packet *p, __u32 idx, struct lb_ctl *ctl) {
   __u32 zero = 0;
   struct lb_rate *r = flow_rate.lookup(&zero);
-  if (!r || !within_rate(r, ctl->new_flow_rate)) {
+  if (!r || !new_flow_allowed(r, ctl->new_flow_rate)) {
     count(STAT_CT_FLOOD_NO_INSERT, 0);
     return;
   }
