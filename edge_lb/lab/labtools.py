@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import struct
 import sys
 import urllib.request
 from collections import Counter
@@ -87,6 +88,21 @@ def udp_flows(host: str, port: int, count: int, first_port: int) -> dict[str, in
     return {"sent": sent}
 
 
+def syn_flood(host: str, port: int, count: int, first: int) -> dict[str, int]:
+    """`count` TCP SYNs to host:port, each from its own spoofed source (198.18.0.0/15, RFC 2544's benchmarking
+    space, and a port), through a raw socket: a flood of new flows that nothing answers. Flows are numbered
+    from `first`, so two floods can be told apart. Checksums are left 0: the LB reads none."""
+    dst = socket.inet_aton(host)
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        for n in range(first, first + count):
+            src = (0xC6120000 + (n >> 4)).to_bytes(4, "big")
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP, 0, src, dst)
+            tcp = struct.pack("!HHIIBBHHH", 1024 + (n & 15), port, n, 0, 5 << 4, 0x02, 65535, 0, 0)
+            sent += sock.sendto(ip + tcp, (host, 0)) > 0
+    return {"sent": sent}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_lb.lab.labtools")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -105,11 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     u.add_argument("port", type=int)
     u.add_argument("--count", type=int, default=100)
     u.add_argument("--first-port", type=int, default=20000)
+    f = sub.add_parser("syn-flood")
+    f.add_argument("host")
+    f.add_argument("port", type=int)
+    f.add_argument("--count", type=int, default=1000)
+    f.add_argument("--first", type=int, default=0)
     args = p.parse_args(argv)
     if args.cmd == "attach-pass":
         attach_pass(args.interface)
     elif args.cmd == "hold":
         hold(args.host, args.port, args.count, args.timeout)
+    elif args.cmd == "syn-flood":
+        json.dump(syn_flood(args.host, args.port, args.count, args.first), sys.stdout)
     elif args.cmd == "udp-flows":
         json.dump(udp_flows(args.host, args.port, args.count, args.first_port), sys.stdout)
     else:
