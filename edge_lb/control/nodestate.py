@@ -210,15 +210,16 @@ class NodeState:
         await self.monitor.stop()
 
     # -- views
-    def health_of(self, pair: Pair) -> Health:
-        key = self.running.keys.get(pair)
+    def health_of(self, pair: Pair, candidate: Candidate | None = None) -> Health:
+        key = (candidate or self.running).keys.get(pair)
         if key is None:
             return Health(up=True, reason="not checked (type none)")
         seen = self.monitor.observation(key)
         return seen.health if seen else NEW
 
-    def health(self) -> dict[Pair, bool]:
-        return {pair: self.health_of(pair).up for pair in self.running.keys}
+    def health(self, candidate: Candidate | None = None) -> dict[Pair, bool]:
+        """Up or down now of every (VIP, backend) of the running candidate, or of `candidate`."""
+        return {pair: self.health_of(pair, candidate).up for pair in (candidate or self.running).keys}
 
     def serving(self) -> dict[Pair, bool]:
         """Up now and already in the maps: a backend whose rise was seen but not yet written is not serving

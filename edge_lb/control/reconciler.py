@@ -87,12 +87,20 @@ class Reconciler:
         try:
             await self.routes.withdraw_first(candidate.config)
             self.state.start_checks(candidate)  # a check no checker can run raises here, before the commit
-            previous = self.state.commit(candidate)
             try:
-                report = self._write(trigger)
+                # Written before it is committed: until then BGP's loop judges by the running candidate,
+                # so nothing the write adds is announced while the write (off the loop) is under way.
+                report = await self._write(trigger, candidate)
+            except Exception:
+                await self._rollback(self.state.running)
+                raise
+            previous = self.state.commit(candidate)
+            self.state.written()
+            try:
                 weights.commit()
             except Exception:
-                self._rollback(previous)
+                self.state.commit(previous)
+                await self._rollback(previous)
                 raise
         finally:
             # changed() first: the pending candidate is cleared even if pruning fails or is cancelled
@@ -101,11 +109,11 @@ class Reconciler:
             await self.state.prune_checks()
         return report
 
-    def _rollback(self, previous: Candidate) -> None:
-        """Write the previous candidate again over whatever was written; if that fails, the loop retries."""
-        self.state.commit(previous)
+    async def _rollback(self, previous: Candidate) -> None:
+        """Write the running candidate again over whatever was written; if that fails, the loop retries."""
         try:
-            self._write("rollback")
+            await self._write("rollback", previous)
+            self.state.written()
         except Exception as exc:
             events.emit("apply_failed", logging.ERROR, trigger="rollback", error=exc, retry_in=f"{_RETRY:g}s")
             self.state.poke("rollback")
@@ -124,11 +132,14 @@ class Reconciler:
                 self.state.poke(trigger)
 
     # -- maps
-    def _write(self, trigger: str) -> ApplyReport:
+    async def _write(self, trigger: str, candidate: Candidate) -> ApplyReport:
+        """The maps to `candidate` with the health now, in a worker thread: Maglev and the slot diffs of many
+        VIPs take hundreds of ms of CPU, which on the loop would stall checks, BGP and the API. The change
+        lock keeps writes one at a time; readers see the maps' tables as they were before it or after it
+        (dataplane/programmer.py publishes them at the end)."""
         began = time.monotonic()
-        health = self.state.health()
-        report = self.maps.apply(self.state.config, health, self.state.link)
-        self.state.written()
+        health = self.state.health(candidate)
+        report = await asyncio.to_thread(self.maps.apply, candidate.config, health, self.state.link)
         if report.ring_slots:
             self.observe(time.monotonic() - began, sum(report.ring_slots.values()))
         self._log_rings(report, health, trigger)

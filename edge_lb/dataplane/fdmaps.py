@@ -8,6 +8,7 @@ in one BPF_MAP_UPDATE_BATCH each.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ipaddress
 import socket
@@ -200,8 +201,9 @@ class FdMapIO:
         if not changes:
             return
         base = vip_num * self.ring_size
-        keys = (U32 * len(changes))(*(base + s for s, _ in changes))
-        values = (U32 * len(changes))(*(i for _, i in changes))
+        # array('I') from a list is filled in C; a ctypes array from a generator goes value by value
+        keys = (U32 * len(changes)).from_buffer(array.array("I", [base + s for s, _ in changes]))
+        values = (U32 * len(changes)).from_buffer(array.array("I", [i for _, i in changes]))
         bpfsys.map_update_batch(self.fds["rings"], keys, values,
                                 f"{len(changes)} ring slots of VIP #{vip_num}")
 

@@ -59,6 +59,25 @@ class Programmer:
         alloc.backend_idx.update({(s.vip_num, s.address): i for i, s in self.backends.items()})
 
     def apply(self, want: DesiredState) -> ApplyReport:
+        """Write what differs from the last apply. The tables readers see (NodeMaps: vips, backends, rings)
+        change all at once at the end, also after a failure (to what was written): the supervisor runs an
+        apply in a worker thread while its event loop reads them, and BGP must not see a backend's UP flag
+        written before the ring slots that go with it."""
+        work = Programmer(self.io, self.ring_size)
+        work._take(self, copy=True)
+        try:
+            return work._apply(want)
+        finally:
+            self._take(work, copy=False)
+
+    _TABLES = ("vips", "vip_flags", "backends", "rings", "vip_addrs", "filter")
+
+    def _take(self, other: Programmer, copy: bool) -> None:
+        for name in self._TABLES:
+            table = getattr(other, name)
+            setattr(self, name, dict(table) if copy else table)
+
+    def _apply(self, want: DesiredState) -> ApplyReport:
         report = ApplyReport()
         # A number that names another VIP than before (new, or freed and taken in this same apply) starts
         # counting from 0.

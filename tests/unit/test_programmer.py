@@ -391,3 +391,23 @@ def test_new_flow_rate_is_written_into_ctl_by_every_apply(node: tuple[FakeMapIO,
     assert io.ctl.new_flow_rate == 777
     assert new_flow_rate(262144, None, 2) == 4369 and new_flow_rate(262144, None, 64) == 136
     assert new_flow_rate(1024, None, 64) == 1, "never 0: some flows always get an entry"
+
+
+def test_readers_see_the_written_tables_change_only_when_the_apply_ends() -> None:
+    """An apply runs in a worker thread while the event loop reads NodeMaps: a backend written UP must not
+    show (BGP would announce on it) before the ring slots that go with it are written."""
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    class Watching(FakeMapIO):
+        def write_ring_slots(self, vip_num: int, changes: Any) -> None:
+            seen.append((maps.written_up(vip, ipaddress.ip_address("10.0.0.4")), tuple(maps.ring(vip))))
+            super().write_ring_slots(vip_num, changes)
+
+    vip = VipKey.of(cfg().vips[0])
+    io = Watching(ring_size=RING)
+    maps = NodeMaps(io, cfg(), LINK, adopt=False)
+    maps.apply(cfg())
+    before = tuple(maps.ring(vip))
+    maps.apply(with_backends(1, 2, 3, 4))
+    assert seen[-1] == (False, before), "mid-apply, readers still see the tables as before it"
+    assert maps.written_up(vip, ipaddress.ip_address("10.0.0.4")) and tuple(maps.ring(vip)) != before

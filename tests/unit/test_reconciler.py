@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 import tomllib
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -392,3 +393,31 @@ def test_a_reload_that_drops_a_backend_drops_its_saved_weight(tmp_path: Any) -> 
         await node.stop()
 
     asyncio.run(main())
+
+
+class _LoopGatedIO(FakeMapIO):
+    """Backend writes wait (bounded) until the event loop has run a callback queued after the apply began: an
+    apply that ran on the loop itself could never see it."""
+
+    def __init__(self) -> None:
+        super().__init__(RING)
+        self.gate = threading.Event()
+        self.loop_ran_meanwhile: list[bool] = []
+
+    def put_backends(self, backends: Any) -> None:
+        self.loop_ran_meanwhile.append(self.gate.wait(timeout=2.0))
+        super().put_backends(backends)
+
+
+def test_an_apply_runs_off_the_event_loop() -> None:
+    """Issue 13, item 3: the maps are written in a worker thread, so checks, BGP and the API keep running
+    while Maglev and the slot diffs of many VIPs are computed."""
+    io = _LoopGatedIO()
+
+    async def body(h: Harness) -> None:
+        asyncio.get_running_loop().call_later(0.05, io.gate.set)
+        await h.rec.change("startup")
+        assert io.loop_ran_meanwhile and all(io.loop_ran_meanwhile), io.loop_ran_meanwhile
+        assert {s.address for s in io.backends.values()} == {B1, B2, B3}
+
+    run(body, io=io)
