@@ -1,14 +1,16 @@
-"""Supervisor CPU for 1,000 backends at a 1 s interval on one core: `python benchmarks/supervisor_cpu.py`.
+"""Supervisor CPU for 1,000 or 10,000 backends at a 1 s interval on one core: `benchmarks/supervisor_cpu.py`.
 
-Needs root. One run per check type (tcp, then http), each in its own namespace lab:
+Needs root. One run per profile (default: tcp1k, then http1k; `--profile tcp10k`: 10,000 tcp backends),
+each in its own namespace lab:
 
     lb (edge-lb run, pinned to one CPU; XDP generic on eth0) --- veth --- be (10.78.0.0/16 local, one server)
 
 "be" holds every address of 10.78.0.0/16 through one local route (AnyIP), and one selectors-based server on
 0.0.0.0:8080 (this file's `_backend` mode) that accepts and closes (tcp) or answers each request with
-200 and closes (http), counting what it served. The supervisor runs 10 VIPs x 100 backends (10.78.V.1-100),
-ring_size 4099 (--ring-size), with [healthcheck] interval = 1.0 and the other check settings at their
-defaults.
+200 and closes (http), counting what it served and, per backend address, the gap between two checks. The
+supervisor runs 10 VIPs x 100 (or x 1,000) backends in 10.78.0.0/16, ring_size 4099 (--ring-size), with
+[healthcheck] interval = 1.0 and the other check settings at their defaults (jitter 0.1: a gap of up to 1.1 s
+is on time; what is above is lateness).
 
 Once status shows every backend up and a settle time has passed, the supervisor's CPU is read from
 /proc/<pid>/stat (utime + stime, whole process) over a `--seconds` window: the share of one core it used.
@@ -29,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ from edge_lb.lab.netns import Lab, Netns
 
 PY = sys.executable
 HERE = Path(__file__).resolve()
-VIPS, PER_VIP = 10, 100
+VIPS = 10
+PROFILES = {"tcp1k": ("tcp", 100), "http1k": ("http", 100), "tcp10k": ("tcp", 1000)}  # -> (kind, per VIP)
 RING_SIZE = 4099  # default --ring-size: prime, and Maglev rebuilds 16x cheaper than at the default 65,537
 INTERVAL = 1.0
 CHECK_PORT = 8080
@@ -51,6 +54,7 @@ BACKEND_NET = "10.78.0.0/16"
 UP_BOUND = 240.0  # seconds for the supervisor to start (bcc compiles the balancer) and every backend to rise
 SETTLE = 3.0  # seconds after the last backend came up, so start-up flips and ring writes are over
 STALE_AFTER = 2 * INTERVAL  # a backend whose last check is older than this when the window ends is stale
+ON_TIME = 1.1 * INTERVAL  # the longest gap between two checks of a backend the default jitter (0.1) allows
 HTTP_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 
 
@@ -69,25 +73,56 @@ def serve(kind: str, port: int) -> None:
     sel.register(listener, selectors.EVENT_READ, "listen")
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
     counts = {"accepted": 0, "served": 0}
+    gaps = Gaps()
     print(json.dumps({"ready": True}), flush=True)
     while True:
         for key, _ in sel.select():
             if key.data == "listen":
-                _accept(sel, listener, kind, counts)
+                _accept(sel, listener, kind, counts, gaps)
             elif key.data == "control":
-                if not _answer_control(counts):
+                if not _answer_control(counts, gaps):
                     return
             elif isinstance(key.fileobj, socket.socket):
                 _read_request(sel, key.fileobj, key.data, counts)
 
 
-def _accept(sel: selectors.BaseSelector, listener: socket.socket, kind: str, counts: dict[str, int]) -> None:
+@dataclass
+class Gaps:
+    """Per backend address (the local address a check dialled), the seconds between two checks' accepts."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    seen: list[float] = field(default_factory=list)  # gaps since the last report
+
+    def accepted(self, conn: socket.socket) -> None:
+        now, address = time.monotonic(), conn.getsockname()[0]
+        before = self.last.get(address)
+        self.last[address] = now
+        if before is not None:
+            self.seen.append(now - before)
+
+    def report(self) -> dict[str, float | int]:
+        gaps, self.seen = sorted(self.seen), []
+        if not gaps:
+            return {"gaps": 0}
+        def pct(p: float) -> float:
+            return gaps[min(len(gaps) - 1, int(p * len(gaps)))]
+        late = [g - ON_TIME for g in gaps if g > ON_TIME]
+        return {"gaps": len(gaps), "gap_p50_s": pct(0.5), "gap_p99_s": pct(0.99), "gap_max_s": gaps[-1],
+                "late": len(late), "late_over_2x": sum(g > STALE_AFTER for g in gaps),
+                "lateness_p50_s": pct(0.5) - ON_TIME if late else 0.0,
+                "lateness_p99_s": max(0.0, pct(0.99) - ON_TIME),
+                "lateness_max_s": max(0.0, gaps[-1] - ON_TIME)}
+
+
+def _accept(sel: selectors.BaseSelector, listener: socket.socket, kind: str, counts: dict[str, int],
+            gaps: Gaps) -> None:
     while True:
         try:
             conn, _ = listener.accept()
         except BlockingIOError:
             return
         counts["accepted"] += 1
+        gaps.accepted(conn)
         if kind == "tcp":
             conn.close()
             counts["served"] += 1
@@ -113,10 +148,11 @@ def _read_request(sel: selectors.BaseSelector, conn: socket.socket, buf: bytearr
     conn.close()
 
 
-def _answer_control(counts: dict[str, int]) -> bool:
+def _answer_control(counts: dict[str, int], gaps: Gaps) -> bool:
+    """"count": the counts (and the gaps since the last count, which also starts a new window)."""
     if not os.read(sys.stdin.fileno(), 4096):
         return False
-    print(json.dumps(counts | {"time": time.monotonic()}), flush=True)
+    print(json.dumps(counts | {"time": time.monotonic()} | gaps.report()), flush=True)
     return True
 
 
@@ -127,6 +163,7 @@ def _answer_control(counts: dict[str, int]) -> bool:
 class CpuLab:
     lab: Lab
     kind: str
+    per_vip: int
     cpu: int
     ring_size: int
     lb: Netns | None = None
@@ -136,7 +173,7 @@ class CpuLab:
 
     @property
     def instance(self) -> str:
-        return f"{self.lab.id}{self.kind}"
+        return f"{self.lab.id}{self.kind}{self.per_vip}"
 
     @property
     def config_path(self) -> Path:
@@ -179,12 +216,13 @@ class CpuLab:
     def config_text(self) -> str:
         head = (f'[node]\ninterface = "eth0"\ngateway_mac = "{self.gateway_mac()}"\n\n'
                 f'[dataplane]\ninstance = "{self.instance}"\nring_size = {self.ring_size}\n'
-                f'conn_table_size = 65536\nmax_vips = 16\nmax_backends = 1024\nxdp_mode = "generic"\n\n'
+                f'conn_table_size = 65536\nmax_vips = 16\nmax_backends = {max_backends(self.per_vip)}\n'
+                f'xdp_mode = "generic"\n\n'
                 f'[healthcheck]\ntype = "{self.kind}"\nport = {CHECK_PORT}\ninterval = {INTERVAL}\n')
         vips = []
         for v in range(VIPS):
-            backends = "".join(f'  [[vip.backend]]\n  address = "10.78.{v}.{b + 1}"\n'
-                               for b in range(PER_VIP))
+            backends = "".join(f'  [[vip.backend]]\n  address = "{backend_address(v * self.per_vip + b)}"\n'
+                               for b in range(self.per_vip))
             vips.append(f'\n[[vip]]\naddress = "10.79.0.{v + 1}"\nport = 80\nprotocol = "tcp"\n{backends}')
         return head + "".join(vips)
 
@@ -196,8 +234,16 @@ class CpuLab:
         self.supervisor = self.lb.spawn(argv, self.lab.tmpdir / "supervisor.log", host_mounts=True)
         return self.supervisor.pid
 
+    def all_up(self, doc: dict[str, Any]) -> bool:
+        rows = backends_of(doc)
+        return doc.get("phase") == "running" and len(rows) == VIPS * self.per_vip and all(
+            b["state"] == "up" for b in rows)
+
     def status(self) -> dict[str, Any]:
-        return asyncio.run(sockets.request(paths.socket(self.instance), "GET", "/v1/status", 30))
+        status, doc = asyncio.run(sockets.request(paths.socket(self.instance), "GET", "/v1/status", None, 30))
+        if status != 200:
+            raise BenchError(f"status answered HTTP {status}")
+        return dict(doc)
 
     def wait_all_up(self) -> float:
         """Seconds from start until status shows every backend up."""
@@ -205,7 +251,7 @@ class CpuLab:
         while time.monotonic() - start < UP_BOUND:
             self.check_alive()
             with contextlib.suppress(EdgeLbError):
-                if paths.socket(self.instance).exists() and all_up(self.status()):
+                if paths.socket(self.instance).exists() and self.all_up(self.status()):
                     return time.monotonic() - start
             time.sleep(1.0)
         raise BenchError(f"not every backend up within {UP_BOUND:g} s")
@@ -226,10 +272,17 @@ def backends_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [b for vip in doc["vips"] for b in vip["backends"]]
 
 
-def all_up(doc: dict[str, Any]) -> bool:
-    rows = backends_of(doc)
-    return doc.get("phase") == "running" and len(rows) == VIPS * PER_VIP and all(
-        b["state"] == "up" for b in rows)
+def backend_address(i: int) -> str:
+    """The i-th backend: 10.78.0.1 .. 10.78.0.250, 10.78.1.1, ... (10,000 fit in 10.78.0.0/16)."""
+    return f"10.78.{i // 250}.{i % 250 + 1}"
+
+
+def max_backends(per_vip: int) -> int:
+    """A power of two above every backend plus the reserved slot 0."""
+    size = 1024
+    while size <= VIPS * per_vip:
+        size *= 2
+    return size
 
 
 # -- /proc
@@ -271,6 +324,7 @@ def window(cl: CpuLab, pid: int, seconds: float) -> dict[str, Any]:
     rows = backends_of(doc)
     ages = [now - b["last_check"] for b in rows if b["last_check"] is not None]
     served = counts1["served"] - counts0["served"]
+    gaps = {k: v for k, v in counts1.items() if k.startswith(("gap", "late"))}  # over the window only
     server_s = counts1["time"] - counts0["time"]
     return {"window_s": wall1 - wall0, "cpu_s": cpu1 - cpu0,
             "cpu_pct_of_one_core": 100 * (cpu1 - cpu0) / (wall1 - wall0),
@@ -278,22 +332,24 @@ def window(cl: CpuLab, pid: int, seconds: float) -> dict[str, Any]:
             "accepted_per_s": (counts1["accepted"] - counts0["accepted"]) / server_s,
             "backends": len(rows), "up": sum(b["state"] == "up" for b in rows),
             "never_checked": len(rows) - len(ages), "stale": sum(a > STALE_AFTER for a in ages),
-            "max_check_age_s": max(ages, default=float("nan"))}
+            "max_check_age_s": max(ages, default=float("nan"))} | gaps
 
 
-def measure(kind: str, seconds: float, cpu: int, ring_size: int) -> dict[str, Any]:
+def measure(profile: str, seconds: float, cpu: int, ring_size: int) -> dict[str, Any]:
+    kind, per_vip = PROFILES[profile]
     with Lab(prefix="scpu") as lab:
-        cl = CpuLab(lab, kind, cpu, ring_size)
+        cl = CpuLab(lab, kind, per_vip, cpu, ring_size)
         try:
             cl.build()
             pid = cl.start_supervisor()
             ready_s = cl.wait_all_up()
             check_is_supervisor(pid)
             time.sleep(SETTLE)
-            result = {"type": kind, "pid": pid, "ready_s": ready_s} | window(cl, pid, seconds)
+            result = {"profile": profile, "type": kind, "pid": pid, "ready_s": ready_s}
+            result |= window(cl, pid, seconds)
             mem = proc_status(pid)
         except (EdgeLbError, BenchError, OSError) as exc:
-            raise BenchError(f"{kind}: {exc}\n--- supervisor.log (tail) ---\n{cl.log_tail()}") from exc
+            raise BenchError(f"{profile}: {exc}\n--- supervisor.log (tail) ---\n{cl.log_tail()}") from exc
         finally:
             cl.close()
     return result | {"rss_mib": mem["VmRSS"] / 1024, "peak_rss_mib": mem["VmHWM"] / 1024,
@@ -301,20 +357,23 @@ def measure(kind: str, seconds: float, cpu: int, ring_size: int) -> dict[str, An
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = (f"{'type':<5} {'backends':>8} {'up':>5} {'CPU % 1 core':>12} {'checks/s':>9} {'want/s':>7} "
-            f"{'stale':>5} {'max age s':>9} {'RSS MiB':>8} {'peak MiB':>8} {'threads':>7} {'ready s':>7}")
+    head = (f"{'profile':<7} {'backends':>8} {'up':>6} {'CPU % 1 core':>12} {'checks/s':>9} {'want/s':>7} "
+            f"{'stale':>5} {'gap p50/p99/max s':>18} {'late':>6} {'RSS MiB':>8} {'peak MiB':>8} "
+            f"{'ready s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
+        gaps = f"{r.get('gap_p50_s', 0):.2f}/{r.get('gap_p99_s', 0):.2f}/{r.get('gap_max_s', 0):.2f}"
         lines.append(
-            f"{r['type']:<5} {r['backends']:>8} {r['up']:>5} {r['cpu_pct_of_one_core']:>12.1f} "
-            f"{r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} {r['stale']:>5} "
-            f"{r['max_check_age_s']:>9.2f} {r['rss_mib']:>8.1f} {r['peak_rss_mib']:>8.1f} "
-            f"{r['threads']:>7} {r['ready_s']:>7.1f}")
-    lines.append(f"{VIPS} VIPs x {PER_VIP} backends, interval {INTERVAL:g} s, ring_size {args.ring_size}, "
+            f"{r['profile']:<7} {r['backends']:>8} {r['up']:>6} {r['cpu_pct_of_one_core']:>12.1f} "
+            f"{r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} {r['stale']:>5} {gaps:>18} "
+            f"{r.get('late', 0):>6} {r['rss_mib']:>8.1f} {r['peak_rss_mib']:>8.1f} {r['ready_s']:>7.1f}")
+    lines.append(f"{VIPS} VIPs, interval {INTERVAL:g} s, ring_size {args.ring_size}, "
                  f"XDP generic; supervisor pinned to CPU {args.cpu}; CPU = utime+stime over a "
                  f"{args.seconds:g} s window.")
     lines.append("checks/s = connections the backend server answered in the window; stale = last check "
-                 f"older than {STALE_AFTER:g} s when the window ended.")
+                 f"older than {STALE_AFTER:g} s when the window ended;\n"
+                 f"gap = seconds between two checks of one backend address in the window; late = gaps over "
+                 f"{ON_TIME:g} s (interval + 10% jitter).")
     return "\n".join(lines)
 
 
@@ -336,6 +395,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="measurement window (default 30)")
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU the supervisor is pinned to (default: the highest usable)")
+    parser.add_argument("--profile", action="append", choices=sorted(PROFILES),
+                        help="tcp1k, http1k (the default: both) or tcp10k; repeatable")
     parser.add_argument("--ring-size", type=int, default=RING_SIZE,
                         help=f"Maglev slots per VIP, prime (default {RING_SIZE})")
     args = parser.parse_args(argv)
@@ -346,11 +407,12 @@ def main(argv: list[str]) -> int:
     if not is_prime(args.ring_size) or not 1009 <= args.ring_size <= 1_000_003:
         parser.error("--ring-size must be a prime 1009..1000003")
     try:
-        results = [measure(kind, args.seconds, args.cpu, args.ring_size) for kind in ("tcp", "http")]
+        results = [measure(profile, args.seconds, args.cpu, args.ring_size)
+                   for profile in args.profile or ("tcp1k", "http1k")]
     except BenchError as exc:
         print(f"supervisor_cpu: {exc}", file=sys.stderr)
         return 1
-    doc = {"vips": VIPS, "backends_per_vip": PER_VIP, "interval_s": INTERVAL, "ring_size": args.ring_size,
+    doc = {"vips": VIPS, "interval_s": INTERVAL, "ring_size": args.ring_size,
            "cpu": args.cpu, "seconds": args.seconds, "runs": results}
     print(json.dumps(doc, indent=2) if args.json else render(results, args))
     return 0
