@@ -1,39 +1,29 @@
-"""The http and https checks: one request, an accepted status and, optionally, a substring of the body.
+"""The http and https checks: one HTTP/1.1 request, an accepted status and, optionally, a body substring.
 
-Every check opens a fresh connection (force_close), so a backend that stopped accepting fails at once instead
-of being hidden behind a kept-alive socket. aiohttp opens that socket through our socket_factory, which takes
-it from the Target being checked: a ContextVar carries the target from check() down into the connector,
-because one session serves every target of the spec and the factory is only told the addrinfo.
+A lean probe over one asyncio transport, no client session: the socket comes from Target.socket() (so its
+SO_MARK steers a tunnel check), is connected, wrapped in TLS for https (SNI and verification as the spec
+says), and one protocol object collects the answer. Every check opens a fresh connection (`Connection:
+close`), so a backend that stopped accepting fails at once instead of being hidden behind a kept-alive
+socket. The answer is read only as far as the verdict needs: the head, and the body only when `body` is set
+(at most BODY_LIMIT bytes of it, chunked or not). An aiohttp session per spec cost twice the CPU per check
+(benchmarks/README.md, supervisor_cpu.py).
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import socket
 import ssl
-from contextvars import ContextVar
-
-import aiohttp
-from aiohappyeyeballs import AddrInfoType
+from collections.abc import Callable
+from typing import cast
 
 from healthchecks import local, reasons
 from healthchecks.base import Result, Target
+from healthchecks.httpwire import BODY_LIMIT, Answer, parse
 from healthchecks.spec import CheckSpec
 
-BODY_LIMIT = 64 * 1024  # bytes of the body searched for spec.body
 USER_AGENT = "edge-lb-healthcheck"
-
-_target: ContextVar[Target | None] = ContextVar("edge_lb_http_check_target", default=None)
-
-
-def _target_socket(addr_info: AddrInfoType) -> socket.socket:
-    """aiohttp's socket_factory: the socket comes from the Target, so its SO_MARK applies."""
-    family, kind = addr_info[0], addr_info[1]
-    target = _target.get()
-    # Never fall back to a plain socket: an unmarked check would bypass the tunnel and test the wrong path.
-    if target is None or family != target.family:
-        raise OSError(errno.EINVAL, "socket not opened by a check")
-    return target.socket(socket.SocketKind(kind))
+_DEFAULT_PORT = {"http": 80, "https": 443}
 
 
 class HttpChecker:
@@ -41,88 +31,133 @@ class HttpChecker:
         if spec.kind not in ("http", "https"):
             raise ValueError(f"HttpChecker cannot run a {spec.kind!r} check")
         self.spec = spec
-        self._session: aiohttp.ClientSession | None = None
+        self._tls = _tls_context(spec.tls_verify) if spec.kind == "https" else None
+        self._accept = frozenset(spec.status)
 
     async def check(self, target: Target) -> Result:
-        token = _target.set(target)
         try:
-            return await self._request(target)
-        except TimeoutError as exc:
-            where = "connect: " if isinstance(exc, aiohttp.ConnectionTimeoutError) else ""
+            sock = target.socket()
+        except OSError as exc:
+            return local.failed("socket", exc, target)
+        phase = ["connect"]  # where a failure happened: connect, TLS or HTTP
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                return self._judge(await self._exchange(sock, target, phase))
+        except TimeoutError:  # an OSError too: caught first
+            where = "connect: " if phase[0] == "connect" else ""
             return Result(ok=False, reason=where + reasons.timeout(self.spec.timeout))
-        except aiohttp.ClientError as exc:
-            return _client_error(exc, target)
+        except OSError as exc:
+            return self._failed(phase[0], exc, target)
         except Exception as exc:  # the checker's contract: a failed check, never an exception
             return Result(ok=False, reason=reasons.clip(f"error: {type(exc).__name__}: {exc}"))
         finally:
-            _target.reset(token)
+            sock.close()  # a no-op once the transport closed it
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        pass  # nothing is kept between checks
 
-    async def _request(self, target: Target) -> Result:
+    async def _exchange(self, sock: socket.socket, target: Target, phase: list[str]) -> Answer | str:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (str(target.address), target.port))
+        phase[0] = "TLS" if self._tls is not None else "HTTP"
+        done: asyncio.Future[bytes] = loop.create_future()
+        server_name = (self.spec.host or str(target.address)) if self._tls is not None else None
+        transport, _ = await loop.create_connection(
+            lambda: _Reader(self._request(target), self._reads_body, done), sock=sock,
+            ssl=self._tls, server_hostname=server_name)
+        phase[0] = "HTTP"
+        try:
+            return parse(await done, head_only=self.spec.method == "HEAD")
+        finally:
+            transport.close()
+
+    def _reads_body(self, status: int) -> bool:
+        return self.spec.body is not None and status in self._accept
+
+    def _request(self, target: Target) -> bytes:
         spec = self.spec
-        url = f"{spec.kind}://{target.host}:{target.port}{spec.path}"
-        headers = {"Host": spec.host} if spec.host else {}
-        server_name = spec.host if spec.kind == "https" else None
-        session = self._get_session()
-        # ssl only matters for https URLs: True verifies with the system CAs, False skips verification.
-        async with session.request(spec.method, url, headers=headers, allow_redirects=False,
-                                   ssl=spec.tls_verify, server_hostname=server_name) as resp:
-            if resp.status not in spec.status:
-                want = ", ".join(str(s) for s in spec.status)
-                return Result(ok=False, reason=f"HTTP {resp.status} (want {want})")
-            if spec.body is not None and spec.body.encode() not in await _read_prefix(resp, BODY_LIMIT):
-                lacks = f"HTTP {resp.status} but body lacks {spec.body!r}"
-                return Result(ok=False, reason=reasons.clip(lacks))
-            return Result(ok=True, reason=f"HTTP {resp.status}")
+        host = spec.host or (target.host if target.port == _DEFAULT_PORT[spec.kind]
+                             else f"{target.host}:{target.port}")
+        return (f"{spec.method} {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
+                "Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # limit=0: checks are already one per target at a time; a cap would turn a big pool into
-            # false timeouts while checks queue for a connection slot.
-            connector = aiohttp.TCPConnector(force_close=True, limit=0, socket_factory=_target_socket)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.spec.timeout),
-                cookie_jar=aiohttp.DummyCookieJar(),  # each check stands alone
-                headers={"User-Agent": USER_AGENT},
-            )
-        return self._session
+    def _judge(self, answer: Answer | str) -> Result:
+        spec = self.spec
+        if isinstance(answer, str):
+            return Result(ok=False, reason=reasons.clip(f"HTTP: {answer}"))
+        if answer.status not in self._accept:
+            want = ", ".join(str(s) for s in spec.status)
+            return Result(ok=False, reason=f"HTTP {answer.status} (want {want})")
+        if spec.body is not None and spec.body.encode() not in answer.body:
+            return Result(ok=False, reason=reasons.clip(f"HTTP {answer.status} but body lacks {spec.body!r}"))
+        return Result(ok=True, reason=f"HTTP {answer.status}")
+
+    def _failed(self, phase: str, exc: OSError, target: Target) -> Result:
+        if phase == "connect":
+            return local.failed("connect", exc, target)
+        if phase == "TLS":
+            return Result(ok=False, reason=reasons.clip(f"TLS: {_tls_text(exc)}"))
+        return Result(ok=False, reason=reasons.clip(f"HTTP: {reasons.os_error(exc)}"))
 
 
-async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Up to `limit` bytes of the body: a huge page must not cost the checker memory or time."""
-    data = bytearray()
-    while len(data) < limit:
-        chunk = await resp.content.read(limit - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
+class _Reader(asyncio.Protocol):
+    """Sends the request, collects the answer; `done` gets the bytes once the verdict can be made from them
+    (the head when the body is not needed, else the end or BODY_LIMIT), or at the end of the stream."""
+
+    def __init__(self, request: bytes, reads_body: Callable[[int], bool],
+                 done: asyncio.Future[bytes]) -> None:
+        self._request = request
+        self._reads_body = reads_body
+        self._done = done
+        self._data = bytearray()
+        self._head_end = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports are not subclasses of asyncio's
+        cast(asyncio.WriteTransport, transport).write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        self._data += data
+        if self._head_end < 0:
+            self._head_end = self._data.find(b"\r\n\r\n")
+            if self._head_end < 0:
+                if len(self._data) > BODY_LIMIT:
+                    self._finish()  # parse() names the oversized head
+                return
+            if not self._wants_body():
+                self._finish()
+                return
+        if len(self._data) - self._head_end > 2 * BODY_LIMIT:  # room for chunk framing
+            self._finish()
+
+    def eof_received(self) -> bool:
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self._data and not self._done.done():
+            self._done.set_exception(exc)
+        self._finish()
+
+    def _wants_body(self) -> bool:
+        try:
+            status = int(self._data[9:12])  # "HTTP/1.1 200": parse() checks the line properly
+        except ValueError:
+            return False
+        return self._reads_body(status)
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(bytes(self._data))
 
 
-def _client_error(exc: aiohttp.ClientError, target: Target) -> Result:
-    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
-            exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientConnectorSSLError):
-        return local.failed("connect", exc.os_error, target)  # our socket factory's EMFILE lands here too
-    return Result(ok=False, reason=_client_text(exc))
-
-
-def _client_text(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return reasons.clip(f"TLS: {_tls_text(exc.certificate_error)}")
-    if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        return reasons.clip(f"TLS: {_tls_text(exc.os_error)}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "HTTP: server disconnected"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return reasons.clip(f"HTTP: bad response: {exc.message}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return reasons.clip(f"HTTP: bad body: {exc}")
-    return reasons.clip(f"HTTP: {exc}")
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    """Built once per spec: the system CAs and the name checked, or (tls_verify = false) nothing checked."""
+    ctx = ssl.create_default_context()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def _tls_text(exc: Exception) -> str:
@@ -131,4 +166,6 @@ def _tls_text(exc: Exception) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, OSError):
+        return reasons.os_error(exc)
     return str(exc)

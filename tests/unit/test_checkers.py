@@ -31,6 +31,7 @@ from healthchecks.tcp import TcpChecker
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
 LOCAL6 = ipaddress.ip_address("::1")
+CA = trustme.CA()  # the test servers' certificates; trusted only where a test says so
 
 
 @dataclass(frozen=True)
@@ -193,14 +194,6 @@ def test_http_over_ipv6() -> None:
     assert tgt.opened == [socket.SOCK_STREAM]
 
 
-def test_http_socket_factory_never_opens_an_unmarked_socket() -> None:
-    # Outside a check there is no Target to take the socket (and its mark) from: refuse, do not fall back.
-    from healthchecks.http import _target_socket
-
-    with pytest.raises(OSError, match="not opened by a check"):
-        _target_socket((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80)))
-
-
 def test_http_status_rejected() -> None:
     result, _, _ = http_check(CheckSpec(kind="http", path="/status/503"))
     assert result == Result(ok=False, reason="HTTP 503 (want 200)")
@@ -255,24 +248,24 @@ def test_http_timeout_when_the_server_never_answers() -> None:
     assert asyncio.run(go()) == Result(ok=False, reason="timeout after 0.3s")
 
 
-def test_http_session_is_reused_and_closed() -> None:
+def test_http_every_check_opens_its_own_marked_connection() -> None:
+    # No connection is kept between checks (a backend that stopped accepting must fail at once), and every
+    # socket comes from Target.socket(), so a tunnel check's SO_MARK is on each of them.
     async def go() -> None:
         async with http_server() as (port, seen):
-            checker = HttpChecker(CheckSpec(kind="http"))
+            checker, tgt = HttpChecker(CheckSpec(kind="http")), target(port)
             for _ in range(3):
-                assert (await checker.check(target(port))).ok
-            session = checker._session
+                assert (await checker.check(tgt)).ok
             await checker.aclose()
-            assert session is not None and session.closed
             assert len(seen.requests) == 3
+            assert tgt.opened == [socket.SOCK_STREAM] * 3
 
     asyncio.run(go())
 
 
 @pytest.fixture(scope="module")
 def server_tls() -> ssl.SSLContext:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "svc.example")
+    cert = CA.issue_cert("127.0.0.1", "svc.example")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
     return ctx
@@ -296,6 +289,20 @@ def test_https_against_plain_http_is_a_tls_failure() -> None:
     result = http_check(CheckSpec(kind="https", tls_verify=False))[0]
     assert not result.ok
     assert result.reason.startswith("TLS: "), result.reason
+
+
+def test_https_verifies_the_name_even_with_a_trusted_chain(server_tls: ssl.SSLContext,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The chain is trusted (the test CA added to what create_default_context loads), the name is not the
+    # certificate's: verification (the default) fails on the name, and passes for a name the certificate has.
+    ca_ctx = ssl.create_default_context()
+    CA.configure_trust(ca_ctx)
+    monkeypatch.setattr("healthchecks.http.ssl.create_default_context", lambda: ca_ctx)
+    result = http_check(CheckSpec(kind="https", host="other.example"), server_tls)[0]
+    assert result.reason.startswith("TLS: certificate verify failed: "), result.reason
+    result, seen, _ = http_check(CheckSpec(kind="https", host="svc.example"), server_tls)
+    assert result == Result(ok=True, reason="HTTP 200")
+    assert seen.server_names == ["svc.example"]
 
 
 # --- udp-dns ------------------------------------------------------------------------------------------------

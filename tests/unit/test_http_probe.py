@@ -1,0 +1,111 @@
+"""The lean http probe against raw servers on loopback (what it reads, and when it stops reading), and the
+pure parser of what a server sent (healthchecks/httpwire.py) as a table."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from healthchecks.base import Result, Target
+from healthchecks.http import HttpChecker
+from healthchecks.httpwire import BODY_LIMIT, Answer, parse
+from healthchecks.spec import CheckSpec
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+
+
+async def raw_check(spec: CheckSpec, reply: bytes, hold: bool = False) -> tuple[Result, bytes]:
+    """One check against a server that reads the request head, sends `reply` and closes (or, `hold`, keeps
+    the connection open without sending more). Returns the result and the request the server read."""
+    requests: list[bytes] = []
+    release = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(reply)
+        await writer.drain()
+        if hold:
+            await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        result = await HttpChecker(spec).check(Target(ipaddress.ip_address("127.0.0.1"), port))
+        release.set()
+    return result, requests[0] if requests else b""
+
+
+def test_the_request_line_and_headers() -> None:
+    spec = CheckSpec(kind="http", method="GET", path="/health?x=1", host="svc.example")
+    result, request = asyncio.run(raw_check(spec, b"HTTP/1.1 200 OK\r\n\r\n"))
+    assert result == Result(ok=True, reason="HTTP 200")
+    lines = request.decode().split("\r\n")
+    assert lines[0] == "GET /health?x=1 HTTP/1.1"
+    assert {"Host: svc.example", "Connection: close", "User-Agent: edge-lb-healthcheck"} <= set(lines)
+
+
+def test_without_a_body_to_match_the_head_is_enough() -> None:
+    # The server sends the head of a 100 kB answer and then nothing: the verdict needs only the status.
+    spec = CheckSpec(kind="http", timeout=0.5)
+    result, _ = asyncio.run(raw_check(spec, OK_HEAD, hold=True))
+    assert result == Result(ok=True, reason="HTTP 200")
+
+
+def test_a_body_to_match_waits_for_the_body() -> None:
+    spec = CheckSpec(kind="http", timeout=0.3, body="ok")
+    result, _ = asyncio.run(raw_check(spec, OK_HEAD, hold=True))
+    assert result == Result(ok=False, reason="timeout after 0.3s")
+
+
+def test_a_chunked_body_is_matched_across_chunks() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nall s\r\n9\r\nystems ok\r\n0\r\n\r\n"
+    result, _ = asyncio.run(raw_check(CheckSpec(kind="http", body="systems ok"), reply))
+    assert result == Result(ok=True, reason="HTTP 200")
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"", "HTTP: server disconnected"),
+    (b"HTTP/1.1 200 OK\r\nContent-", "HTTP: server disconnected in the head"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "HTTP: bad response: status line 'SSH-2.0-OpenSSH_9.2'"),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\nbody", "HTTP: bad response: header line 'no colon'"),
+])
+def test_what_is_not_an_answer_is_named(reply: bytes, reason: str) -> None:
+    result, _ = asyncio.run(raw_check(CheckSpec(kind="http", body="body"), reply))
+    assert result == Result(ok=False, reason=reason)
+
+
+CASES = [
+    # (what the server sent, head_only, the answer or why not)
+    (b"HTTP/1.1 503 Service Unavailable\r\n\r\n", False, Answer(503, b"")),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", False, Answer(200, b"ok")),
+    (b"HTTP/1.1 200 OK\r\n\r\nto the end", False, Answer(200, b"to the end")),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", False, Answer(200, b"ab")),  # cut short: a prefix
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True, Answer(200, b"")),  # HEAD: no body
+    (b"HTTP/1.1 204 No Content\r\n\r\nx", False, Answer(204, b"")),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\n\r\n", False,
+     Answer(200, b"abc")),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nd", False, Answer(200, b"abcd")),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False, "bad response: chunk size 'zz'"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", False, "bad response: Content-Length '-1'"),
+    (b"HTTP/2 200\r\n\r\n", False, "bad response: status line 'HTTP/2 200'"),
+    (b"HTTP/1.1 20x OK\r\n\r\n", False, "bad response: status line 'HTTP/1.1 20x OK'"),
+    (b"", False, "server disconnected"),
+    (b"x" * (BODY_LIMIT + 1), False, f"bad response: head longer than {BODY_LIMIT} bytes"),
+]
+
+
+@pytest.mark.parametrize(("data", "head_only", "want"), CASES)
+def test_parse(data: bytes, head_only: bool, want: Answer | str) -> None:
+    assert parse(data, head_only=head_only) == want
+
+
+def test_parse_keeps_at_most_the_body_limit() -> None:
+    body = b"y" * (BODY_LIMIT + 10)
+    answer = parse(b"HTTP/1.1 200 OK\r\n\r\n" + body)
+    assert isinstance(answer, Answer) and answer.body == body[:BODY_LIMIT]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (1000, b"z" * 1000) for _ in range(80)) + b"0\r\n\r\n"
+    answer = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert isinstance(answer, Answer) and answer.body == b"z" * BODY_LIMIT
