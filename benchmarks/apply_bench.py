@@ -17,6 +17,7 @@ import ipaddress
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from edge_lb.config import Config, parse_config
@@ -43,15 +44,28 @@ def dead_health(config: Config) -> dict[tuple[VipKey, Any], bool]:
     return {(VipKey.of(v), dead): False for v in config.vips}
 
 
-def one_run(config: Config, io: MapIO) -> tuple[float, float]:
-    """Seconds of the first apply (every ring built) and of the apply after one pool member died."""
+def one_run(config: Config, io: MapIO) -> tuple[float, float, float]:
+    """Seconds of the first apply (every ring built), of a reload that changes one backend's weight on one
+    VIP, and of the apply after one pool member died (every VIP)."""
     maps = NodeMaps(io, config, LINK, adopt=False)
     began = time.perf_counter()
     maps.apply(config)
     first = time.perf_counter() - began
+    reload = one_weight_changed(config)
+    began = time.perf_counter()
+    maps.apply(reload)
+    one = time.perf_counter() - began
+    maps.apply(config)
     began = time.perf_counter()
     maps.apply(config, dead_health(config))
-    return first, time.perf_counter() - began
+    return first, one, time.perf_counter() - began
+
+
+def one_weight_changed(config: Config) -> Config:
+    """The config with the first VIP's first backend at weight 2."""
+    vip = config.vips[0]
+    backends = [replace(vip.backends[0], weight=2), *vip.backends[1:]]
+    return replace(config, vips=(replace(vip, backends=tuple(backends)), *config.vips[1:]))
 
 
 async def _lag_during(work: Callable[[], Any]) -> float:
@@ -116,7 +130,9 @@ def main() -> None:
     io_for = _kernel_io(config) if args.kernel else (lambda: FakeMapIO(DEFAULT_RING_SIZE))
     maps_kind = "kernel maps" if args.kernel else "in-memory maps"
     runs = [one_run(config, io_for()) for _ in range(args.runs)]
-    cases = (("first apply", [r[0] for r in runs]), ("one backend of the pool dead", [r[1] for r in runs]))
+    cases = (("first apply", [r[0] for r in runs]),
+             ("reload: one VIP's backend weight", [r[1] for r in runs]),
+             ("one backend of the pool dead", [r[2] for r in runs]))
     for name, values in cases:
         print(f"{args.vips} VIPs x {args.backends} backends, ring {DEFAULT_RING_SIZE}, {maps_kind}, {name}: "
               f"median {statistics.median(values) * 1000:.0f} ms (min {min(values) * 1000:.0f}, "

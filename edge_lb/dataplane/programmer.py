@@ -120,6 +120,8 @@ class Programmer:
 
     def _write_ring(self, num: int, ring: tuple[int, ...], report: ApplyReport) -> None:
         old = self.rings.get(num)
+        if old is ring:  # the same cached ring (desired.py): nothing to compare, 65,537 slots at a time
+            return
         if old is None:  # a number new to us: the map may hold a ring a crash left behind, not zeros
             old = self.io.read_ring(num)
         changes = ring_changes(old, ring)
