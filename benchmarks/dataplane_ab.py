@@ -1,5 +1,5 @@
 """The same benchmark for two versions of bpf/, interleaved in one run:
-`sudo .venv/bin/python benchmarks/dataplane_ab.py --base main [--repeats 5] [--packets 3000]`.
+`sudo .venv/bin/python benchmarks/dataplane_ab.py --base main [--also REV ...] [--repeats 5]`.
 
 `base` is bpf/ as of a git revision (read with `git show`), `tree` the working tree's. Each run is
 `edge-lb bench`'s own measure (bpf_stats, repeat=1 loop, pinned CPU, pass.c and floor.c in the same run);
@@ -39,21 +39,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="main", help="git revision of the base bpf/")
+    parser.add_argument("--also", action="append", default=[], metavar="REV",
+                        help="another git revision of bpf/ benched in the same rounds (repeatable)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each version, interleaved")
     parser.add_argument("--packets", type=int, default=3000, help="test runs per case and round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="edge-lb-ab-") as tmp:
-        dirs = {"base": export(args.base, Path(tmp) / "base"), "tree": loader.BPF_DIR}
-        med = interleaved(dirs, args.repeats, args.packets)  # the breakdown's method, two versions
+        dirs = {"base": export(args.base, Path(tmp) / "base")}
+        dirs.update({rev: export(rev, Path(tmp) / f"also{n}") for n, rev in enumerate(args.also)})
+        dirs["tree"] = loader.BPF_DIR
+        med = interleaved(dirs, args.repeats, args.packets)  # the breakdown's method, every version
     print(f"cost as a multiple of floor.c's in the same run, median of {args.repeats} runs per version "
           f"({args.packets} packets x {bench.ROUNDS} rounds each); base = bpf/ at {args.base}")
-    print(f"{'version':<8}" + "".join(f"{c:>18}" for c in SHOWN))
-    for name in ("base", "tree"):
+    width = max(8, *(len(name) + 1 for name in dirs))
+    print(f"{'version':<{width}}" + "".join(f"{c:>18}" for c in SHOWN))
+    for name in dirs:
         cells = []
         for case in SHOWN:
             value, delta = med[name][case], med[name][case] - med["base"][case]
             cells.append(f"{value:.2f}" + (f" ({delta:+.2f})" if name != "base" else " " * 8))
-        print(f"{name:<8}" + "".join(f"{c:>18}" for c in cells))
+        print(f"{name:<{width}}" + "".join(f"{c:>18}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -79,12 +79,33 @@ static __always_inline __u32 source_hash(const struct flow_key *f) {
   return jhash3(f->src[3], 0, 0, h);
 }
 
-/* False: no VIP has this address (certain). True: one may (then the hash maps tell). */
-static __always_inline int maybe_vip(const __u32 *addr) {
-  __u32 bucket = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * VIP_FILTER_MULT) >> 16;
+/* The prefilter's answer for the xor of an address's 4 words (as loaded). False: no VIP has the address
+ * (certain). True: one may (then the hash maps tell). */
+static __always_inline int maybe_vip_folded(__u32 folded) {
+  __u32 bucket = (folded * VIP_FILTER_MULT) >> 16;
   __u32 word = bucket >> 5;
   __u32 *bits = vip_filter.lookup(&word);
   return bits && (*bits & (1u << (bucket & 31)));
+}
+
+static __always_inline int maybe_vip(const __u32 *addr) {
+  return maybe_vip_folded(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]);
+}
+
+/* 1 when the frame's IP destination is surely no VIP's: most of what a node on a shared link receives. Asked
+ * before anything else is parsed, so such a packet costs one array read; it is passed untouched and counted
+ * not_vip whatever else is wrong with it (the kernel drops what is malformed). A header of the wrong IP version
+ * is not read as an address: the parser counts it malformed. */
+static __always_inline int surely_not_vip(void *data, void *data_end, __u16 h_proto) {
+  if (h_proto == bpf_htons(ETH_P_IP)) {
+    struct iphdr *ip = data + sizeof(struct ethhdr);
+    return (void *)(ip + 1) <= data_end && ip->version == 4 && !maybe_vip_folded(ip->daddr);
+  }
+  struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+  if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+    return 0;
+  __u32 *d = (__u32 *)&ip6->daddr;
+  return !maybe_vip_folded(d[0] ^ d[1] ^ d[2] ^ d[3]);
 }
 
 static __always_inline int is_vip_addr(const __u32 *addr, __u8 family) {
@@ -413,9 +434,8 @@ static __always_inline int parse_v6(void *data, void *data_end, struct packet *p
   return drop_if_vip(p->flow.dst, LB_FAMILY_V6, STAT_PASS_OTHER, p->ip_len);
 }
 
+/* The prefilter already let the destination through (surely_not_vip, the same address in every case). */
 static __always_inline struct vip_meta *find_vip(struct packet *p, struct lb_ctl *ctl) {
-  if (!maybe_vip(p->flow.dst))
-    return NULL;
   struct vip_key k = {};
   __builtin_memcpy(k.addr, p->flow.dst, 16);
   k.port = p->flow.dport;
@@ -769,17 +789,22 @@ int balancer(struct xdp_md *ctx) {
     count(STAT_PASS_NOT_IP, 0);
     return XDP_PASS;
   }
-  struct lb_ctl *cfg = ctl.lookup(&zero);
-  if (!cfg)
-    return XDP_PASS;
-  if (eth->h_proto == bpf_htons(ETH_P_IP))
-    verdict = parse_v4(data, data_end, &p);
-  else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-    verdict = parse_v6(data, data_end, &p);
-  else {
+  __u16 h_proto = eth->h_proto;
+  if (h_proto != bpf_htons(ETH_P_IP) && h_proto != bpf_htons(ETH_P_IPV6)) {
     count(STAT_PASS_NOT_IP, 0);
     return XDP_PASS;
   }
+  if (surely_not_vip(data, data_end, h_proto)) {
+    count(STAT_PASS_NOT_VIP, 0);
+    return XDP_PASS;
+  }
+  struct lb_ctl *cfg = ctl.lookup(&zero);
+  if (!cfg)
+    return XDP_PASS;
+  if (h_proto == bpf_htons(ETH_P_IP))
+    verdict = parse_v4(data, data_end, &p);
+  else
+    verdict = parse_v6(data, data_end, &p);
   if (verdict != LB_CONTINUE)
     return verdict;
   return balance(ctx, &p, cfg);

@@ -108,7 +108,8 @@ enum lb_stat {
   STAT_CT_HIT,               /* backend taken from the connection table */
   STAT_CT_MISS,              /* backend taken from the Maglev ring (new flow, SYN, or stale entry) */
   STAT_PASS_NOT_IP,          /* ARP, unknown ethertype, truncated Ethernet */
-  STAT_PASS_NOT_VIP,         /* IP, but not to a VIP (address, port, protocol) */
+  STAT_PASS_NOT_VIP,         /* IP, but not to a VIP (address, port, protocol); also whatever else is wrong with a
+                              * packet whose destination the prefilter rules out at once (surely_not_vip) */
   STAT_PASS_MALFORMED,       /* IP version not the EtherType's, IPv4 IHL < 5, a length field claiming more than the
                               * frame or less than its headers, or a header we read (IPv6 extension, TCP, UDP,
                               * ICMP) not inside both the frame and the datagram's own length */

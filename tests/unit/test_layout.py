@@ -117,16 +117,24 @@ def test_vip_flags_match_the_c() -> None:
 
 
 def test_filter_bucket_is_the_formula_of_maybe_vip() -> None:
-    """desired.filter_bucket / filter_words copy maybe_vip in bpf/balancer.c: a change there must be made in
-    both (this test then needs the new text)."""
-    body = re.search(r"int maybe_vip\(const __u32 \*addr\) \{(.*?)\n\}", source("balancer.c"), re.S)
-    assert body is not None, "maybe_vip not found in balancer.c"
-    assert [" ".join(line.split()) for line in body.group(1).strip().splitlines()] == [
-        "__u32 bucket = ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]) * VIP_FILTER_MULT) >> 16;",
+    """desired.filter_bucket / filter_words copy maybe_vip (and maybe_vip_folded, which surely_not_vip calls
+    with the same xor) in bpf/balancer.c: a change there must be made in both (this test then needs the new
+    text)."""
+    text = source("balancer.c")
+    body = re.search(r"int maybe_vip\(const __u32 \*addr\) \{(.*?)\n\}", text, re.S)
+    folded = re.search(r"int maybe_vip_folded\(__u32 folded\) \{(.*?)\n\}", text, re.S)
+    assert body is not None and folded is not None, "maybe_vip / maybe_vip_folded not found in balancer.c"
+    fold = "return maybe_vip_folded(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]);"
+    assert " ".join(body.group(1).split()) == fold
+    assert [" ".join(line.split()) for line in folded.group(1).strip().splitlines()] == [
+        "__u32 bucket = (folded * VIP_FILTER_MULT) >> 16;",
         "__u32 word = bucket >> 5;",
         "__u32 *bits = vip_filter.lookup(&word);",
         "return bits && (*bits & (1u << (bucket & 31)));",
     ]
+    fast = re.search(r"int surely_not_vip\(.*?\n\}", text, re.S)
+    assert fast is not None and "maybe_vip_folded(ip->daddr)" in fast.group(0)
+    assert "maybe_vip_folded(d[0] ^ d[1] ^ d[2] ^ d[3])" in fast.group(0)
     consts = defines(source("balancer_consts.h"))
     mult = c_value(consts["VIP_FILTER_MULT"], consts)
     for text in ("10.200.1.1", "fd00:200::1", "0.0.0.0"):
