@@ -143,11 +143,18 @@ class Watchdog:
         if bgp is not None and bgp.config.bgp is not None:
             self.resync_after = bgp.config.bgp.heartbeat_timeout
         last = self.clock()
+        self.started(last)
         while True:
             await asyncio.sleep(TICK)
             now = self.clock()
             self.tick(scheduler, max(now - last - TICK, 0.0), now, beat)
             last = now
+
+    def started(self, now: float) -> None:
+        """The bridge got its first heartbeat when it connected (startup, before this worker): a stall before
+        the first tick is a gap like any other (without it a SIGSTOP right after startup skipped the hold)."""
+        if self._beat_at is None:
+            self._beat_at = now
 
     def tick(self, scheduler: Scheduler, lag: float, now: float, beat: Callable[[], None] | None) -> None:
         self.lag = lag

@@ -227,6 +227,27 @@ def test_after_a_long_stall_the_heartbeat_waits_for_checks_newer_than_the_stall(
     assert step(lag=1.5) == beats + 1, "a lag below heartbeat_timeout: beats on"
 
 
+def test_a_stall_before_the_first_tick_also_waits_for_fresh_checks() -> None:
+    """The bridge's first heartbeat comes from the channel at connect, before the worker runs: a supervisor
+    stopped right after startup must not announce again on health from before the stall (it did: the
+    first tick after the stall beat at once, with no heartbeat of its own to measure the gap from)."""
+    clock, speaker, wall = Clock(), FakeSpeaker(), Clock(1000.0)
+    one = _key("10.0.0.1")
+    monitor = FakeMonitor({one: 5}, {one: 999.0})
+    dog = Watchdog({}, clock, wall=wall)
+    dog.resync_after = 2.0
+    scheduler = Scheduler(monitor, clock)  # type: ignore[arg-type]
+    dog.started(clock.now)
+    clock.now += 5.0
+    wall.now += 5.0
+    dog.tick(scheduler, 4.75, clock.now, speaker.heartbeat)
+    assert speaker.beats == 0, "no heartbeat on health from before the stall"
+    monitor.checked_at[one], monitor.checks[one] = wall.now + 0.1, 6
+    clock.now += 1.0
+    dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert speaker.beats == 1, "fresh health: announced again"
+
+
 def test_a_check_scheduler_stall_also_waits_for_fresh_checks() -> None:
     """The bridge expires on the time since the last heartbeat, whatever stopped it. A stall of the checks
     (the loop ticking on time) withholds heartbeats too: when checks resume, the heartbeat must wait for
