@@ -15,6 +15,7 @@
 #include "balancer_structs.h"
 #include "balancer_maps.h"
 #include "gue.h"
+#include "lb_hash.h"
 
 /* What the parser learned about one packet. */
 struct packet {
@@ -41,34 +42,6 @@ static __always_inline void count_in(void *map_lookup_result, __u64 bytes) {
     c->packets++;
     c->bytes += bytes;
   }
-}
-
-static __always_inline __u32 lb_rol32(__u32 w, int s) { return (w << s) | (w >> (32 - s)); }
-
-/* The kernel's jhash_3words (lookup3 final mix). */
-static __always_inline __u32 jhash3(__u32 a, __u32 b, __u32 c, __u32 seed) {
-  __u32 iv = seed + 0xdeadbeef + (3 << 2);
-  a += iv;
-  b += iv;
-  c += iv;
-  c ^= b; c -= lb_rol32(b, 14);
-  a ^= c; a -= lb_rol32(c, 11);
-  b ^= a; b -= lb_rol32(a, 25);
-  c ^= b; c -= lb_rol32(b, 16);
-  a ^= c; a -= lb_rol32(c, 4);
-  b ^= a; b -= lb_rol32(a, 14);
-  c ^= b; c -= lb_rol32(b, 24);
-  return c;
-}
-
-/* Depends on packet fields only, so every node hashes a flow alike. */
-static __always_inline __u32 flow_hash(const struct flow_key *f) {
-  __u32 ports = ((__u32)f->sport << 16) | f->dport;
-  if (f->family == LB_FAMILY_V4)
-    return jhash3(f->src[0], f->dst[0] ^ f->proto, ports, FLOW_HASH_SEED);
-  __u32 h = jhash3(f->src[0], f->src[1], f->src[2], FLOW_HASH_SEED);
-  h = jhash3(f->src[3], f->dst[0], f->dst[1], h);
-  return jhash3(f->dst[2], f->dst[3] ^ f->proto, ports, h);
 }
 
 /* The client address alone ([[vip]] hash = "source"): the same on every node, whatever the ports. */

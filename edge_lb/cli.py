@@ -57,16 +57,19 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
+    from edge_lb.dataplane.checkencap import CheckEncap
     from edge_lb.dataplane.loader import Dataplane, remove_pins
 
     cfg, lock = _config_without_supervisor(
         args.config, "unload", "stop it first (it withdraws the VIPs before anything is detached)")
     try:
         Dataplane.detach(cfg.node.interface, cfg.dataplane.xdp_mode)
+        CheckEncap.detach(cfg.node.interface, cfg.dataplane.check_mark_base)
         removed = remove_pins(cfg.dataplane.instance)
     finally:
         lock.release()
-    print(f"detached from {cfg.node.interface}; unpinned {len(removed)} maps of {cfg.dataplane.instance}")
+    print(f"detached (XDP, tunnel checks' tc filter) from {cfg.node.interface}; "
+          f"unpinned {len(removed)} maps of {cfg.dataplane.instance}")
     return 0
 
 

@@ -27,6 +27,7 @@ from edge_lb.configtools import (
     file_path,
     integer,
     mac,
+    mark_base,
     network,
     number,
     pattern,
@@ -38,7 +39,7 @@ from edge_lb.configtools import (
 from edge_lb.dataplane.maglev import is_prime
 from edge_lb.errors import ConfigError
 from healthchecks.base import IPAddress as IPAddress  # re-exported: the config's address type
-from healthchecks.spec import KINDS, CheckSpec
+from healthchecks.spec import KINDS, VIAS, CheckSpec
 
 _INSTANCE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _INTERFACE = re.compile(r"(?!\.\.?\Z)[^/\s:]{1,15}")  # what the kernel's dev_valid_name() accepts
@@ -111,6 +112,9 @@ class Dataplane:
     # ring without an insert. None: conn_table_size / (possible CPUs x FLOW_TURNOVER_S), dataplane/node.py.
     # Written into the ctl map by every apply, so a reload changes it live.
     new_flow_rate_limit: int | None = None
+    # Tunnel health checks mark their sockets check_mark_base | backend index (low 20 bits): pick a base no
+    # other use of marks on the node shares. The fwmark rule and table follow it (dataplane/checkencap.py).
+    check_mark_base: int = 0x4C500000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +235,7 @@ _DATAPLANE = {
     "icmp_too_big_rate": integer(0, 1_000_000),
     "gue_port": integer(1, 65535),
     "new_flow_rate_limit": integer(1, 1_000_000_000),
+    "check_mark_base": mark_base,
 }
 
 
@@ -253,6 +258,7 @@ _CHECK: dict[str, Callable[[Any], Any]] = {
     "query_type": choice("A", "AAAA", "NS", "SOA", "TXT", "MX", "CNAME", "SRV", "PTR"),
     "rcode": choice("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"),
     "command": argv,
+    "via": choice(*VIAS),
 }
 VIP_HASHES = ("flow", "source")  # [[vip]] hash: what picks the Maglev slot of a new flow
 ENCAPS = ("ipip", "gue")  # [[vip]] / [[vip.backend]] encap: how packets travel to the backend

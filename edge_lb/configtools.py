@@ -92,6 +92,14 @@ def integer(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
+def mark_base(value: Any) -> int:
+    """[dataplane] check_mark_base: a socket mark whose low 20 bits are 0 (they carry a backend index)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFF00000 or value % 2**20:
+        raise Invalid("must be a multiple of 0x100000 (1048576) in 0x100000..0xFFF00000: the low 20 bits "
+                      "carry the backend's index")
+    return value
+
+
 def string(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid("must be a string")

@@ -1,9 +1,9 @@
 """The one small interface every checker implements, and what it is given and returns.
 
-A Target says where a check's packets go. Today that is the backend's own address. A later check can reach the
-backend through the tunnel, addressed to the VIP as clients do: give it address=VIP and a `mark`, and a policy
-route for that fwmark sends the marked sockets into the backend's tunnel. Checkers must open every socket with
-Target.socket() so the mark is honoured.
+A Target says where a check's packets go: the backend's own address (direct), or the VIP through the
+backend's tunnel (address = the VIP, `backend` set, and a `mark` on every socket: the node's policy route
+and tc encapsulator, edge_lb/dataplane/checkencap.py, send marked packets into that backend's tunnel as
+clients' are). Checkers must open every socket with Target.socket() so the mark is honoured.
 """
 
 from __future__ import annotations
@@ -20,7 +20,22 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Target:
     address: IPAddress  # where the check's packets go
     port: int
-    mark: int = 0  # SO_MARK on every socket (0 = none): lets policy routing steer checks, e.g. into a tunnel
+    mark: int = 0  # SO_MARK on every socket (0 = none): steers a tunnel check into its backend's tunnel
+    backend: IPAddress | None = None  # a tunnel check: the backend behind the VIP (address is the VIP)
+    vip: IPAddress | None = None  # the VIP the check is for, when the check needs it (tunnel, exec's {vip})
+
+    @property
+    def tunnelled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def backend_address(self) -> IPAddress:
+        """The backend's own address (where a direct check goes)."""
+        return self.backend or self.address
+
+    def direct(self) -> Target:
+        """The same check to the backend's own address, unmarked."""
+        return Target(self.backend_address, self.port, vip=self.vip)
 
     @property
     def family(self) -> socket.AddressFamily:

@@ -1,11 +1,13 @@
 """The exec check: run a program (never a shell); healthy when it exits 0.
 
-"{address}" and "{port}" in any argument become the target's, and the environment gains EDGE_LB_ADDRESS and
-EDGE_LB_PORT. The last line of stdout goes into the reason. The program runs in its own session so that on a
-timeout (or cancellation) the whole process group, including anything it forked, is killed, and the child is
-always reaped. The verdict is the program's exit status, not the end of its output: a grandchild that
-detached (`setsid -f`) and keeps stdout open neither turns an exit 0 into a timeout nor keeps the pipe's read
-end, which the check closes every time, open in the supervisor.
+"{address}" (the backend's own address), "{port}", "{vip}" (the VIP, empty when not known) and "{mark}"
+(the socket mark of a tunnel check, 0 for a direct one: e.g. for `socat ...,so-mark={mark}`) in any
+argument become the target's, and the environment gains EDGE_LB_ADDRESS, EDGE_LB_PORT, EDGE_LB_VIP and
+EDGE_LB_MARK. The last line of stdout goes into the reason. The program runs in its own session so that on
+a timeout (or cancellation) the whole process group, including anything it forked, is killed, and the child
+is always reaped. The verdict is the program's exit status, not the end of its output: a grandchild that
+detached (`setsid -f`) and keeps stdout open neither turns an exit 0 into a timeout nor keeps the pipe's
+read end, which the check closes every time, open in the supervisor.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ class ExecChecker:
         self.spec = spec
 
     def argv(self, target: Target) -> list[str]:
-        return [arg.replace("{address}", str(target.address)).replace("{port}", str(target.port))
-                for arg in self.spec.command]
+        fields = _fields(target)
+        argv = list(self.spec.command)
+        for name, value in fields.items():  # values are addresses and numbers: no braces to re-expand
+            argv = [arg.replace(f"{{{name}}}", value) for arg in argv]
+        return argv
 
     async def check(self, target: Target) -> Result:
         argv = self.argv(target)
-        env = {**os.environ, "EDGE_LB_ADDRESS": str(target.address), "EDGE_LB_PORT": str(target.port)}
+        env = {**os.environ, **{f"EDGE_LB_{k.upper()}": v for k, v in _fields(target).items()}}
         try:
             proc, output = await _spawn(argv, env)
         except FileNotFoundError:
@@ -60,6 +65,11 @@ class ExecChecker:
 
     async def aclose(self) -> None:
         pass
+
+
+def _fields(target: Target) -> dict[str, str]:
+    return {"address": str(target.backend_address), "port": str(target.port),
+            "vip": "" if target.vip is None else str(target.vip), "mark": str(target.mark)}
 
 
 class _Tail(asyncio.Protocol):

@@ -1,4 +1,5 @@
-"""make_checker: the checker for a spec's kind. Checkers are built once per spec and shared by its targets."""
+"""make_checker: the checker for a spec's kind (wrapped for via = "tunnel": a failure is re-checked directly,
+healthchecks/tunnel.py). Checkers are built once per spec and shared by its targets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from healthchecks.dns import DnsChecker
 from healthchecks.http import HttpChecker
 from healthchecks.spec import CheckSpec
 from healthchecks.tcp import TcpChecker
+from healthchecks.tunnel import TunnelChecker
 
 _BY_KIND: dict[str, Callable[[CheckSpec], Checker]] = {
     "tcp": TcpChecker,
@@ -26,4 +28,5 @@ def make_checker(spec: CheckSpec) -> Checker:
         build = _BY_KIND[spec.kind]
     except KeyError:
         raise ValueError(f"no checker for health check kind {spec.kind!r}") from None
-    return build(spec)
+    checker = build(spec)
+    return TunnelChecker(checker) if spec.tunnelled else checker

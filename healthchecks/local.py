@@ -37,6 +37,7 @@ LOCAL_WITHOUT_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 LINK_DOWN = "link down"
 CHECKER_ERROR = "checker error"
 CHECKER_OVERRAN = "checker overran"
+NOT_WRITTEN = "tunnel not ready"  # a tunnel check before its slot or the encapsulator is in place (a moment)
 
 
 def cause(err: int | None, routed: bool | None) -> str | None:

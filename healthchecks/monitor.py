@@ -26,6 +26,7 @@ log = logging.getLogger("edge_lb.health")
 OnChange = Callable[["CheckKey", Health, Health], None]
 OnResult = Callable[["CheckKey", Result, "Observation"], None]
 NodeFault = Callable[[float, float], str | None]  # a check's (start, end), monotonic -> the node's fault then
+Resolve = Callable[[Target], Target | None]  # a tunnel target -> the same with its socket mark; None: not yet
 _STOP_GRACE = 2.0  # seconds the probers get to finish a check in flight on stop()
 _BACKSTOP = 1.0  # seconds past spec.timeout after which a checker that overran is cancelled
 
@@ -57,8 +58,10 @@ class HealthMonitor:
     def __init__(self, make_checker: Callable[[CheckSpec], Checker], on_change: OnChange, *,
                  concurrency: int = 1000, rand: Callable[[], float] = random.random,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 node_fault: NodeFault = lambda start, end: None, on_result: OnResult | None = None) -> None:
+                 node_fault: NodeFault = lambda start, end: None, on_result: OnResult | None = None,
+                 resolve: Resolve = lambda target: target) -> None:
         self._make_checker = make_checker
+        self._resolve = resolve
         self._on_change = on_change
         self._node_fault = node_fault
         self._on_result = on_result
@@ -154,11 +157,14 @@ class HealthMonitor:
         """One check and the seconds it took (not counting the wait for a concurrency slot)."""
         async with self._sem:
             began = time.monotonic()
+            target = self._resolve(key.target)
+            if target is None:  # its backend is not in the data plane yet: nothing to tunnel to
+                return Result(False, "tunnel: not in place yet", local.NOT_WRITTEN), 0.0
             try:
-                async with asyncio.timeout(key.spec.timeout + _BACKSTOP):  # no extra task, unlike wait_for
-                    result = await self._checker(key.spec).check(key.target)
+                async with asyncio.timeout(key.spec.budget + _BACKSTOP):  # no extra task, unlike wait_for
+                    result = await self._checker(key.spec).check(target)
             except TimeoutError:  # the checker broke its own contract (or the loop stalled): not the backend
-                result = Result(False, f"checker overran its timeout ({key.spec.timeout:g}s)",
+                result = Result(False, f"checker overran its timeout ({key.spec.budget:g}s)",
                                 local.CHECKER_OVERRAN)
             except Exception as exc:  # a checker bug must not kill the prober, nor count against the backend
                 name = f"{key.spec.kind} {exc.__class__.__name__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("tcp", "http", "https", "udp-dns", "exec", "none")
+VIAS = ("tunnel", "direct")  # where a check goes: the VIP through the backend's tunnel, or the backend itself
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,9 @@ class CheckSpec:
     rise: int = 2  # consecutive good checks that bring a down backend up
     fall: int = 2  # consecutive bad checks that take an up backend down
     jitter: float = 0.1  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+    # "tunnel": to the VIP and port, encapsulated toward the backend as client packets are (what clients
+    # get); when it fails, a direct check tells a setup problem from a dead service. "direct": its address.
+    via: str = "tunnel"
     # http / https
     method: str = "GET"
     path: str = "/"
@@ -32,9 +36,19 @@ class CheckSpec:
     query_name: str = "."
     query_type: str = "NS"
     rcode: str = "NOERROR"  # the answer's rcode must be this
-    # exec: argv, no shell; "{address}" and "{port}" in any argument are replaced by the target's
+    # exec: argv, no shell; "{address}" (the backend's), "{port}", "{vip}" and "{mark}" (the socket mark a
+    # tunnel check uses, 0 direct) in any argument are replaced by the target's
     command: tuple[str, ...] = ()
 
     @property
     def checked(self) -> bool:
         return self.kind != "none"
+
+    @property
+    def tunnelled(self) -> bool:
+        return self.via == "tunnel" and self.checked
+
+    @property
+    def budget(self) -> float:
+        """Seconds one check may take in all: a failed tunnel check is followed by a direct one."""
+        return self.timeout * (2 if self.tunnelled else 1)

@@ -168,6 +168,9 @@ _SCHEMAS: Doc = {
         "check": _or_null({**_TEXT, "description": "the health check type"}),
         "encap": {"type": "string", "enum": ["ipip", "gue"],
                   "description": "how its packets travel: ipip (IPIP, IP6IP6, 4in6) or gue (those in UDP)"},
+        "via": _or_null({"type": "string", "enum": ["tunnel", "direct", None],
+                         "description": "tunnel: checked at the VIP through the backend's tunnel, as clients "
+                                        "reach it; direct: at its own address; null: not checked"}),
         "weight": {"type": "integer", "minimum": 0, "description": "in effect (runtime, else the config's)"},
         "config_weight": _or_null({"type": "integer", "minimum": 0, "description": "the config's weight"}),
         "ring_slots": _COUNT,

@@ -138,6 +138,7 @@ def _backend(row: BackendRow) -> BackendRow:
     return {"address": row["address"], "state": row["state"], "reason": row["reason"],
             "last_check": row["last_check"], "latency": row["latency"], "check": row["check"],
             "encap": row["encap"],
+            "via": row["via"],
             "weight": row["weight"], "config_weight": row["config_weight"], "ring_slots": row["ring_slots"],
             "ring_share": row["ring_share"], "packets": row["packets"], "bytes": row["bytes"]}
 

@@ -24,6 +24,7 @@ class BackendRow(TypedDict):
     latency: float | None  # seconds the last check took
     check: str | None  # the health check type
     encap: str  # "ipip" (IPIP / IP6IP6 / 4in6) or "gue" (the same in UDP): how its packets travel
+    via: str | None  # "tunnel" (the VIP through its tunnel, as clients reach it), "direct"; None: unchecked
     ring_slots: int
     ring_share: float
     packets: int

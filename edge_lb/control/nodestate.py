@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge_lb import events
 from edge_lb.config import Config, IPAddress
 from edge_lb.control import overrides
 from edge_lb.control.linkwatch import LinkWatch
 from edge_lb.control.localfaults import LocalFaults
+from edge_lb.dataplane.checkencap import mark_of
 from edge_lb.dataplane.desired import VipKey
 from edge_lb.dataplane.node import Link, NodeMaps
 from healthchecks.base import Checker, Result, Target
@@ -41,12 +42,18 @@ class BackendView:
 
 
 def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
-    """Which prober decides each (VIP, backend); None: not checked (type "none"), always healthy."""
+    """Which prober decides each (VIP, backend); None: not checked (type "none"), always healthy. A direct
+    check is one prober per backend address (shared by its VIPs); a tunnel check one per (VIP address,
+    backend): a backend may hold one VIP on its lo and miss another."""
     keys: dict[Pair, CheckKey | None] = {}
     for vip in config.vips:
         for b in vip.backends:
             spec = b.healthcheck
-            target = Target(b.address, spec.port or vip.port)
+            port = spec.port or vip.port
+            if spec.tunnelled:
+                target = Target(vip.address, port, backend=b.address, vip=vip.address)
+            else:  # the VIP only where exec's {vip} may use it: other direct checks stay shared
+                target = Target(b.address, port, vip=vip.address if spec.kind == "exec" else None)
             keys[(VipKey.of(vip), b.address)] = CheckKey(target, spec) if spec.checked else None
     return keys
 
@@ -108,7 +115,8 @@ class NodeState:
         self.running = Candidate.of(config, weights)
         self.link: Link = maps.link  # the kernel's word; written by the next change
         self.monitor = HealthMonitor(make_checker, self._changed, concurrency=concurrency,
-                                     node_fault=self._node_fault, on_result=self._observed)
+                                     node_fault=self._node_fault, on_result=self._observed,
+                                     resolve=self._resolve)
         self.faults = LocalFaults(self.monitor.observations, self.local_fault_bound)
         self.dirty = asyncio.Event()
         self.applies = 0
@@ -116,6 +124,7 @@ class NodeState:
         self._adopted: Mapping[Pair, bool] | None = maps.adopted_up()  # until the first change is written
         self._ring_counts: dict[VipKey, tuple[int, Counter[int]]] = {}
         self._bound: tuple[Candidate | None, float] = (None, 0.0)  # local_fault_bound, per candidate
+        self.tunnel_ready = True  # the tunnel checks' encapsulator is in place (the supervisor says when)
 
     @property
     def base(self) -> Config:
@@ -168,6 +177,18 @@ class NodeState:
     def _node_fault(self, start: float, end: float) -> str | None:
         link = self.faults.link
         return link.during(start, end) if link is not None else None
+
+    def _resolve(self, target: Target) -> Target | None:
+        """A tunnel target with its socket mark: the base | its backend's index as last written (None before
+        the slot is written or the encapsulator is in place: the check waits for it)."""
+        if not target.tunnelled or target.backend is None:
+            return target
+        if not self.tunnel_ready:
+            return None
+        index = self.maps.index_of(target.address, target.backend)
+        if index is None:
+            return None
+        return replace(target, mark=mark_of(self.base.dataplane.check_mark_base, index))
 
     def _observed(self, key: CheckKey, result: Result, seen: Observation) -> None:
         self.faults.observe(key, result, seen)

@@ -36,6 +36,7 @@ def document(state: NodeState, counters: CounterSnapshot) -> Served:
                          "config_weight": configured.get((vip.name, b.address), b.weight),
                          "reason": view.reason, "last_check": view.checked_at, "latency": view.latency,
                          "check": b.healthcheck.kind, "encap": b.encap,
+                         "via": b.healthcheck.via if b.healthcheck.checked else None,
                          "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
                          "bytes": nbytes})
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)
@@ -150,11 +151,12 @@ def render(doc: Doc, now: float | None = None) -> str:
         if bgp:
             lines.append(f"  route {_route(vip, bgp)}")
         lines.append(f"  {'BACKEND':<26} {'STATE':<9} {'WEIGHT':>6} {'RING':>7} {'PACKETS':>10} "
-                     f"{'BYTES':>12}  {'CHECKED':<11} REASON")
+                     f"{'BYTES':>12}  {'CHECKED':<11} {'VIA':<6} REASON")
         for b in vip["backends"]:
             checked = _age(b["last_check"], now)
             address = b["address"] + (" (gue)" if b.get("encap") == "gue" else "")  # ipip: the usual, unsaid
             lines.append(f"  {address:<26} {b['state']:<9} {b['weight']:>6} {b['ring_share']:>7.1%} "
-                         f"{b['packets']:>10} {b['bytes']:>12}  {checked:<11} {b['reason']}")
+                         f"{b['packets']:>10} {b['bytes']:>12}  {checked:<11} {b.get('via') or '-':<6} "
+                         f"{b['reason']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -42,6 +42,7 @@ from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
 from edge_lb.control.watchdog import Watchdog, notify
+from edge_lb.dataplane import checkencap
 from edge_lb.dataplane.counters import CounterSampler
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.node import Link, NodeMaps, link_for
@@ -139,6 +140,7 @@ class Supervisor:
         counters = CounterSampler(dp.io)
         counters.refresh()
         state = NodeState(maps, config, overrides.load(paths.weights(instance)), make_checker)
+        state.tunnel_ready = False  # until _check_tunnel has the encapsulator in place
         self._on_shutdown("health checks", state.stop)
         await self._watch_link(config, state)
         self._emit_adopted(maps)
@@ -148,6 +150,7 @@ class Supervisor:
         report = await rec.change("startup")
         await asyncio.to_thread(dp.attach, config.node.interface, config.dataplane.xdp_mode)
         await attachment.record()
+        self._tasks.append(asyncio.create_task(self._check_tunnel(config, state), name="check tunnel"))
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
@@ -173,6 +176,22 @@ class Supervisor:
         events.emit("startup", phase="program", program=got.origin, digest=got.digest[:16],
                     seconds=f"{took:.3f}")
         return got, {"origin": got.origin, "digest": got.digest, "seconds": round(took, 3)}
+
+    @staticmethod
+    async def _check_tunnel(config: Config, state: NodeState) -> None:
+        """The tunnel checks' encapsulator and policy route (dataplane/checkencap.py): adopted at once when
+        the attached filter is this build, else compiled in a thread; tunnel checks wait for it (uncounted)."""
+        try:
+            origin, gateways = await asyncio.to_thread(checkencap.ensure, config.dataplane,
+                                                       config.node.interface)
+        except EdgeLbError as exc:
+            events.emit("check_tunnel", logging.ERROR, result="failed", error=exc,
+                        effect="tunnel checks wait (not counted); the node cannot judge through tunnels")
+            return
+        state.tunnel_ready = True
+        events.emit("startup", phase="check tunnel", program=origin, interface=config.node.interface,
+                    mark=f"{config.dataplane.check_mark_base:#x}/{checkencap.MARK_MASK:#x}",
+                    via=",".join(gateways) or "no default gateway: the main table")
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:

@@ -92,7 +92,7 @@ class Scheduler:
             seen = self.monitor.observation(key)
             done += seen.checks if seen is not None else 0
             spec = key.spec
-            bound = max(bound, spec.interval * (1 + spec.jitter) + spec.timeout)
+            bound = max(bound, spec.interval * (1 + spec.jitter) + spec.budget)
         self.bound, self.running = bound + 1.0 + _SLACK, len(keys)
         if done != self._done or not keys:
             self._done, self._changed = done, now

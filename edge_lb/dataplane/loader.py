@@ -38,13 +38,22 @@ def load_xdp(source: Path, func: str, cflags: Sequence[str] = ()) -> tuple[Any, 
     """Compile `source` with bcc and load its XDP function `func` (nothing attached): (BPF object, function).
 
     `cflags` must hold validated values only (they reach the compiler's command line)."""
+    return _load(source, func, cflags, "XDP")
+
+
+def load_tc(source: Path, func: str, cflags: Sequence[str] = ()) -> tuple[Any, Any]:
+    """As load_xdp, for a tc classifier (SCHED_CLS, direct action) function."""
+    return _load(source, func, cflags, "SCHED_CLS")
+
+
+def _load(source: Path, func: str, cflags: Sequence[str], prog_type: str) -> tuple[Any, Any]:
     bcc = _import_bcc()
     try:
         bpf = bcc.BPF(src_file=str(source).encode(), cflags=list(cflags))
     except Exception as exc:  # bare Exception; the compiler's own message went to stderr
         raise DataplaneError(f"compiling {source} failed: {exc}") from exc
     try:
-        fn = bpf.load_func(func.encode(), bcc.BPF.XDP)
+        fn = bpf.load_func(func.encode(), getattr(bcc.BPF, prog_type))
     except Exception as exc:
         bpf.cleanup()
         raise DataplaneError(f"loading {func} of {source}: the kernel refused it: {exc}") from exc
@@ -258,4 +267,4 @@ def _ensure_bpffs_dir(path: Path) -> None:
 
 
 __all__ = ["BACKEND_F_GUE", "BACKEND_F_IPV6", "BACKEND_F_UP", "FAMILY_TAG", "Dataplane", "MapSizes",
-           "attach_xdp", "check_pinned", "detach_xdp", "load_xdp", "remove_pins", "xdp_flags"]
+           "attach_xdp", "check_pinned", "detach_xdp", "load_tc", "load_xdp", "remove_pins", "xdp_flags"]

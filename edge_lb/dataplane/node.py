@@ -88,6 +88,14 @@ class NodeMaps:
         num = self.programmer.vips.get(vip)
         return None if num is None else self.alloc.backend_idx.get((num, address))
 
+    def index_of(self, vip_address: IPAddress, address: IPAddress) -> int | None:
+        """The backend index of `address` under any VIP on `vip_address` (a tunnel check's mark: any of them
+        wraps toward the same backend), as last written; None when no such pair is written."""
+        for key, num in self.programmer.vips.items():
+            if key.address == vip_address and (index := self.alloc.backend_idx.get((num, address))):
+                return index
+        return None
+
     def written_up(self, vip: VipKey, address: IPAddress) -> bool:
         """The backend's slot as last written carries the UP flag (it may take new flows)."""
         index = self.backend_index(vip, address)

@@ -1,5 +1,5 @@
-"""BPF_PROG_TEST_RUN of an XDP program, always with repeat=1: a program that encapsulates would re-read its
-own output on repetitions 2..N, so per-packet cost is measured by looping over single runs."""
+"""BPF_PROG_TEST_RUN of an XDP (or tc) program, always with repeat=1: a program that encapsulates would
+re-read its own output on repetitions 2..N, so per-packet cost is measured by looping over single runs."""
 
 from __future__ import annotations
 
@@ -42,6 +42,24 @@ class _XdpMd(ctypes.Structure):
     _fields_ = [("data", ctypes.c_uint32), ("data_end", ctypes.c_uint32), ("data_meta", ctypes.c_uint32),
                 ("ingress_ifindex", ctypes.c_uint32), ("rx_queue_index", ctypes.c_uint32),
                 ("egress_ifindex", ctypes.c_uint32)]
+
+
+class _SkbMark(ctypes.Structure):
+    # The start of struct __sk_buff (include/uapi/linux/bpf.h) up to mark: the kernel takes a shorter context
+    # and requires len and pkt_type to be zero.
+    _fields_ = [("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32), ("mark", ctypes.c_uint32)]
+
+
+def run_tc(prog_fd: int, frame: bytes, mark: int = 0, out_size: int = 4096) -> tuple[int, bytes]:
+    """Run one frame (with skb->mark = mark) through a tc program once; return (verdict, output frame)."""
+    data_in = ctypes.create_string_buffer(frame, len(frame))
+    data_out = ctypes.create_string_buffer(out_size)
+    ctx_in = _SkbMark(mark=mark)
+    attr = _TestAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=out_size,
+                     data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out), repeat=1,
+                     ctx_size_in=ctypes.sizeof(ctx_in), ctx_in=ctypes.addressof(ctx_in))
+    sys_bpf(BPF_PROG_TEST_RUN, attr, f"BPF_PROG_TEST_RUN on tc prog fd {prog_fd}")
+    return attr.retval, data_out.raw[: attr.data_size_out]
 
 
 def run_xdp(prog_fd: int, frame: bytes, out_size: int = 4096) -> tuple[int, bytes]:

@@ -75,13 +75,15 @@ def lab_lb(request: pytest.FixtureRequest) -> Iterator[DataplaneLab]:
 
 def config_text(d: DataplaneLab, vips: int, per_vip: int) -> str:
     """`vips` VIPs on one address (ports 1000...), each with `per_vip` backends of its own, alternately in the
-    answering and the silent range; tcp checks on port 80, rise = fall = 1 so the flaps flip them at once."""
+    answering and the silent range; tcp checks on port 80, rise = fall = 1 so the flaps flip them at once.
+    Direct checks: the targets are the router's own addresses, which decapsulate nothing."""
     assert d.lb is not None
     answering = ipaddress.ip_network(ANSWERING).network_address + 1
     silent = ipaddress.ip_network(SILENT).network_address + 1
     head = (f'[node]\ninterface = "eth0"\n\n[dataplane]\ninstance = "{d.instance}"\nring_size = 1009\n'
             f'max_vips = 512\nmax_backends = 8192\nconn_table_size = 65536\n\n'
-            f'[healthcheck]\ntype = "tcp"\nport = 80\ninterval = 1.0\nfast_interval = 0.25\ntimeout = 1.0\n'
+            f'[healthcheck]\ntype = "tcp"\nvia = "direct"\nport = 80\ninterval = 1.0\nfast_interval = 0.25\n'
+            f'timeout = 1.0\n'
             f'rise = 1\nfall = 1\n\n'
             f'[bgp]\nlocal_as = 65001\nrouter_id = "{d.lb.address}"\ndrain_time = {DRAIN}\n'
             f'  [[bgp.peer]]\n  address = "10.77.2.1"\n  as = 65000\n  hold_time = 3\n'

@@ -28,6 +28,7 @@ from healthchecks.fake import FakeChecker
 from healthchecks.http import HttpChecker
 from healthchecks.spec import CheckSpec
 from healthchecks.tcp import TcpChecker
+from healthchecks.tunnel import TunnelChecker
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
 LOCAL6 = ipaddress.ip_address("::1")
@@ -498,9 +499,12 @@ def test_exec_empty_command_is_a_config_error() -> None:
 @pytest.mark.parametrize(("kind", "cls"), [("tcp", TcpChecker), ("http", HttpChecker), ("https", HttpChecker),
                                           ("udp-dns", DnsChecker), ("exec", ExecChecker)])
 def test_make_checker_by_kind(kind: str, cls: type) -> None:
-    checker = make_checker(CheckSpec(kind=kind, command=("/bin/true",)))
-    assert isinstance(checker, cls)
-    asyncio.run(checker.aclose())
+    direct = make_checker(CheckSpec(kind=kind, command=("/bin/true",), via="direct"))
+    assert isinstance(direct, cls)
+    asyncio.run(direct.aclose())
+    tunnel = make_checker(CheckSpec(kind=kind, command=("/bin/true",)))  # via = "tunnel", the default
+    assert isinstance(tunnel, TunnelChecker) and isinstance(tunnel.inner, cls)
+    asyncio.run(tunnel.aclose())
 
 
 @pytest.mark.parametrize("kind", ["none", "smtp"])

@@ -99,13 +99,13 @@ def test_status_table_shows_every_column() -> None:
            "vips": [{"vip": "10.0.0.1:80/tcp", "healthy": 1, "in_ring": 1, "packets": 10, "bytes": 900,
                      "backends": [
                {"address": "10.1.0.1", "state": "up", "weight": 1, "ring_share": 1.0, "packets": 10,
-                "bytes": 900, "last_check": 99.5, "reason": "HTTP 200"},
+                "bytes": 900, "last_check": 99.5, "reason": "HTTP 200", "via": "tunnel"},
                {"address": "10.1.0.2", "state": "down", "weight": 1, "ring_share": 0.0, "packets": 0,
                 "bytes": 0, "last_check": None, "reason": "connect: refused", "encap": "gue"}]}]}
     text = status.render(doc, now=100.0)
     assert "VIP 10.0.0.1:80/tcp  1/2 healthy, 1 in the ring  10 packets  900 bytes" in text
     row = next(line for line in text.splitlines() if "10.1.0.1" in line).split()
-    assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "HTTP", "200"]
+    assert row == ["10.1.0.1", "up", "1", "100.0%", "10", "900", "0.5s", "ago", "tunnel", "HTTP", "200"]
     assert "never" in text and "connect: refused" in text
     assert "10.1.0.2 (gue)" in text and "10.1.0.1 (" not in text, "a GUE backend is marked, IPIP is not"
     assert "NOT ATTACHED" not in text

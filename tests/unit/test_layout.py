@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from edge_lb.config import Dataplane as DataplaneSettings
-from edge_lb.dataplane import bpfsys, counters, decap, desired, gue, loader, simulate
+from edge_lb.dataplane import bpfsys, checkencap, counters, decap, desired, gue, loader, simulate
 
 BPF_DIR = loader.BPF_DIR
 UAPI = Path("/usr/include/linux")
@@ -299,3 +299,34 @@ def test_bpf_syscall_number_matches_unistd_h() -> None:
         pytest.skip(f"no unistd header for {platform.machine()}")
     nr = defines(path.read_text(encoding="utf-8"))["__NR_bpf"]
     assert bpfsys._SYS_BPF[platform.machine()] == int(nr)
+
+
+# -- bpf/checkencap* and edge_lb.dataplane.checkencap ----------------------------------------------
+
+
+def test_check_mark_bits_match_the_c() -> None:
+    consts = defines(source("checkencap_consts.h"))
+    bits = c_value(consts["CHECK_MARK_INDEX_BITS"], consts)
+    assert bits == checkencap.MARK_INDEX_BITS
+    assert c_value(consts["CHECK_MARK_INDEX_MASK"], consts) == 0xFFFFFFFF ^ checkencap.MARK_MASK
+    assert 1 << bits > 1_000_000, "every max_backends the config accepts fits the index bits"
+
+
+def test_check_stat_names_are_every_enumerator() -> None:
+    values = enum_values(source("checkencap_consts.h"), "check_stat")
+    assert checkencap.stat_names() == tuple(n for n, _ in sorted(values.items(), key=lambda kv: kv[1])
+                                            if n != "CHECK_STAT_MAX")
+
+
+def test_checkencap_opens_the_balancer_maps_by_their_pins() -> None:
+    text = source("checkencap.c")
+    pattern = r'^BPF_TABLE_PINNED\("\w+", [^,]+, [^,]+, (\w+), (\w+), PIN_DIR "/(\w+)"\);'
+    found = re.findall(pattern, text, re.M)
+    assert all(name == pin for name, _, pin in found), "each map pinned under its own name"
+    pinned = {name: size for name, size, _ in found}
+    shared = {name: size for name, size in pinned.items() if name in balancer_maps()}
+    assert shared == {"backends": balancer_maps()["backends"], "ctl": balancer_maps()["ctl"]}
+    assert set(pinned) - set(shared) == {"check_stats"}
+    flags = loader.MapSizes(1009, 7, 33, 4096).cflags()
+    given = {m[1] for flag in flags if (m := re.match(r"-D(\w+)=", flag))} | {"CHECK_MARK_BASE", "PIN_DIR"}
+    assert required_defines(text) | required_defines(source("checkencap_consts.h")) <= given

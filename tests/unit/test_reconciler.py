@@ -23,8 +23,10 @@ from edge_lb.dataplane.mapio import FakeMapIO
 from edge_lb.dataplane.node import Link, NodeMaps
 from edge_lb.dataplane.programmer import ring_changes
 from edge_lb.errors import DataplaneError
+from healthchecks.base import Checker
 from healthchecks.fake import FakeChecker
 from healthchecks.spec import CheckSpec
+from healthchecks.tunnel import TunnelChecker
 
 RING = 1009
 B1, B2, B3, B4 = (ipaddress.ip_address(f"10.1.0.{i}") for i in range(1, 5))
@@ -54,11 +56,11 @@ class Harness:
         self.rec = Reconciler(self.state, routes or NoRoutes())
         self.task: asyncio.Task[None] | None = None
 
-    def _checker(self, spec: CheckSpec) -> FakeChecker:
+    def _checker(self, spec: CheckSpec) -> Checker:
         checker = FakeChecker()
         checker.results = self.results  # one script for every spec's checker
         self.checkers.append(checker)
-        return checker
+        return TunnelChecker(checker) if spec.tunnelled else checker  # as make_checker wraps it
 
     def set(self, address: Any, ok: bool) -> None:
         self.results[address] = ok
@@ -329,7 +331,8 @@ def test_status_document_from_the_reconciler() -> None:
         assert [rows[str(b)]["state"] for b in (B1, B2, B3)] == ["up", "drained", "down"]
         assert rows[str(B1)]["ring_slots"] == RING and rows[str(B1)]["ring_share"] == 1.0
         assert rows[str(B1)]["packets"] == 30 and rows[str(B2)]["packets"] == 0
-        assert rows[str(B3)]["reason"] == "fake fail"
+        assert rows[str(B3)]["reason"] == "fake fail; direct: fake fail", "dead both ways"
+        assert {r["via"] for r in rows.values()} == {"tunnel"}
         assert (vip["healthy"], vip["in_ring"], vip["packets"]) == (2, 1, 30)
     run(body)
 
