@@ -2,9 +2,9 @@
 /* edge-lb check encapsulator: a tc egress program on the LB node's interface. A packet whose mark is in the
  * tunnel-check range (CHECK_MARK_BASE | backend index, set with SO_MARK on the check's socket) is wrapped toward
  * that backend exactly as balancer.c wraps a client packet: IPIP for an IPv4 backend, IP6IP6 / 4in6 for an IPv6
- * one, outer source = the encap prefix | the flow hash's low bits, TTL 64, TOS / traffic class and DF copied. So
- * the check reaches the service through the backend's decapsulation and the VIP on its lo, as clients do.
- * Everything unmarked leaves untouched. It reads the balancer's own backends and ctl maps, adopted from their
+ * one, the same in UDP (GUE, gue.h) for a backend with BACKEND_F_GUE, outer source = the encap prefix | the flow
+ * hash's low bits, TTL 64, TOS / traffic class and DF copied. So the check reaches the service through the
+ * backend's decapsulation and the VIP on its lo, as clients do. Everything unmarked leaves untouched. It reads the balancer's own backends and ctl maps, adopted from their
  * pins: what the change path writes for clients is what the checks follow. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -15,6 +15,7 @@
 #include "balancer_consts.h"
 #include "balancer_structs.h"
 #include "checkencap_consts.h"
+#include "gue.h"
 #include "lb_hash.h"
 
 #ifndef PIN_DIR
@@ -80,29 +81,54 @@ static __always_inline __u16 csum_v4(struct iphdr *ip) {
   return ~sum;
 }
 
+/* Room for the outer IP header (ip_len bytes, at hand in `hdr`) plus, for a GUE backend, its UDP header, then both
+ * written and the EtherType set. */
+static __always_inline int push_outer(struct __sk_buff *skb, void *hdr, __u32 ip_len, __u64 l3_flag, int gue,
+                                      __u32 hash, __u16 inner_len, __u16 ethertype) {
+  __u64 flags = l3_flag | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0);
+  if (bpf_skb_adjust_room(skb, ip_len + (gue ? GUE_UDP_LEN : 0), BPF_ADJ_ROOM_MAC, flags))
+    return -1;
+  __u16 proto = bpf_htons(ethertype);
+  if (bpf_skb_store_bytes(skb, ETH_HLEN, hdr, ip_len, 0) ||
+      bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto), 0))
+    return -1;
+  if (gue) {
+    struct udphdr udp;
+    gue_udp_header(&udp, hash, inner_len, GUE_PORT);
+    if (bpf_skb_store_bytes(skb, ETH_HLEN + ip_len, &udp, sizeof(udp), 0))
+      return -1;
+  }
+  return 0;
+}
+
+/* What the outer header says follows it: as balancer.c's outer_proto. */
+static __always_inline __u8 next_proto(struct flow_key *f, int gue) {
+  if (gue)
+    return IPPROTO_UDP;
+  return f->family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+}
+
 static __always_inline int wrap_v4(struct __sk_buff *skb, struct flow_key *f, struct backend *be,
                                    struct lb_ctl *c, __u8 tos, __u16 df) {
   __u32 hash = flow_hash(f);
+  int gue = be->flags & BACKEND_F_GUE;
+  __u16 inner_len = skb->len - ETH_HLEN;
   struct iphdr o = {};
   o.version = 4;
   o.ihl = 5;
   o.tos = tos;
-  o.tot_len = bpf_htons(skb->len - ETH_HLEN + IPV4_HDR_LEN);
+  o.tot_len = bpf_htons(inner_len + IPV4_HDR_LEN + (gue ? GUE_UDP_LEN : 0));
   if (!df) { /* as balancer.c: a fragmentable outer header gets a varying, non-zero ID (RFC 6864) */
     __u16 id = bpf_get_prandom_u32();
     o.id = bpf_htons(id + !id);
   }
   o.frag_off = df;
   o.ttl = OUTER_TTL;
-  o.protocol = f->family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  o.protocol = next_proto(f, gue);
   o.saddr = c->encap_v4_prefix | (hash & c->encap_v4_hostmask);
   o.daddr = be->addr[0];
   o.check = csum_v4(&o);
-  if (bpf_skb_adjust_room(skb, IPV4_HDR_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
-    return counted(CHECK_DROP_ENCAP_FAILED, TC_ACT_SHOT);
-  __u16 proto = bpf_htons(ETH_P_IP);
-  if (bpf_skb_store_bytes(skb, ETH_HLEN, &o, sizeof(o), 0) ||
-      bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto), 0))
+  if (push_outer(skb, &o, sizeof(o), BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, gue, hash, inner_len, ETH_P_IP))
     return counted(CHECK_DROP_ENCAP_FAILED, TC_ACT_SHOT);
   return counted(CHECK_ENCAP_V4, TC_ACT_OK);
 }
@@ -110,14 +136,16 @@ static __always_inline int wrap_v4(struct __sk_buff *skb, struct flow_key *f, st
 static __always_inline int wrap_v6(struct __sk_buff *skb, struct flow_key *f, struct backend *be,
                                    struct lb_ctl *c, __u8 tos) {
   __u32 hash = flow_hash(f);
+  int gue = be->flags & BACKEND_F_GUE;
+  __u16 inner_len = skb->len - ETH_HLEN;
   struct ipv6hdr o = {};
   o.version = 6;
   o.priority = tos >> 4;
   o.flow_lbl[0] = (tos << 4) | ((hash >> 16) & 0x0f); /* the flow label from the flow hash, as balancer.c */
   o.flow_lbl[1] = hash >> 8;
   o.flow_lbl[2] = hash;
-  o.payload_len = bpf_htons(skb->len - ETH_HLEN);
-  o.nexthdr = f->family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+  o.payload_len = bpf_htons(inner_len + (gue ? GUE_UDP_LEN : 0));
+  o.nexthdr = next_proto(f, gue);
   o.hop_limit = OUTER_TTL;
   __u32 *src = (__u32 *)&o.saddr;
   src[0] = c->encap_v6_prefix[0];
@@ -125,11 +153,7 @@ static __always_inline int wrap_v6(struct __sk_buff *skb, struct flow_key *f, st
   src[2] = c->encap_v6_prefix[2];
   src[3] = c->encap_v6_prefix[3] | (hash & c->encap_v6_hostmask);
   __builtin_memcpy(&o.daddr, be->addr, 16);
-  if (bpf_skb_adjust_room(skb, IPV6_HDR_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6))
-    return counted(CHECK_DROP_ENCAP_FAILED, TC_ACT_SHOT);
-  __u16 proto = bpf_htons(ETH_P_IPV6);
-  if (bpf_skb_store_bytes(skb, ETH_HLEN, &o, sizeof(o), 0) ||
-      bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto), 0))
+  if (push_outer(skb, &o, sizeof(o), BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, gue, hash, inner_len, ETH_P_IPV6))
     return counted(CHECK_DROP_ENCAP_FAILED, TC_ACT_SHOT);
   return counted(CHECK_ENCAP_V6, TC_ACT_OK);
 }

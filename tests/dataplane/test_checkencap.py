@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -55,7 +56,11 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    config = make_config()
+    def gue_backends(data: dict[str, Any]) -> None:  # one GUE backend in an IPv4 and in an IPv6 VIP
+        data["vip"][0]["backend"][2]["encap"] = "gue"
+        data["vip"][3]["backend"][1]["encap"] = "gue"
+
+    config = make_config(gue_backends)
     config = replace(config, dataplane=replace(config.dataplane, instance=f"tcheck{os.getpid()}"))
     p = Pair(config)
     yield p
@@ -66,12 +71,12 @@ def eth(**kw: object) -> Ether:
     return Ether(src="02:00:00:00:00:01", dst="00:00:de:ad:be:af", **kw)
 
 
-def syn4(dst: str = "10.200.1.1", dport: int = 80) -> Packet:
-    return eth() / IP(src=NODE4, dst=dst, flags="DF", tos=0x10) / TCP(sport=41000, dport=dport, flags="S")
+def syn4(dst: str = "10.200.1.1", dport: int = 80, sport: int = 41000) -> Packet:
+    return eth() / IP(src=NODE4, dst=dst, flags="DF", tos=0x10) / TCP(sport=sport, dport=dport, flags="S")
 
 
-def syn6(dst: str = "fd00:200::1", dport: int = 443) -> Packet:
-    return eth() / IPv6(src=NODE6, dst=dst, tc=0x20) / TCP(sport=41000, dport=dport, flags="S")
+def syn6(dst: str = "fd00:200::1", dport: int = 443, sport: int = 41000) -> Packet:
+    return eth() / IPv6(src=NODE6, dst=dst, tc=0x20) / TCP(sport=sport, dport=dport, flags="S")
 
 
 def client_view(frame: Packet) -> bytes:
@@ -105,8 +110,27 @@ def test_a_marked_check_is_wrapped_as_the_balancer_wraps_the_same_flow(pair: Pai
     assert pair.encap.stats()[family] == before[family] + 1
 
 
+@pytest.mark.parametrize(("make", "vip", "port", "backend"), [
+    (syn4, "10.200.1.1", 80, "10.0.0.3"), (syn6, "fd00:200::1", 443, "fd00:1::2")])
+def test_a_gue_backend_gets_its_checks_in_gue_as_the_balancer_sends_its_clients(
+        pair: Pair, make: Callable[..., Packet], vip: str, port: int, backend: str) -> None:
+    """encap = "gue" on this backend (BACKEND_F_GUE in its slot): the check follows it, UDP to gue_port."""
+    for sport in range(41000, 41200):  # a flow the ring gives to the GUE backend
+        frame = make(sport=sport)
+        verdict, client_out = run_xdp(pair.dp.prog_fd, client_view(frame))
+        if verdict == XDP_TX and balancer_backend(client_out) == backend:
+            break
+    else:
+        pytest.fail(f"no flow of 200 went to {backend}")
+    verdict, out = run_tc(pair.encap.prog_fd, bytes(frame), pair.mark(vip, port, 6, backend))
+    assert verdict == TC_ACT_OK
+    assert out[14:] == client_out[14:], "outer IP, UDP (source port from the flow hash) and inner packet"
+    udp = Ether(out).payload.payload
+    assert isinstance(udp, UDP) and udp.dport == pair.config.dataplane.gue_port and udp.chksum == 0
+
+
 def test_every_backend_of_a_vip_gets_its_own_tunnel(pair: Pair) -> None:
-    for backend in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+    for backend in ("10.0.0.1", "10.0.0.2"):
         verdict, out = run_tc(pair.encap.prog_fd, bytes(syn4()), pair.mark("10.200.1.1", 80, 6, backend))
         assert verdict == TC_ACT_OK and str(Ether(out).payload.dst) == backend
         assert bytes(Ether(out).payload.payload) == bytes(syn4().payload), "the inner packet untouched"
