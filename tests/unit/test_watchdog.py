@@ -113,7 +113,7 @@ def test_pings_and_beats_while_checks_complete_and_stops_both_when_they_stall() 
     assert sent.count("WATCHDOG=1") == 4  # every interval / 4 = 1 s
     assert speaker.beats == 8
     # The checks stop completing: past the slowest check's period + slack, no ping and no heartbeat.
-    bound = SPEC.interval + SPEC.timeout + 1.0 + watchdog._SLACK
+    bound = SPEC.interval + SPEC.budget + 1.0 + watchdog._SLACK  # budget: a tunnel check and its direct one
     stalled_at = None
     for _ in range(20):
         clock.now += 0.5
