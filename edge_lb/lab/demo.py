@@ -2,12 +2,15 @@
 
     client --- router (BIRD 2, ECMP) --- lb1, lb2 (edge-lb run + ExaBGP + XDP)  b1 b2 b3 (backend setup; HTTP)
 
-Balancing over two LB nodes and three backends, a backend failure leaving the ring, a node disabled for
-maintenance and dropped by the router while the client keeps working, everything restored, torn down.
+Balancing over two LB nodes and three backends, a backend failure leaving the ring, a backend whose
+decapsulation is broken taken out by its tunnel health check while its own address still answers (and
+`edge-lb backend check` / `setup` naming and mending it), a node disabled for maintenance and dropped by the
+router while the client keeps working, everything restored, torn down.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections import Counter
@@ -15,7 +18,7 @@ from typing import Any
 
 from edge_lb.control import status
 from edge_lb.lab.bgplab import HTTP_PORT, VIP, BgpLab
-from edge_lb.lab.labs import PY, wait_for
+from edge_lb.lab.labs import PY, backend_argv, wait_for
 from edge_lb.lab.netns import Lab
 
 _T0 = time.monotonic()
@@ -59,6 +62,45 @@ def ring_of(doc: dict[str, Any], address: str) -> str:
     return f"{row['state']}, {row['ring_share']:.0%} of the ring"
 
 
+def row_of(doc: dict[str, Any], address: str) -> dict[str, Any]:
+    row: dict[str, Any] = next(r for r in doc["vips"][0]["backends"] if r["address"] == address)
+    return row
+
+
+def backend_cmd(b: BgpLab, role: str, command: str) -> str:
+    """`edge-lb backend check|setup --vip VIP` on the backend, as its operator would run it; its output."""
+    server = b.server(role)
+    out = server.ns.run([*backend_argv(server, command, [VIP]), *(["--mode", "xdp"] if command == "setup"
+                                                                   else [])], check=False, timeout=120)
+    return out.stdout.strip()
+
+
+def broken_decap(b: BgpLab) -> None:
+    """b3's decap.c detached: its server still answers on b3's own address, but clients' (encapsulated)
+    packets are lost. The tunnel check, which travels the clients' path, takes it out; the direct check run
+    beside it tells a setup problem from a dead service."""
+    b3 = b.server("b3")
+    say("detaching b3's decapsulation (decap.c); its HTTP server keeps answering on its own address ...")
+    b3.ns.run([PY, "-m", "edge_lb.dataplane.decap", "detach", "--interface", "eth0"], timeout=60)
+    took = wait_for(lambda: all(row_of(b.status(n), b3.address)["state"] == "down" for n in b.nodes), 10,
+                    "b3 down on both nodes")
+    row = row_of(b.status(1), b3.address)
+    say(f"b3's {row['check']} check via {row['via']} (to {VIP} through b3's tunnel, as a client) took it out "
+        f"of the ring on both nodes within {took:.2f} s; lb1's reason: {row['reason']!r}")
+    url = f"http://{b3.address}:{HTTP_PORT}/"
+    got = json.loads(b.node(1).ns.run([PY, "-m", "edge_lb.lab.labtools", "http-get", url, "--count", "1"],
+                                      timeout=30).stdout)
+    answer = f"answered by {', '.join(got['served'])}" if got["served"] else f"failed: {got['errors']}"
+    say(f"    while its direct check still passes: GET {url} from lb1 -> {answer}")
+    traffic(b, 150)
+    say("on b3, `edge-lb backend check` says what is wrong:")
+    show(backend_cmd(b, "b3", "check"))
+    say("`edge-lb backend setup` mends it; b3 comes back once its tunnel check passes ...")
+    backend_cmd(b, "b3", "setup")
+    took = wait_for(lambda: all_up(b), 15, "b3 back on both nodes")
+    say(f"b3 back in the ring on both nodes ({took:.2f} s)")
+
+
 def run(lab: Lab) -> None:
     b = BgpLab(lab)
     try:
@@ -82,6 +124,8 @@ def run(lab: Lab) -> None:
         say(f"both nodes took b2 out of the ring within {took:.2f} s: lb1 says b2 is "
             f"{ring_of(b.status(1), b2)}")
         traffic(b, 150)
+
+        broken_decap(b)
 
         held = b.hold(20)
         before = held.round()

@@ -19,7 +19,10 @@ def test_demo_runs_clean(require_root: None) -> None:
     lab_id = re.search(r"building lab (\S+):", out.stdout)
     assert lab_id is not None
     traffic = re.findall(r"(\d+) requests, (\d+) failed", out.stdout)
-    assert len(traffic) == 4 and all(failed == "0" for _, failed in traffic)
+    assert len(traffic) == 5 and all(failed == "0" for _, failed in traffic)
+    # b3 with its decapsulation detached: out by its tunnel check, its own address still answering
+    assert re.search(r"b3's http check via tunnel .* reason: 'direct OK, via tunnel: ", out.stdout)
+    assert "-> answered by b3" in out.stdout and "b3 back in the ring on both nodes" in out.stdout
     assert "nexthop via 10.88.11.2" in out.stdout and "nexthop via 10.88.12.2" in out.stdout
     assert "through lb2: 20/20" in out.stdout
     assert "lab torn down" in out.stdout
