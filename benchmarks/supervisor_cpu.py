@@ -1,7 +1,7 @@
 """Supervisor CPU for 1,000 or 10,000 backends at a 1 s interval on one core: `benchmarks/supervisor_cpu.py`.
 
-Needs root. One run per profile (default: tcp1k, then http1k; `--profile tcp10k`: 10,000 tcp backends),
-each in its own namespace lab:
+Needs root. One run per profile (default: tcp1k, then http1k; `--profile tcp10k`: 10,000 tcp backends) and
+check path (`--via`: tunnel, then direct), each in its own namespace lab:
 
     lb (edge-lb run, pinned to one CPU; XDP generic on eth0) --- veth --- be (10.78.0.0/16 local, one server)
 
@@ -9,8 +9,12 @@ each in its own namespace lab:
 0.0.0.0:8080 (this file's `_backend` mode) that accepts and closes (tcp) or answers each request with
 200 and closes (http), counting what it served and, per backend address, the gap between two checks. The
 supervisor runs 10 VIPs x 100 (or x 1,000) backends in 10.78.0.0/16, ring_size 4099 (--ring-size), with
-[healthcheck] interval = 1.0 and the other check settings at their defaults (jitter 0.1: a gap of up to 1.1 s
-is on time; what is above is lateness).
+[healthcheck] interval = 1.0, via = tunnel or direct, and the other check settings at their defaults (jitter
+0.1: a gap of up to 1.1 s is on time; what is above is lateness). "be" also holds the VIPs 10.79.0.0/24
+through a local route. Tunnel checks go to VIP:8080 wrapped in IPIP toward their backend's address
+(checkencap.c on lb's eth0, the fwmark route through lb's default route to "be"); "be" strips that with
+decap.c (for every backend address: 4,096 at most, so not tcp10k) and answers from the VIP straight back.
+A tunnel check arrives at its VIP's address, so the per-backend gaps are measured for direct checks only.
 
 Once status shows every backend up and a settle time has passed, the supervisor's CPU is read from
 /proc/<pid>/stat (utime + stime, whole process) over a `--seconds` window: the share of one core it used.
@@ -51,6 +55,8 @@ INTERVAL = 1.0
 CHECK_PORT = 8080
 LB_ADDR, BE_ADDR = "10.80.0.1", "10.80.0.2"  # the veth between the namespaces, a /30
 BACKEND_NET = "10.78.0.0/16"
+VIP_NET = "10.79.0.0/24"  # the VIPs 10.79.0.1..10
+TUNNEL_MAX = 4096  # backends decap.c can decapsulate for (its address map)
 UP_BOUND = 240.0  # seconds for the supervisor to start (bcc compiles the balancer) and every backend to rise
 SETTLE = 3.0  # seconds after the last backend came up, so start-up flips and ring writes are over
 STALE_AFTER = 2 * INTERVAL  # a backend whose last check is older than this when the window ends is stale
@@ -166,6 +172,7 @@ class CpuLab:
     per_vip: int
     cpu: int
     ring_size: int
+    via: str = "direct"
     lb: Netns | None = None
     be: Netns | None = None
     server: subprocess.Popen[str] | None = None
@@ -173,7 +180,7 @@ class CpuLab:
 
     @property
     def instance(self) -> str:
-        return f"{self.lab.id}{self.kind}{self.per_vip}"
+        return f"{self.lab.id}{self.kind}{self.per_vip}{self.via[0]}"
 
     @property
     def config_path(self) -> Path:
@@ -184,8 +191,13 @@ class CpuLab:
         self.lab.veth(self.lb, "eth0", self.be, "eth0")
         self.lb.addr("eth0", f"{LB_ADDR}/30")
         self.be.addr("eth0", f"{BE_ADDR}/30")
-        self.lb.route(BACKEND_NET, via=BE_ADDR)
+        self.lb.route("default", via=BE_ADDR)  # also the tunnel checks' policy route (checkencap.py)
         self.be.ip("route", "add", "local", BACKEND_NET, "dev", "lo")  # every 10.78.x.y is "be"'s own
+        self.be.ip("route", "add", "local", VIP_NET, "dev", "lo")  # and every VIP: "be" is each backend
+        if self.via == "tunnel":  # decap.c for the backends' addresses, the outer destinations
+            addresses = [a for i in range(VIPS * self.per_vip) for a in ("--address", backend_address(i))]
+            self.be.run([PY, "-m", "edge_lb.dataplane.decap", "attach", "--interface", "eth0", *addresses],
+                        timeout=180)
         others = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != self.cpu) or str(self.cpu)
         argv = [PY, str(HERE), "_backend", "--kind", self.kind, "--port", str(CHECK_PORT)]
         self.server = self.be.interactive(["taskset", "-c", others, *argv], self.lab.tmpdir / "backend.log")
@@ -218,7 +230,8 @@ class CpuLab:
                 f'[dataplane]\ninstance = "{self.instance}"\nring_size = {self.ring_size}\n'
                 f'conn_table_size = 65536\nmax_vips = 16\nmax_backends = {max_backends(self.per_vip)}\n'
                 f'xdp_mode = "generic"\n\n'
-                f'[healthcheck]\ntype = "{self.kind}"\nport = {CHECK_PORT}\ninterval = {INTERVAL}\n')
+                f'[healthcheck]\ntype = "{self.kind}"\nport = {CHECK_PORT}\ninterval = {INTERVAL}\n'
+                f'via = "{self.via}"\n')
         vips = []
         for v in range(VIPS):
             backends = "".join(f'  [[vip.backend]]\n  address = "{backend_address(v * self.per_vip + b)}"\n'
@@ -338,21 +351,26 @@ def window(cl: CpuLab, pid: int, seconds: float) -> dict[str, Any]:
             "max_check_age_s": max(ages, default=float("nan"))} | gaps
 
 
-def measure(profile: str, seconds: float, cpu: int, ring_size: int) -> dict[str, Any]:
+def measure(profile: str, via: str, seconds: float, cpu: int, ring_size: int) -> dict[str, Any]:
     kind, per_vip = PROFILES[profile]
+    if via == "tunnel" and VIPS * per_vip > TUNNEL_MAX:
+        raise BenchError(f"{profile} via tunnel: decap.c on 'be' takes {TUNNEL_MAX} backend addresses")
     with Lab(prefix="scpu") as lab:
-        cl = CpuLab(lab, kind, per_vip, cpu, ring_size)
+        cl = CpuLab(lab, kind, per_vip, cpu, ring_size, via)
         try:
             cl.build()
             pid = cl.start_supervisor()
             ready_s = cl.wait_all_up()
             check_is_supervisor(pid)
             time.sleep(SETTLE)
-            result = {"profile": profile, "type": kind, "pid": pid, "ready_s": ready_s}
+            result = {"profile": profile, "type": kind, "via": via, "pid": pid, "ready_s": ready_s}
             result |= window(cl, pid, seconds)
+            if via == "tunnel":  # every check of a VIP arrives at the VIP's address: no per-backend gaps
+                result = {k: v for k, v in result.items() if not k.startswith(("gap", "late"))}
             mem = proc_status(pid)
         except (EdgeLbError, BenchError, OSError) as exc:
-            raise BenchError(f"{profile}: {exc}\n--- supervisor.log (tail) ---\n{cl.log_tail()}") from exc
+            tail = cl.log_tail()
+            raise BenchError(f"{profile} via {via}: {exc}\n--- supervisor.log (tail) ---\n{tail}") from exc
         finally:
             cl.close()
     return result | {"rss_mib": mem["VmRSS"] / 1024, "peak_rss_mib": mem["VmHWM"] / 1024,
@@ -360,16 +378,17 @@ def measure(profile: str, seconds: float, cpu: int, ring_size: int) -> dict[str,
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = (f"{'profile':<7} {'backends':>8} {'up':>6} {'CPU % 1 core':>12} {'checks/s':>9} {'want/s':>7} "
-            f"{'stale':>5} {'gap p50/p99/max s':>18} {'late':>6} {'RSS MiB':>8} {'peak MiB':>8} "
+    head = (f"{'profile':<7} {'via':<6} {'backends':>8} {'up':>6} {'CPU % 1 core':>12} {'checks/s':>9} "
+            f"{'want/s':>7} {'stale':>5} {'gap p50/p99/max s':>18} {'late':>6} {'RSS MiB':>8} {'peak MiB':>8} "
             f"{'ready s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
-        gaps = f"{r.get('gap_p50_s', 0):.2f}/{r.get('gap_p99_s', 0):.2f}/{r.get('gap_max_s', 0):.2f}"
+        gaps = (f"{r['gap_p50_s']:.2f}/{r['gap_p99_s']:.2f}/{r['gap_max_s']:.2f}" if "gap_p50_s" in r
+                else "-")
         lines.append(
-            f"{r['profile']:<7} {r['backends']:>8} {r['up']:>6} {r['cpu_pct_of_one_core']:>12.1f} "
-            f"{r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} {r['stale']:>5} {gaps:>18} "
-            f"{r.get('late', 0):>6} {r['rss_mib']:>8.1f} {r['peak_rss_mib']:>8.1f} {r['ready_s']:>7.1f}")
+            f"{r['profile']:<7} {r['via']:<6} {r['backends']:>8} {r['up']:>6} "
+            f"{r['cpu_pct_of_one_core']:>12.1f} {r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} {r['stale']:>5} {gaps:>18} "
+            f"{r.get('late', '-'):>6} {r['rss_mib']:>8.1f} {r['peak_rss_mib']:>8.1f} {r['ready_s']:>7.1f}")
     lines.append(f"{VIPS} VIPs, interval {INTERVAL:g} s, ring_size {args.ring_size}, "
                  f"XDP generic; supervisor pinned to CPU {args.cpu}; CPU = utime+stime over a "
                  f"{args.seconds:g} s window.")
@@ -400,6 +419,8 @@ def main(argv: list[str]) -> int:
                         help="the CPU the supervisor is pinned to (default: the highest usable)")
     parser.add_argument("--profile", action="append", choices=sorted(PROFILES),
                         help="tcp1k, http1k (the default: both) or tcp10k; repeatable")
+    parser.add_argument("--via", default="tunnel,direct",
+                        help="check paths to measure, comma-separated (default tunnel,direct)")
     parser.add_argument("--ring-size", type=int, default=RING_SIZE,
                         help=f"Maglev slots per VIP, prime (default {RING_SIZE})")
     args = parser.parse_args(argv)
@@ -407,11 +428,14 @@ def main(argv: list[str]) -> int:
         parser.error("--seconds must be positive")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu}: not one of the CPUs this process may use")
+    vias = args.via.split(",")
+    if any(v not in ("tunnel", "direct") for v in vias):
+        parser.error("--via: tunnel and/or direct, comma-separated")
     if not is_prime(args.ring_size) or not 1009 <= args.ring_size <= 1_000_003:
         parser.error("--ring-size must be a prime 1009..1000003")
     try:
-        results = [measure(profile, args.seconds, args.cpu, args.ring_size)
-                   for profile in args.profile or ("tcp1k", "http1k")]
+        results = [measure(profile, via, args.seconds, args.cpu, args.ring_size)
+                   for profile in args.profile or ("tcp1k", "http1k") for via in vias]
     except BenchError as exc:
         print(f"supervisor_cpu: {exc}", file=sys.stderr)
         return 1
