@@ -409,9 +409,14 @@ def remove_mark_routes(mark: int, mask: int, table: int, prio: int) -> None:
 
 
 def _replace_rule(ipr: Any, family: int, mark: int, mask: int, table: int, prio: int) -> None:
+    """The rule at `prio` made to match: kept when it already does (an earlier run's), else replaced."""
     for rule in ipr.get_rules(family=family):
-        if rule.get_attr("FRA_PRIORITY") == prio:
-            return  # ours from an earlier run (rules are not replaced atomically: keep it)
+        if rule.get_attr("FRA_PRIORITY") != prio:
+            continue
+        if (rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK"), rule.get_attr("FRA_TABLE")) == (
+                mark, mask, table):
+            return
+        ipr.rule("del", family=family, priority=prio)
     ipr.rule("add", family=family, table=table, priority=prio, fwmark=mark, fwmask=mask)
 
 
