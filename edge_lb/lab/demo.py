@@ -96,8 +96,9 @@ def broken_decap(b: BgpLab) -> None:
     say("on b3, `edge-lb backend check` says what is wrong:")
     show(backend_cmd(b, "b3", "check"))
     say("`edge-lb backend setup` mends it; b3 comes back once its tunnel check passes ...")
-    backend_cmd(b, "b3", "setup")
-    took = wait_for(lambda: all_up(b), 15, "b3 back on both nodes")
+    show(backend_cmd(b, "b3", "setup"))
+    took = wait_for(lambda: all(row_of(b.status(n), b3.address)["state"] == "up" for n in b.nodes), 15,
+                    "b3 back on both nodes")
     say(f"b3 back in the ring on both nodes ({took:.2f} s)")
 
 
