@@ -152,7 +152,7 @@ def test_gue_vip_serves_tcp_and_replies_bypass_the_lb(guelab: DataplaneLab, vip:
 
 
 # A UDP socket on the GUE port in a backend without decap.c: what Linux's own UDP code does with the
-# balancer's zero-checksum GUE over IPv6 (datagrams over IPv4, where a zero checksum means none, are left out).
+# balancer's zero-checksum GUE over IPv6 (datagrams over IPv4, where a zero checksum means none, left out).
 # argv: 1 = set UDP_NO_CHECK6_RX (102, linux/udp.h); seconds to listen.
 RECEIVE = """
 import json, socket, sys, time
@@ -168,7 +168,7 @@ while time.monotonic() < end:
         data, sender = s.recvfrom(4096)
     except socket.timeout:
         continue
-    if not sender[0].startswith("::ffff:"):  # GUE over IPv4 (tunnel checks of the IPv4 VIPs): checksum 0 is fine
+    if not sender[0].startswith("::ffff:"):  # over IPv4: the IPv4 VIPs' tunnel checks, checksum 0 is fine
         got.append(data.hex())
 print(json.dumps(got), flush=True)
 """
