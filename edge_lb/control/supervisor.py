@@ -180,7 +180,7 @@ class Supervisor:
     @staticmethod
     async def _check_tunnel(config: Config, state: NodeState) -> None:
         """The tunnel checks' encapsulator and policy route (dataplane/checkencap.py): adopted at once when
-        the attached filter is this build, else compiled in a thread; tunnel checks wait for it (uncounted)."""
+        the attached filter is this build, else compiled in a thread; tunnel checks wait (uncounted)."""
         try:
             origin, gateways = await asyncio.to_thread(checkencap.ensure, config.dataplane,
                                                        config.node.interface)

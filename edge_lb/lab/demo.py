@@ -18,7 +18,8 @@ from typing import Any
 
 from edge_lb.control import status
 from edge_lb.lab.bgplab import HTTP_PORT, VIP, BgpLab
-from edge_lb.lab.labs import PY, backend_argv, wait_for
+from edge_lb.lab.labbackend import backend_argv
+from edge_lb.lab.labs import PY, wait_for
 from edge_lb.lab.netns import Lab
 
 _T0 = time.monotonic()
