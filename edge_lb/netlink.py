@@ -11,8 +11,7 @@ module that opens pyroute2's IPRoute or AsyncIPRoute.
     reply_route(dst, src) / set_route_advmss(...)                 the FIB entry a reply takes; its advmss
     tunnel_links / add_external_tunnel / delete_link              ipip and ip6tnl devices (backends)
     xdp_attached(ifname)                                         ... with its mode (native, generic)
-    attach_tc_egress / detach_tc_egress / tc_egress_name          a tc egress BPF filter (clsact)
-    mark_routes / remove_mark_routes                             fwmark policy routing out of a link
+    (netlink_tc.py: a tc egress BPF filter and fwmark policy routing, with this module's socket helpers)
     NetlinkEvents                                                link, neighbour and route events, async
 
 The sync functions block (pyroute2's IPRoute runs its own event loop): from async code, run them in a thread.
@@ -20,10 +19,7 @@ The sync functions block (pyroute2's IPRoute runs its own event loop): from asyn
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import ipaddress
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +32,6 @@ NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY = 0x01, 0x02, 0x04, 0x08
 NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x10, 0x20, 0x40, 0x80
 USABLE_NUD_STATES = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
 ZERO_MAC = "00:00:00:00:00:00"
-_EGRESS = "ffff:fff3"  # a clsact qdisc's egress hook (TC_H_CLSACT:TC_H_MIN_EGRESS)
-_EGRESS_PARENT = 0xFFFFFFF3
 
 
 def _ipr() -> Any:
@@ -335,91 +329,6 @@ def delete_link(name: str) -> None:
                 ipr.link("del", index=idx[0])
     except Exception as exc:
         raise NetlinkError(f"deleting device {name}: {exc}") from exc
-def attach_tc_egress(ifname: str, fd: int, name: str, prio: int) -> None:
-    """A direct-action BPF filter on ifname's egress (a clsact qdisc added if missing), replacing the filter
-    of the same priority atomically."""
-    try:
-        with _ipr() as ipr:
-            idx = _index(ipr, ifname)
-            try:
-                ipr.tc("add", "clsact", idx)
-            except Exception as exc:
-                if getattr(exc, "code", None) != errno.EEXIST:
-                    raise
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name, parent=_EGRESS, classid=1,
-                   direct_action=True, prio=prio)
-    except NetlinkError:
-        raise
-    except Exception as exc:
-        raise NetlinkError(f"attach tc egress filter {name} to {ifname}: {exc}") from exc
-
-
-def detach_tc_egress(ifname: str, prio: int) -> None:
-    """Remove ifname's egress filter of that priority; none there is not an error (nor is the clsact qdisc,
-    which stays: other filters may use it)."""
-    try:
-        with _ipr() as ipr:
-            ipr.tc("del-filter", "bpf", _index(ipr, ifname), ":1", parent=_EGRESS, prio=prio)
-    except NetlinkError:
-        raise
-    except Exception as exc:
-        if getattr(exc, "code", None) not in (errno.ENOENT, errno.EINVAL):
-            raise NetlinkError(f"detach tc egress filter {prio} from {ifname}: {exc}") from exc
-
-
-def tc_egress_name(ifname: str, prio: int) -> str | None:
-    """The BPF name of ifname's egress filter of that priority, or None when there is none."""
-    with _ipr() as ipr:
-        for f in ipr.get_filters(_index(ipr, ifname), parent=_EGRESS_PARENT):
-            options = f.get_attr("TCA_OPTIONS")
-            if f["info"] >> 16 == prio and options is not None and options.get_attr("TCA_BPF_NAME"):
-                return str(options.get_attr("TCA_BPF_NAME"))
-    return None
-
-
-def mark_routes(ifname: str, mark: int, mask: int, table: int, prio: int) -> list[str]:
-    """Policy routing: packets whose fwmark & mask == mark leave through ifname's default gateway (table
-    `table`, looked up by a rule of priority `prio`), for each family ifname has a default gateway in. Returns
-    the gateways used. Idempotent."""
-    used: list[str] = []
-    try:
-        with _ipr() as ipr:
-            oif = _index(ipr, ifname)
-            for family in (socket.AF_INET, socket.AF_INET6):
-                gw = next((str(r.get_attr("RTA_GATEWAY")) for r in ipr.get_default_routes(family=family)
-                           if r.get_attr("RTA_GATEWAY") and r.get_attr("RTA_OIF") == oif), None)
-                if gw is None:
-                    continue
-                ipr.route("replace", family=family, dst_len=0, table=table, gateway=gw, oif=oif)
-                _replace_rule(ipr, family, mark, mask, table, prio)
-                used.append(gw)
-    except Exception as exc:
-        raise NetlinkError(f"policy routing for marks {mark:#x}/{mask:#x} via {ifname}: {exc}") from exc
-    return used
-
-
-def remove_mark_routes(mark: int, mask: int, table: int, prio: int) -> None:
-    """Undo mark_routes: its rules and its table's routes (gone already is not an error)."""
-    with _ipr() as ipr:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(Exception):
-                ipr.rule("del", family=family, table=table, priority=prio, fwmark=mark, fwmask=mask)
-            with contextlib.suppress(Exception):
-                ipr.route("del", family=family, dst_len=0, table=table)
-
-
-def _replace_rule(ipr: Any, family: int, mark: int, mask: int, table: int, prio: int) -> None:
-    """The rule at `prio` made to match: kept when it already does (an earlier run's), else replaced."""
-    for rule in ipr.get_rules(family=family):
-        if rule.get_attr("FRA_PRIORITY") != prio:
-            continue
-        if (rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK"), rule.get_attr("FRA_TABLE")) == (
-                mark, mask, table):
-            return
-        ipr.rule("del", family=family, priority=prio)
-    ipr.rule("add", family=family, table=table, priority=prio, fwmark=mark, fwmask=mask)
-
-
 class NetlinkEvents:
     """Link, neighbour and IPv4/IPv6 route events, read in the caller's event loop (an AsyncIPRoute bound to
     those multicast groups; no thread).

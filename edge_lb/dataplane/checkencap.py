@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from edge_lb import netlink, paths
+from edge_lb import netlink_tc, paths
 from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.dataplane import loader
 from edge_lb.dataplane.loader import BPF_DIR, MapSizes
@@ -79,15 +79,15 @@ def ensure(settings: DataplaneSettings, ifname: str) -> tuple[str, list[str]]:
     (pyroute2, bcc): run it in a thread. Returns (origin, the gateways the policy route goes through)."""
     name = filter_name(settings)
     try:
-        adopted = netlink.tc_egress_name(ifname, FILTER_PRIO) == name
+        adopted = netlink_tc.tc_egress_name(ifname, FILTER_PRIO) == name
         if not adopted:
             encap = CheckEncap.load(settings)
             try:
-                netlink.attach_tc_egress(ifname, encap.prog_fd, name, FILTER_PRIO)
+                netlink_tc.attach_tc_egress(ifname, encap.prog_fd, name, FILTER_PRIO)
             finally:
                 encap.close()  # the filter keeps the program
         base = settings.check_mark_base
-        gateways = netlink.mark_routes(ifname, base, MARK_MASK, table_of(base), rule_priority(base))
+        gateways = netlink_tc.mark_routes(ifname, base, MARK_MASK, table_of(base), rule_priority(base))
     except NetlinkError as exc:
         raise DataplaneError(f"check encapsulator on {ifname}: {exc}") from exc
     return ("adopted" if adopted else "compiled"), gateways
@@ -117,8 +117,8 @@ class CheckEncap:
     @staticmethod
     def detach(ifname: str, base: int) -> None:
         """Remove the filter and the policy route (uninstall)."""
-        netlink.detach_tc_egress(ifname, FILTER_PRIO)
-        netlink.remove_mark_routes(base, MARK_MASK, table_of(base), rule_priority(base))
+        netlink_tc.detach_tc_egress(ifname, FILTER_PRIO)
+        netlink_tc.remove_mark_routes(base, MARK_MASK, table_of(base), rule_priority(base))
 
     def stats(self) -> dict[str, int]:
         """Packets per enum check_stat reason, summed over CPUs."""
