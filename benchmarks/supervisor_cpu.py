@@ -379,15 +379,16 @@ def measure(profile: str, via: str, seconds: float, cpu: int, ring_size: int) ->
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = (f"{'profile':<7} {'via':<6} {'backends':>8} {'up':>6} {'CPU % 1 core':>12} {'checks/s':>9} "
-            f"{'want/s':>7} {'stale':>5} {'gap p50/p99/max s':>18} {'late':>6} {'RSS MiB':>8} {'peak MiB':>8} "
-            f"{'ready s':>7}")
+            f"{'want/s':>7} {'stale':>5} {'gap p50/p99/max s':>18} {'late':>6} {'RSS MiB':>8} "
+            f"{'peak MiB':>8} {'ready s':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         gaps = (f"{r['gap_p50_s']:.2f}/{r['gap_p99_s']:.2f}/{r['gap_max_s']:.2f}" if "gap_p50_s" in r
                 else "-")
         lines.append(
             f"{r['profile']:<7} {r['via']:<6} {r['backends']:>8} {r['up']:>6} "
-            f"{r['cpu_pct_of_one_core']:>12.1f} {r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} {r['stale']:>5} {gaps:>18} "
+            f"{r['cpu_pct_of_one_core']:>12.1f} {r['checks_per_s']:>9.1f} {r['backends'] / INTERVAL:>7.0f} "
+            f"{r['stale']:>5} {gaps:>18} "
             f"{r.get('late', '-'):>6} {r['rss_mib']:>8.1f} {r['peak_rss_mib']:>8.1f} {r['ready_s']:>7.1f}")
     lines.append(f"{VIPS} VIPs, interval {INTERVAL:g} s, ring_size {args.ring_size}, "
                  f"XDP generic; supervisor pinned to CPU {args.cpu}; CPU = utime+stime over a "

@@ -91,7 +91,8 @@ class NodeMaps:
     def index_of(self, vip_address: IPAddress, address: IPAddress) -> int | None:
         """The backend index of `address` under any VIP on `vip_address` (a tunnel check's mark: any of them
         wraps toward the same backend), as last written; None when no such pair is written."""
-        for key, num in self.programmer.vips.items():
+        # a copy: the change path's write (a worker thread) may be updating the table meanwhile
+        for key, num in list(self.programmer.vips.items()):
             if key.address == vip_address and (index := self.alloc.backend_idx.get((num, address))):
                 return index
         return None
