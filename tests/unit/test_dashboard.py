@@ -232,6 +232,7 @@ def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
         assert row.cell("state") == "up"
         assert row.cell("address") == address
         assert row.cell("weight") == "1"
+        assert row.cell("encap") == "ipip"  # how its packets travel (GUE would say "gue")
         assert row.cell("reason") == "fake ok"
         assert re.fullmatch(r"\d+\.\d ms", row.cell("latency")), row.cell("latency")
 

@@ -141,7 +141,7 @@
     const section = el("section", {class: "vip", "data-vip": name});
     const table = el("table", {class: "backends"});
     const head = el("tr");
-    for (const title of ["Backend", "State", "Weight", "Ring share", "Packets", "Bytes", "Check",
+    for (const title of ["Backend", "State", "Weight", "Ring share", "Packets", "Bytes", "Encap", "Check",
                          "Last reason", "Latency", "Checked"]) head.append(el("th", {}, title));
     table.append(el("thead"), el("tbody"));
     table.tHead.append(head);
@@ -163,7 +163,7 @@
       ? `${b.weight} (config ${b.config_weight})` : b.weight;
     const cells = [["address", b.address], ["state", b.state], ["weight", weight],
                    ["ring-share", percent(b.ring_share)], ["packets", si(b.packets)], ["bytes", bytes(b.bytes)],
-                   ["via", b.via ? `${b.check} via ${b.via}` : "–"], ["reason", b.reason ?? ""], ["latency", latency(b.latency)], ["checked", age(b.last_check)]];
+                   ["encap", b.encap ?? "–"], ["via", b.via ? `${b.check} via ${b.via}` : "–"], ["reason", b.reason ?? ""], ["latency", latency(b.latency)], ["checked", age(b.last_check)]];
     row.append(...cells.map(([name, value]) => el("td", {class: name}, value)));
     row.querySelector("td.packets").title = String(b.packets);
     row.querySelector("td.bytes").title = String(b.bytes);
