@@ -21,7 +21,8 @@ from healthchecks.command import ExecChecker
 from healthchecks.monitor import CheckKey, HealthMonitor
 from healthchecks.spec import CheckSpec
 from healthchecks.tunnel import TunnelChecker
-from tests.unit.test_reconciler import B1, B2, VIP, Harness, config, run
+
+from .test_reconciler import B1, B2, VIP, Harness, config, run
 
 VIP_A = ipaddress.ip_address("10.0.0.1")
 BASE: dict[str, Any] = {
