@@ -23,6 +23,7 @@ class Target:
     mark: int = 0  # SO_MARK on every socket (0 = none): steers a tunnel check into its backend's tunnel
     backend: IPAddress | None = None  # a tunnel check: the backend behind the VIP (address is the VIP)
     vip: IPAddress | None = None  # the VIP the check is for, when the check needs it (tunnel, exec's {vip})
+    gue: bool = False  # a tunnel check: wrapped in GUE (the backend's encap under this VIP), else IP in IP
 
     @property
     def tunnelled(self) -> bool:

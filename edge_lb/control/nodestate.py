@@ -44,14 +44,14 @@ class BackendView:
 def check_keys(config: Config) -> dict[Pair, CheckKey | None]:
     """Which prober decides each (VIP, backend); None: not checked (type "none"), always healthy. A direct
     check is one prober per backend address (shared by its VIPs); a tunnel check one per (VIP address,
-    backend): a backend may hold one VIP on its lo and miss another."""
+    backend, encap): a backend may hold one VIP on its lo and miss another, or take IPIP and not GUE."""
     keys: dict[Pair, CheckKey | None] = {}
     for vip in config.vips:
         for b in vip.backends:
             spec = b.healthcheck
             port = spec.port or vip.port
             if spec.tunnelled:
-                target = Target(vip.address, port, backend=b.address, vip=vip.address)
+                target = Target(vip.address, port, backend=b.address, vip=vip.address, gue=b.encap == "gue")
             else:  # the VIP only where exec's {vip} may use it: other direct checks stay shared
                 target = Target(b.address, port, vip=vip.address if spec.kind == "exec" else None)
             keys[(VipKey.of(vip), b.address)] = CheckKey(target, spec) if spec.checked else None
@@ -185,7 +185,7 @@ class NodeState:
             return target
         if not self.tunnel_ready:
             return None
-        index = self.maps.index_of(target.address, target.backend)
+        index = self.maps.index_of(target.address, target.backend, target.gue)
         if index is None:
             return None
         return replace(target, mark=mark_of(self.base.dataplane.check_mark_base, index))

@@ -88,12 +88,19 @@ class NodeMaps:
         num = self.programmer.vips.get(vip)
         return None if num is None else self.alloc.backend_idx.get((num, address))
 
-    def index_of(self, vip_address: IPAddress, address: IPAddress) -> int | None:
-        """The backend index of `address` under any VIP on `vip_address` (a tunnel check's mark: any of them
-        wraps toward the same backend), as last written; None when no such pair is written."""
-        # a copy: the change path's write (a worker thread) may be updating the table meanwhile
+    def index_of(self, vip_address: IPAddress, address: IPAddress, gue: bool) -> int | None:
+        """The backend index of `address` with this encap under any VIP on `vip_address` (a tunnel check's
+        mark: any of them wraps the same way toward the same backend), as last written; else None."""
+        # copies: the change path's write (a worker thread) may be updating the tables meanwhile
+        backends = self.programmer.backends
         for key, num in list(self.programmer.vips.items()):
-            if key.address == vip_address and (index := self.alloc.backend_idx.get((num, address))):
+            if key.address != vip_address:
+                continue
+            index = self.alloc.backend_idx.get((num, address))
+            # the allocator may already have handed the index on (a reload frees and reuses indexes before the
+            # maps are written): only the written slot says whom a mark reaches
+            slot = None if index is None else backends.get(index)
+            if slot is not None and (slot.vip_num, slot.address, slot.gue) == (num, address, gue):
                 return index
         return None
 

@@ -14,6 +14,9 @@ import pytest
 from edge_lb.config import parse_config
 from edge_lb.control.nodestate import check_keys
 from edge_lb.dataplane.checkencap import MARK_MASK, mark_of, rule_priority, table_of
+from edge_lb.dataplane.desired import VipKey, desired_state
+from edge_lb.dataplane.mapio import FakeMapIO
+from edge_lb.dataplane.node import Link, NodeMaps
 from edge_lb.errors import ConfigError
 from healthchecks import local
 from healthchecks.base import Result, Target
@@ -187,3 +190,45 @@ def test_a_backend_failing_only_through_its_tunnel_leaves_with_direct_ok() -> No
         assert h.io.backends[h.index(B1)].up and h.state.health_of((VIP, B1)).reason == "fake ok"
     run(body, cfg)
 
+
+
+def node_config(*vips: tuple[int, str, tuple[str, ...]]) -> Any:
+    """One VIP address, 10.200.1.1: (port, encap, backends) per VIP."""
+    return parse_config({
+        "node": {"interface": "eth0"}, "dataplane": {"ring_size": 1009, "max_vips": 4, "max_backends": 32},
+        "vip": [{"address": "10.200.1.1", "port": port, "protocol": "tcp", "encap": encap,
+                 "backend": [{"address": a} for a in backends]} for port, encap, backends in vips]})
+
+
+def written_maps(cfg: Any) -> NodeMaps:
+    maps = NodeMaps(FakeMapIO(ring_size=1009), cfg, Link("02:00:00:00:00:01", "02:00:00:00:00:02", 1500),
+                    adopt=False)
+    maps.apply(cfg)
+    return maps
+
+
+def test_a_tunnel_check_takes_the_slot_of_its_own_encap() -> None:
+    cfg = node_config((80, "gue", ("10.1.0.1",)), (443, "ipip", ("10.1.0.1",)))
+    keys = check_keys(cfg)
+    b1, vip = ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.200.1.1")
+    gue, ipip = (keys[(VipKey(vip, port, 6), b1)] for port in (80, 443))
+    assert gue is not None and ipip is not None and (gue.target.gue, ipip.target.gue) == (True, False)
+    maps = written_maps(cfg)
+    for port, key in ((80, gue), (443, ipip)):
+        index = maps.index_of(vip, b1, key.target.gue)
+        assert index == maps.backend_index(VipKey(vip, port, 6), b1) and index is not None
+        assert maps.programmer.backends[index].gue == key.target.gue, f":{port} wraps as its clients"
+
+
+def test_a_mark_names_only_the_slot_as_written_not_an_index_the_allocator_handed_on() -> None:
+    old = node_config((80, "ipip", ("10.1.0.1", "10.1.0.2")))
+    maps = written_maps(old)
+    vip, gone, new = (ipaddress.ip_address(a) for a in ("10.200.1.1", "10.1.0.2", "10.1.0.3"))
+    freed = maps.index_of(vip, gone, False)
+    assert freed is not None
+    # a reload mid-apply: the allocator has numbered the new config (10.1.0.2's index freed and handed to
+    # 10.1.0.3), the maps still hold the old slots
+    desired_state(node_config((80, "ipip", ("10.1.0.1", "10.1.0.3"))), maps.alloc, None, {})
+    assert maps.alloc.backend_idx.get((maps.vip_number(VipKey(vip, 80, 6)) or 0, new)) == freed
+    assert maps.index_of(vip, new, False) is None, "its check waits: that slot still reaches 10.1.0.2"
+    assert maps.index_of(vip, ipaddress.ip_address("10.1.0.1"), False) is not None
