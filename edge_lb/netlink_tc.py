@@ -4,6 +4,7 @@ through that module's socket helpers, nowhere else.
 
     attach_tc_egress / detach_tc_egress / tc_egress_name     a direct-action BPF filter on clsact egress
     mark_routes / remove_mark_routes                         a fwmark rule and its table's default routes
+    local_under_mark                                         addresses a marked packet to would stay local
 
 Blocking (pyroute2's sync IPRoute): from async code, run them in a thread.
 """
@@ -64,11 +65,12 @@ def tc_egress_name(ifname: str, prio: int) -> str | None:
     return None
 
 
-def mark_routes(ifname: str, mark: int, mask: int, table: int, prio: int) -> list[str]:
+def mark_routes(ifname: str, mark: int, mask: int, table: int, prio: int) -> tuple[list[str], int]:
     """Policy routing: packets whose fwmark & mask == mark leave through ifname's default gateway (table
     `table`, looked up by a rule of priority `prio`), for each family ifname has a default gateway in. Returns
-    the gateways used. Idempotent."""
+    the gateways used and how many rules it had to add (0 when they were all in place). Idempotent."""
     used: list[str] = []
+    added = 0
     try:
         with _ipr() as ipr:
             oif = _index(ipr, ifname)
@@ -78,11 +80,29 @@ def mark_routes(ifname: str, mark: int, mask: int, table: int, prio: int) -> lis
                 if gw is None:
                     continue
                 ipr.route("replace", family=family, dst_len=0, table=table, gateway=gw, oif=oif)
-                _replace_rule(ipr, family, mark, mask, table, prio)
+                added += _replace_rule(ipr, family, mark, mask, table, prio)
                 used.append(gw)
     except Exception as exc:
         raise NetlinkError(f"policy routing for marks {mark:#x}/{mask:#x} via {ifname}: {exc}") from exc
-    return used
+    return used, added
+
+
+_RTN_LOCAL = 2  # a route lookup's answer type: delivered to this host
+
+
+def local_under_mark(addresses: list[str], mark: int) -> list[str]:
+    """Those of `addresses` a packet with this fwmark to them is delivered locally (the local table answers
+    before any fwmark rule: an address on lo or a dummy); an address with no route at all is not local."""
+    local: list[str] = []
+    with _ipr() as ipr:
+        for address in addresses:
+            try:
+                answer = ipr.route("get", dst=address, mark=mark)
+            except Exception:
+                continue
+            if answer and answer[0]["type"] == _RTN_LOCAL:
+                local.append(address)
+    return local
 
 
 def remove_mark_routes(mark: int, mask: int, table: int, prio: int) -> None:
@@ -95,13 +115,15 @@ def remove_mark_routes(mark: int, mask: int, table: int, prio: int) -> None:
                 ipr.route("del", family=family, dst_len=0, table=table)
 
 
-def _replace_rule(ipr: Any, family: int, mark: int, mask: int, table: int, prio: int) -> None:
-    """The rule at `prio` made to match: kept when it already does (an earlier run's), else replaced."""
+def _replace_rule(ipr: Any, family: int, mark: int, mask: int, table: int, prio: int) -> bool:
+    """The rule at `prio` made to match: kept when it already does (an earlier run's: False), else replaced
+    (True)."""
     for rule in ipr.get_rules(family=family):
         if rule.get_attr("FRA_PRIORITY") != prio:
             continue
         if (rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK"), rule.get_attr("FRA_TABLE")) == (
                 mark, mask, table):
-            return
+            return False
         ipr.rule("del", family=family, priority=prio)
     ipr.rule("add", family=family, table=table, priority=prio, fwmark=mark, fwmask=mask)
+    return True

@@ -3,7 +3,8 @@
     startup    config -> control socket -> load/adopt the pinned data plane -> MACs -> node state ->
                first change (Reconciler.change "startup") -> attach -> BGP; the running node is then served
                to the API (control.operations.NodeOperations)
-    main_loop  the node's workers: the change path's health loop, the counter sampler, BGP, the attachment
+    main_loop  the node's workers: the change path's health loop, the counter sampler, BGP, the attachment,
+               the tunnel checks' encapsulator kept in place (control/checktunnel.py)
     shutdown   SIGTERM/SIGINT: every step startup took is undone in reverse, each bounded: BGP withdraws and
                drains first, then checks stop and sockets close. The program stays attached and the maps
                pinned, so a restarted supervisor adopts them and no established flow is dropped.
@@ -34,6 +35,7 @@ from edge_lb.bgp.policy import Speaker
 from edge_lb.config import Config, load_config
 from edge_lb.control import limits, overrides
 from edge_lb.control.attachment import Attachment
+from edge_lb.control.checktunnel import TunnelKeeper
 from edge_lb.control.document import ProgramStatus
 from edge_lb.control.gwwatch import GatewayWatcher
 from edge_lb.control.instance import SECOND_RUN, InstanceLock
@@ -42,7 +44,6 @@ from edge_lb.control.nodestate import NodeState
 from edge_lb.control.operations import NodeOperations, RunningNode
 from edge_lb.control.reconciler import NoRoutes, Reconciler
 from edge_lb.control.watchdog import Watchdog, notify
-from edge_lb.dataplane import checkencap
 from edge_lb.dataplane.counters import CounterSampler
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.node import Link, NodeMaps, link_for
@@ -98,6 +99,7 @@ class Supervisor:
         self._starting: asyncio.Task[None] | None = None  # cancelled by a SIGTERM that comes while starting
         self._drain_time = 0.0  # [bgp].drain_time once the config is read: part of the shutdown bound
         self._backstop: threading.Timer | None = None
+        self._tunnel: TunnelKeeper | None = None  # the tunnel checks' encapsulator, kept once started
 
     async def serve(self) -> None:
         try:
@@ -140,7 +142,7 @@ class Supervisor:
         counters = CounterSampler(dp.io)
         counters.refresh()
         state = NodeState(maps, config, overrides.load(paths.weights(instance)), make_checker)
-        state.tunnel_ready = False  # until _check_tunnel has the encapsulator in place
+        state.tunnel_ready = False  # until the TunnelKeeper has the encapsulator in place
         self._on_shutdown("health checks", state.stop)
         await self._watch_link(config, state)
         self._emit_adopted(maps)
@@ -150,7 +152,7 @@ class Supervisor:
         report = await rec.change("startup")
         await asyncio.to_thread(dp.attach, config.node.interface, config.dataplane.xdp_mode)
         await attachment.record()
-        self._tasks.append(asyncio.create_task(self._check_tunnel(config, state), name="check tunnel"))
+        self._tunnel = TunnelKeeper(state, config.node.interface)  # a main-loop worker: ensures, then keeps
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
@@ -176,22 +178,6 @@ class Supervisor:
         events.emit("startup", phase="program", program=got.origin, digest=got.digest[:16],
                     seconds=f"{took:.3f}")
         return got, {"origin": got.origin, "digest": got.digest, "seconds": round(took, 3)}
-
-    @staticmethod
-    async def _check_tunnel(config: Config, state: NodeState) -> None:
-        """The tunnel checks' encapsulator and policy route (dataplane/checkencap.py): adopted at once when
-        the attached filter is this build, else compiled in a thread; tunnel checks wait (uncounted)."""
-        try:
-            origin, gateways = await asyncio.to_thread(checkencap.ensure, config.dataplane,
-                                                       config.node.interface)
-        except EdgeLbError as exc:
-            events.emit("check_tunnel", logging.ERROR, result="failed", error=exc,
-                        effect="tunnel checks wait (not counted); the node cannot judge through tunnels")
-            return
-        state.tunnel_ready = True
-        events.emit("startup", phase="check tunnel", program=origin, interface=config.node.interface,
-                    mark=f"{config.dataplane.check_mark_base:#x}/{checkencap.MARK_MASK:#x}",
-                    via=",".join(gateways) or "no default gateway: the main table")
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:
@@ -276,12 +262,13 @@ class Supervisor:
 
     # -- main loop
     async def main_loop(self) -> None:
-        assert self.node is not None  # startup finished
+        assert self.node is not None and self._tunnel is not None  # startup finished
         node = self.node
         workers = [asyncio.create_task(node.reconciler.run(), name="reconciler"),
                    asyncio.create_task(node.counters.run(), name="counters"),
                    asyncio.create_task(node.attachment.run(node.bgp.poke if node.bgp else _nothing),
-                                       name="attachment")]
+                                       name="attachment"),
+                   asyncio.create_task(self._tunnel.run(), name="check tunnel")]
         if node.bgp is not None:
             workers.append(asyncio.create_task(node.bgp.run(), name="bgp"))
         workers.append(asyncio.create_task(self.watchdog.run(node.state.monitor, node.bgp), name="watchdog"))

@@ -19,7 +19,7 @@ compiler (ensure()); otherwise it compiles and replaces it.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from edge_lb import netlink_tc, paths
 from edge_lb.config import Dataplane as DataplaneSettings
@@ -73,10 +73,16 @@ def filter_name(settings: DataplaneSettings) -> str:
     return f"{PROGRAM}_{program_digest(SOURCE, cflags(settings))[:16]}"
 
 
-def ensure(settings: DataplaneSettings, ifname: str) -> tuple[str, list[str]]:
+class Ensured(NamedTuple):
+    origin: str  # "adopted": the filter attached was this build; "compiled": (re)attached now
+    gateways: list[str]  # the policy route goes through these
+    rules_added: int  # fwmark rules that were missing (or wrong) and were put in place
+
+
+def ensure(settings: DataplaneSettings, ifname: str) -> Ensured:
     """The encapsulator of `settings` on ifname's egress and the policy route out of it: "adopted" when that
     build is the filter attached there (no compiler), else "compiled" and attached in its place. Blocking
-    (pyroute2, bcc): run it in a thread. Returns (origin, the gateways the policy route goes through)."""
+    (pyroute2, bcc): run it in a thread. Idempotent: control/checktunnel.py re-runs it to restore them."""
     name = filter_name(settings)
     try:
         adopted = netlink_tc.tc_egress_name(ifname, FILTER_PRIO) == name
@@ -87,10 +93,10 @@ def ensure(settings: DataplaneSettings, ifname: str) -> tuple[str, list[str]]:
             finally:
                 encap.close()  # the filter keeps the program
         base = settings.check_mark_base
-        gateways = netlink_tc.mark_routes(ifname, base, MARK_MASK, table_of(base), rule_priority(base))
+        gateways, added = netlink_tc.mark_routes(ifname, base, MARK_MASK, table_of(base), rule_priority(base))
     except NetlinkError as exc:
         raise DataplaneError(f"check encapsulator on {ifname}: {exc}") from exc
-    return ("adopted" if adopted else "compiled"), gateways
+    return Ensured("adopted" if adopted else "compiled", gateways, added)
 
 
 class CheckEncap:

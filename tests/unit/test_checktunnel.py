@@ -1,0 +1,133 @@
+"""The tunnel checks' encapsulator kept in place (control/checktunnel.py) with fakes for the netlink side:
+restored when removed from outside (said so), retried with a bounded backoff after a failure, and a tunnelled
+VIP that is a local address on the node named in a warning."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import pytest
+
+from edge_lb import events
+from edge_lb.config import Config, Dataplane, parse_config
+from edge_lb.control import checktunnel
+from edge_lb.control.checktunnel import TunnelKeeper, tunnelled_vips
+from edge_lb.dataplane.checkencap import Ensured, mark_of
+from edge_lb.errors import DataplaneError
+
+BASE: dict[str, Any] = {
+    "node": {"interface": "eth0"},
+    "vip": [{"address": "10.0.0.1", "port": 80, "protocol": "tcp", "backend": [{"address": "10.1.0.1"}]},
+            {"address": "10.0.0.1", "port": 443, "protocol": "tcp", "backend": [{"address": "10.1.0.1"}]},
+            {"address": "10.0.0.2", "port": 80, "protocol": "tcp", "healthcheck": {"via": "direct"},
+             "backend": [{"address": "10.1.0.1"}]},
+            {"address": "10.0.0.3", "port": 80, "protocol": "tcp", "backend": [{"address": "10.1.0.1"}]}],
+}
+
+
+class State:
+    def __init__(self, config: Config) -> None:
+        self.tunnel_ready = False
+        self.config = config
+
+
+class FakeKernel:
+    """The filter and the rule as the kernel holds them; ensure() puts back what is missing (as the real)."""
+
+    def __init__(self, local: tuple[str, ...] = ()) -> None:
+        self.filter = self.rule = False
+        self.fail = 0  # this many next calls raise
+        self.calls = 0
+        self.local = local
+        self.looked: list[tuple[list[str], int]] = []
+
+    def ensure(self, settings: Dataplane, ifname: str) -> Ensured:
+        self.calls += 1
+        if self.fail:
+            self.fail -= 1
+            raise DataplaneError("check encapsulator on eth0: netlink busy")
+        origin = "adopted" if self.filter else "compiled"
+        added = 0 if self.rule else 1
+        self.filter = self.rule = True
+        return Ensured(origin, ["10.9.0.1"], added)
+
+    def local_under_mark(self, addresses: list[str], mark: int) -> list[str]:
+        self.looked.append((addresses, mark))
+        return [a for a in addresses if a in self.local]
+
+
+def keeper(kernel: FakeKernel, data: dict[str, Any] = BASE) -> tuple[TunnelKeeper, State]:
+    state = State(parse_config(copy.deepcopy(data)))
+    return TunnelKeeper(state, "eth0", kernel.ensure, kernel.local_under_mark), state
+
+
+@pytest.fixture
+def emitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    seen: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(events, "emit", lambda kind, *args, **fields: seen.append((kind, fields)))
+    return seen
+
+
+def test_a_filter_or_rule_removed_from_outside_is_restored_and_said_so(emitted: list[Any]) -> None:
+    kernel = FakeKernel()
+    k, state = keeper(kernel)
+    assert asyncio.run(k.once()) and state.tunnel_ready
+    assert [f.get("phase") for kind, f in emitted] == ["check tunnel"]  # startup's line, no restore
+    assert asyncio.run(k.once()) and k.restores == 0  # all in place: nothing said
+    kernel.filter = False  # `tc filter del dev eth0 egress` (or the clsact qdisc deleted)
+    assert asyncio.run(k.once()) and kernel.filter and k.restores == 1
+    kernel.rule = False  # `ip rule del` of the fwmark rule
+    assert asyncio.run(k.once()) and kernel.rule and k.restores == 2
+    restored = [f for kind, f in emitted if f.get("result") == "restored"]
+    assert [(f["filter"], f["rules_added"]) for f in restored] == [("re-attached", 0), ("in place", 1)]
+
+
+def test_a_failure_is_retried_until_ready_with_a_bounded_backoff(emitted: list[Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = FakeKernel()
+    kernel.fail = 7  # transient: startup's ensure() and the next six fail
+    k, state = keeper(kernel)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 10:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(checktunnel.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(k.run())
+    assert state.tunnel_ready and kernel.calls == 10 and k.failures == 7
+    assert waits == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 1.0, 1.0, 1.0]
+    errors = [f for kind, f in emitted if f.get("result") == "failed"]
+    assert len(errors) == 1  # the same error again is not repeated every retry
+
+
+def test_a_failure_after_ready_makes_tunnel_checks_wait_until_restored(emitted: list[Any]) -> None:
+    kernel = FakeKernel()
+    k, state = keeper(kernel)
+    asyncio.run(k.once())
+    kernel.fail, kernel.filter = 1, False
+    assert not asyncio.run(k.once()) and not state.tunnel_ready  # not green lights on a bypassed check
+    assert asyncio.run(k.once()) and state.tunnel_ready and kernel.filter
+
+
+def test_a_tunnelled_vip_local_on_the_node_is_named_in_a_warning(emitted: list[Any]) -> None:
+    kernel = FakeKernel(local=("10.0.0.3", "10.0.0.2"))
+    k, state = keeper(kernel)
+    asyncio.run(k.once())
+    assert tunnelled_vips(state.config) == ["10.0.0.1", "10.0.0.3"]  # 10.0.0.2 is checked directly
+    assert kernel.looked == [(["10.0.0.1", "10.0.0.3"], mark_of(state.config.dataplane.check_mark_base, 1))]
+    assert k.local_vips == ["10.0.0.3"]
+    problems = [f["problem"] for kind, f in emitted if "problem" in f]
+    assert problems == ['VIP 10.0.0.3 is a local address on this node: tunnel checks to it are answered '
+                        'locally; remove it or use via = "direct"']
+    asyncio.run(k.once())
+    assert len(kernel.looked) == 1  # looked again only when a reload changes the tunnelled VIPs
+    data = copy.deepcopy(BASE)
+    data["vip"][3]["healthcheck"] = {"via": "direct"}
+    state.config = parse_config(data)
+    asyncio.run(k.once())
+    assert kernel.looked[-1][0] == ["10.0.0.1"] and k.local_vips == []
