@@ -24,7 +24,9 @@ class CheckSpec:
     jitter: float = 0.1  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
     # "tunnel": to the VIP and port, encapsulated toward the backend as client packets are (what clients
     # get); when it fails, a direct check tells a setup problem from a dead service. "direct": its address.
-    via: str = "tunnel"
+    # None (unset): "direct" for exec (its {address} is the backend's own; only {mark} reaches the tunnel),
+    # else "tunnel". Unset, not a value, so a table that only changes the type gets that type's default.
+    via: str | None = None
     # http / https
     method: str = "GET"
     path: str = "/"
@@ -45,8 +47,13 @@ class CheckSpec:
         return self.kind != "none"
 
     @property
+    def effective_via(self) -> str:
+        """The effective via: "tunnel" or "direct"."""
+        return self.via or ("direct" if self.kind == "exec" else "tunnel")
+
+    @property
     def tunnelled(self) -> bool:
-        return self.via == "tunnel" and self.checked
+        return self.effective_via == "tunnel" and self.checked
 
     @property
     def budget(self) -> float:

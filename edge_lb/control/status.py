@@ -36,7 +36,7 @@ def document(state: NodeState, counters: CounterSnapshot) -> Served:
                          "config_weight": configured.get((vip.name, b.address), b.weight),
                          "reason": view.reason, "last_check": view.checked_at, "latency": view.latency,
                          "check": b.healthcheck.kind, "encap": b.encap,
-                         "via": b.healthcheck.via if b.healthcheck.checked else None,
+                         "via": b.healthcheck.effective_via if b.healthcheck.checked else None,
                          "ring_slots": slots, "ring_share": slots / ring_size, "packets": packets,
                          "bytes": nbytes})
         packets, nbytes = vip_counts.get(num, (0, 0)) if num is not None else (0, 0)

@@ -502,9 +502,12 @@ def test_make_checker_by_kind(kind: str, cls: type) -> None:
     direct = make_checker(CheckSpec(kind=kind, command=("/bin/true",), via="direct"))
     assert isinstance(direct, cls)
     asyncio.run(direct.aclose())
-    tunnel = make_checker(CheckSpec(kind=kind, command=("/bin/true",)))  # via = "tunnel", the default
+    tunnel = make_checker(CheckSpec(kind=kind, command=("/bin/true",), via="tunnel"))
     assert isinstance(tunnel, TunnelChecker) and isinstance(tunnel.inner, cls)
     asyncio.run(tunnel.aclose())
+    default = make_checker(CheckSpec(kind=kind, command=("/bin/true",)))  # exec: direct, the others: tunnel
+    assert isinstance(default, cls if kind == "exec" else TunnelChecker)
+    asyncio.run(default.aclose())
 
 
 @pytest.mark.parametrize("kind", ["none", "smtp"])

@@ -48,8 +48,8 @@ def parsed(check: dict[str, Any] | None = None, **dataplane: Any) -> Any:
 
 
 def test_via_defaults_to_tunnel_and_is_validated_with_its_key_path() -> None:
-    assert all(b.healthcheck.via == "tunnel" for v in parsed().vips for b in v.backends)
-    assert parsed({"via": "direct"}).vips[0].backends[0].healthcheck.via == "direct"
+    assert all(b.healthcheck.effective_via == "tunnel" for v in parsed().vips for b in v.backends)
+    assert parsed({"via": "direct"}).vips[0].backends[0].healthcheck.effective_via == "direct"
     data = copy.deepcopy(BASE)
     data["vip"][0]["backend"][1]["healthcheck"] = {"via": "gre"}
     with pytest.raises(ConfigError) as caught:
@@ -232,3 +232,18 @@ def test_a_mark_names_only_the_slot_as_written_not_an_index_the_allocator_handed
     assert maps.alloc.backend_idx.get((maps.vip_number(VipKey(vip, 80, 6)) or 0, new)) == freed
     assert maps.index_of(vip, new, False) is None, "its check waits: that slot still reaches 10.1.0.2"
     assert maps.index_of(vip, ipaddress.ip_address("10.1.0.1"), False) is not None
+
+
+def test_exec_defaults_to_direct_and_an_explicit_via_wins() -> None:
+    def spec(*tables: dict[str, Any]) -> CheckSpec:
+        data = copy.deepcopy(BASE)
+        data["healthcheck"], data["vip"][0]["healthcheck"] = tables
+        return parse_config(data).vips[0].backends[0].healthcheck
+    exec_check = {"type": "exec", "command": ["/bin/true"]}
+    # {address} is the backend's own: unless told, exec runs direct, and says so
+    assert not spec(exec_check, {}).tunnelled and spec(exec_check, {}).effective_via == "direct"
+    assert spec({**exec_check, "via": "tunnel"}, {}).tunnelled, "explicit: today's behaviour"
+    assert spec(exec_check, {"type": "tcp"}).tunnelled, "a table that changes the type gets its default"
+    assert not spec({"via": "direct"}, exec_check).tunnelled and spec({"via": "tunnel"}, exec_check).tunnelled
+    keys = check_keys(parsed(exec_check))
+    assert all(key and not key.target.tunnelled and key.target.mark == 0 for key in keys.values())
