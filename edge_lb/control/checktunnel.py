@@ -41,7 +41,7 @@ class TunnelState(Protocol):
 def tunnelled_vips(config: Config) -> list[str]:
     """The VIP addresses that have a backend checked through its tunnel, in config order, once each."""
     seen = dict.fromkeys(str(v.address) for v in config.vips
-                         if any(b.healthcheck.via == "tunnel" for b in v.backends))
+                         if any(b.healthcheck.tunnelled for b in v.backends))
     return list(seen)
 
 
