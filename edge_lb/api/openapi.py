@@ -19,6 +19,7 @@ from edge_lb.control.document import (
     BackendRow,
     BackendState,
     BgpStatus,
+    CheckTunnelStatus,
     ConnTableStatus,
     LocalFaultStatus,
     NodeView,
@@ -119,6 +120,8 @@ _SCHEMAS: Doc = {
                          "description": "null: still starting"},
         "conntable": {"oneOf": [_ref("ConnTable"), {"type": "null"}], "description": "null: still starting"},
         "program": {"oneOf": [_ref("Program"), {"type": "null"}], "description": "null: still starting"},
+        "check_tunnel": {"oneOf": [_ref("CheckTunnel"), {"type": "null"}],
+                         "description": "null: still starting"},
         "api": {"type": "object", "additionalProperties": _ref("ApiSite"),
                 "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"}},
         description="Null fields are not known yet (phase starting)."),
@@ -136,6 +139,15 @@ _SCHEMAS: Doc = {
                    "description": "adopted: the pinned program of the same build, without compiling"},
         "digest": {**_TEXT, "description": "sha256 of the C sources and compile flags it was built from"},
         "seconds": {"type": "number", "minimum": 0, "description": "adopting or compiling it took"}}),
+    "CheckTunnel": _typed(CheckTunnelStatus, {
+        "ready": {"type": "boolean", "description": "the tc filter and the fwmark rule are in place: tunnel "
+                                                   "checks run (else they wait)"},
+        "restores": {**_COUNT, "description": "times the filter or the rule was removed from outside and put "
+                                              "back, since start"},
+        "failures": {**_COUNT, "description": "failed attempts to put them in place (retried), since start"},
+        "local_vips": {"type": "array", "items": _TEXT,
+                       "description": "tunnelled VIPs that are local addresses on this node: their checks "
+                                      "are answered locally (remove them or use via = \"direct\")"}}),
     "ApiSite": _typed(ApiSite, {
         "open": _COUNT,
         "limit": {**_COUNT, "description": "over it, the longest-idle connection is closed (or the new one "

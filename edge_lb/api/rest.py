@@ -154,7 +154,7 @@ def _node(doc: NodeDocument) -> NodeView:
     return {"phase": doc["phase"], "instance": doc.get("instance"), "interface": doc.get("interface"),
             "attached": doc.get("attached"), "uptime": doc.get("uptime"), "pid": doc["pid"],
             "config": doc.get("config"), "gateway_mac": doc.get("gateway_mac"),
-            "mtu": doc.get("mtu"), "program": doc.get("program"),
+            "mtu": doc.get("mtu"), "program": doc.get("program"), "check_tunnel": doc.get("check_tunnel"),
             "bgp": None if bgp is None else {"peers": dict(bgp["peers"]), "announced": list(bgp["announced"]),
                                              "withheld": dict(bgp["withheld"]),
                                              "disabled": bool(bgp["disabled"]),

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from edge_lb import events, netlink_tc
 from edge_lb.config import Config, Dataplane
+from edge_lb.control.document import CheckTunnelStatus
 from edge_lb.dataplane import checkencap
 from edge_lb.dataplane.checkencap import Ensured
 
@@ -107,6 +108,10 @@ class TunnelKeeper:
             events.emit("check_tunnel", logging.WARNING, vip=vip,
                         problem=f"VIP {vip} is a local address on this node: tunnel checks to it are "
                                 'answered locally; remove it or use via = "direct"')
+
+    def status(self) -> CheckTunnelStatus:
+        return {"ready": self.state.tunnel_ready, "restores": self.restores, "failures": self.failures,
+                "local_vips": list(self.local_vips)}
 
     async def run(self) -> None:
         """Until cancelled: a pass every PERIOD while in place, else a doubling wait up to BACKOFF_MAX."""

@@ -74,6 +74,15 @@ class ProgramStatus(TypedDict):
     seconds: float  # how long adopting or compiling took at startup
 
 
+class CheckTunnelStatus(TypedDict):
+    """edge_lb.control.checktunnel.TunnelKeeper.status(): the tunnel checks' encapsulator, kept in place."""
+
+    ready: bool  # the tc filter and the fwmark rule are in place: tunnel checks run (else they wait)
+    restores: int  # times the filter or the rule was found removed from outside and put back, since start
+    failures: int  # failed attempts to put them in place (retried with a backoff), since start
+    local_vips: list[str]  # tunnelled VIPs that are local addresses here: their checks are answered locally
+
+
 class BgpStatus(TypedDict):
     """edge_lb.bgp.controller.BgpController.status()."""
 
@@ -146,6 +155,7 @@ class NodeDocument(TypedDict):
     watchdog: NotRequired[WatchdogStatus]
     conntable: NotRequired[ConnTableStatus]
     program: NotRequired[ProgramStatus]
+    check_tunnel: NotRequired[CheckTunnelStatus]
 
 
 class NodeView(TypedDict):
@@ -165,4 +175,5 @@ class NodeView(TypedDict):
     conntable: ConnTableStatus | None
     watchdog: WatchdogStatus | None
     program: ProgramStatus | None
+    check_tunnel: CheckTunnelStatus | None
     api: dict[str, ApiSite]  # site -> its connections

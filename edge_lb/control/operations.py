@@ -30,6 +30,7 @@ from edge_lb.bgp.controller import BgpController, disable_path, set_switch
 from edge_lb.config import Config, load_config
 from edge_lb.control import status
 from edge_lb.control.attachment import Attachment
+from edge_lb.control.checktunnel import TunnelKeeper
 from edge_lb.control.document import ApiSite, NodeDocument, ProgramStatus
 from edge_lb.control.nodestate import NodeState
 from edge_lb.control.reconciler import Reconciler
@@ -66,6 +67,7 @@ class RunningNode:
     bgp: BgpController | None
     started: float = field(default_factory=time.time)
     program: ProgramStatus | None = None  # how startup got the XDP program (None in unit tests' nodes)
+    tunnel: TunnelKeeper | None = None  # the tunnel checks' encapsulator (None in unit tests' nodes)
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -133,6 +135,8 @@ class NodeOperations:
             doc["watchdog"] = self.watchdog.status()
         if self._node is not None and self._node.program is not None:
             doc["program"] = self._node.program
+        if self._node is not None and self._node.tunnel is not None:
+            doc["check_tunnel"] = self._node.tunnel.status()
         return doc
 
     def _status(self, vips: bool) -> NodeDocument:

@@ -77,6 +77,22 @@ def _age(stamp: float | None, now: float) -> str:
     return "never" if stamp is None else f"{max(now - stamp, 0):.1f}s ago"
 
 
+def _check_tunnel(tunnel: Doc | None) -> list[str]:
+    """The tunnel checks' encapsulator, only when there is something to say."""
+    if not tunnel:
+        return []
+    lines = []
+    if not tunnel["ready"]:
+        lines.append(f"tunnel checks WAIT: encapsulator not in place ({tunnel['failures']} failed attempts, "
+                     "retrying)")
+    if tunnel["restores"]:
+        lines.append(f"tunnel checks' tc filter or fwmark rule removed from outside and restored "
+                     f"{tunnel['restores']} times")
+    lines += [f"VIP {vip} is a local address on this node: tunnel checks to it are answered locally; "
+              'remove it or use via = "direct"' for vip in tunnel["local_vips"]]
+    return lines
+
+
 def _local_faults(faults: Doc | None, now: float) -> list[str]:
     """Checks failing for reasons on this node (not counted against backends), and whether the node can
     judge its backends at all."""
@@ -134,6 +150,7 @@ def render(doc: Doc, now: float | None = None) -> str:
     if doc.get("attached") is False:
         lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
                         "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
+    lines[-1:-1] = _check_tunnel(doc.get("check_tunnel"))
     lines[-1:-1] = _local_faults(doc.get("local_faults"), now)
     lines[-1:-1] = _hang(doc)
     lines[-1:-1] = _conntable(doc.get("conntable"))

@@ -156,7 +156,8 @@ class Supervisor:
         if bgp is not None:  # after attach: a VIP is announced only while the program that serves it is
             self._on_shutdown("bgp", bgp.drain)  # undone first: withdraw, drain, then stop the rest
             await bgp.start()
-        self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp, program=program)
+        self.node = RunningNode(self.config_path, state, rec, counters, attachment, bgp, program=program,
+                                tunnel=self._tunnel)
         self.ops.serve(self.node)
         if self._early_mac is not None and self._early_mac != state.link.gw_mac:
             self._gateway_changed(self._early_mac)

@@ -93,6 +93,7 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
         assert node.pop("api") == {}, "no API sites around the in-memory node's operations"
         assert node.pop("watchdog") is None, "the in-memory node runs no watchdog"
         assert node.pop("program") is None, "the in-memory node has no XDP program"
+        assert node.pop("check_tunnel") is None, "nor a tunnel checks' encapsulator"
         assert node["bgp"].pop("speaker") == {"state": "up", "pid": None, "restarts": 0, "reason": None,
                                               "last_answer": None}
         assert node.pop("local_faults") == {

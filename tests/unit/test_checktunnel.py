@@ -14,6 +14,7 @@ from edge_lb import events
 from edge_lb.config import Config, Dataplane, parse_config
 from edge_lb.control import checktunnel
 from edge_lb.control.checktunnel import TunnelKeeper, tunnelled_vips
+from edge_lb.control.status import _check_tunnel
 from edge_lb.dataplane.checkencap import Ensured, mark_of
 from edge_lb.errors import DataplaneError
 
@@ -131,3 +132,20 @@ def test_a_tunnelled_vip_local_on_the_node_is_named_in_a_warning(emitted: list[A
     state.config = parse_config(data)
     asyncio.run(k.once())
     assert kernel.looked[-1][0] == ["10.0.0.1"] and k.local_vips == []
+
+
+def test_status_shows_readiness_restores_and_local_vips(emitted: list[Any]) -> None:
+    kernel = FakeKernel(local=("10.0.0.3",))
+    k, _ = keeper(kernel)
+    asyncio.run(k.once())
+    kernel.rule = False
+    asyncio.run(k.once())
+    kernel.fail = 1
+    asyncio.run(k.once())
+    assert k.status() == {"ready": False, "restores": 1, "failures": 1, "local_vips": ["10.0.0.3"]}
+    lines = _check_tunnel(dict(k.status()))
+    assert lines == ["tunnel checks WAIT: encapsulator not in place (1 failed attempts, retrying)",
+                     "tunnel checks' tc filter or fwmark rule removed from outside and restored 1 times",
+                     'VIP 10.0.0.3 is a local address on this node: tunnel checks to it are answered '
+                     'locally; remove it or use via = "direct"']
+    assert _check_tunnel({"ready": True, "restores": 0, "failures": 0, "local_vips": []}) == []
