@@ -13,6 +13,7 @@ checkencap.ensure() every second (issue 11 review).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -91,7 +92,8 @@ class TunnelKeeper:
             events.emit("check_tunnel", logging.ERROR, result="failed", error=exc,
                         effect="tunnel checks wait (not counted); retrying")
         self._error = repr(exc)
-        self.state.tunnel_ready = False
+        if not _cannot_look(exc):  # out of descriptors or memory: the filter is as it was, unseen
+            self.state.tunnel_ready = False
 
     async def _look_local(self, base: int) -> None:
         """Warn of each tunnelled VIP that is local here, when the set of tunnelled VIPs changed."""
@@ -120,3 +122,9 @@ class TunnelKeeper:
             ok = await self.once()
             wait = PERIOD if ok else min(wait * 2, BACKOFF_MAX)
             await asyncio.sleep(wait)
+
+
+def _cannot_look(exc: Exception) -> bool:
+    """This node could not ask the kernel (a local fault the checks report themselves), which says nothing of
+    whether the filter is in place: without this, fd exhaustion read as "tunnel not ready" over EMFILE."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 from typing import Any
 
 import pytest
@@ -113,6 +114,19 @@ def test_a_failure_after_ready_makes_tunnel_checks_wait_until_restored(emitted: 
     kernel.fail, kernel.filter = 1, False
     assert not asyncio.run(k.once()) and not state.tunnel_ready  # not green lights on a bypassed check
     assert asyncio.run(k.once()) and state.tunnel_ready and kernel.filter
+
+
+def test_a_pass_that_cannot_ask_the_kernel_keeps_the_tunnel_as_it_was(emitted: list[Any]) -> None:
+    """Out of descriptors the pass fails too; the checks report EMFILE themselves (a local fault) and the
+    filter was not seen to go: tunnel_ready stays as it was (the fd-exhaustion lab test found this)."""
+    k, state = keeper(FakeKernel())
+    asyncio.run(k.once())
+
+    def no_fds(*_: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    k._ensure = no_fds
+    assert not asyncio.run(k.once()) and state.tunnel_ready and k.failures == 1
 
 
 def test_a_tunnelled_vip_local_on_the_node_is_named_in_a_warning(emitted: list[Any]) -> None:
