@@ -15,6 +15,7 @@
 #include "balancer_structs.h"
 #include "balancer_maps.h"
 #include "gue.h"
+#include "lb_csum.h"
 #include "lb_hash.h"
 
 /* What the parser learned about one packet. */
@@ -244,17 +245,6 @@ static __always_inline int parse_quoted_v6(struct ipv6hdr *q, __u32 qlen, void *
 static __always_inline int lengths_bad(struct packet *p, void *ip, void *data_end, __u32 hdr_len) {
   p->l3_len = data_end - ip;
   return p->ip_len > p->l3_len || p->ip_len < hdr_len;
-}
-
-static __always_inline __u16 ipv4_csum(struct iphdr *ip) {
-  __u32 sum = 0;
-  __u16 *w = (__u16 *)ip;
-#pragma clang loop unroll(full)
-  for (int i = 0; i < IPV4_HDR_LEN / 2; i++)
-    sum += w[i];
-  sum = (sum & 0xffff) + (sum >> 16);
-  sum = (sum & 0xffff) + (sum >> 16);
-  return ~sum;
 }
 
 /* ICMP / ICMPv6 echo to a VIP address: answered in place (addresses and Ethernet swapped, TTL 64, type changed,

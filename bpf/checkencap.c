@@ -16,6 +16,7 @@
 #include "balancer_structs.h"
 #include "checkencap_consts.h"
 #include "gue.h"
+#include "lb_csum.h"
 #include "lb_hash.h"
 
 #ifndef PIN_DIR
@@ -70,17 +71,6 @@ static __always_inline int read_flow(struct __sk_buff *skb, struct flow_key *f, 
   return 0;
 }
 
-static __always_inline __u16 csum_v4(struct iphdr *ip) {
-  __u32 sum = 0;
-  __u16 *w = (__u16 *)ip;
-#pragma clang loop unroll(full)
-  for (int i = 0; i < IPV4_HDR_LEN / 2; i++)
-    sum += w[i];
-  sum = (sum & 0xffff) + (sum >> 16);
-  sum = (sum & 0xffff) + (sum >> 16);
-  return ~sum;
-}
-
 /* Room for the outer IP header (ip_len bytes, at hand in `hdr`) plus, for a GUE backend, its UDP header, then both
  * written and the EtherType set. */
 static __always_inline int push_outer(struct __sk_buff *skb, void *hdr, __u32 ip_len, __u64 l3_flag, int gue,
@@ -127,7 +117,7 @@ static __always_inline int wrap_v4(struct __sk_buff *skb, struct flow_key *f, st
   o.protocol = next_proto(f, gue);
   o.saddr = c->encap_v4_prefix | (hash & c->encap_v4_hostmask);
   o.daddr = be->addr[0];
-  o.check = csum_v4(&o);
+  o.check = ipv4_csum(&o);
   if (push_outer(skb, &o, sizeof(o), BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, gue, hash, inner_len, ETH_P_IP))
     return counted(CHECK_DROP_ENCAP_FAILED, TC_ACT_SHOT);
   return counted(CHECK_ENCAP_V4, TC_ACT_OK);
