@@ -47,6 +47,8 @@ class Observation:
     latency: float | None = None  # seconds the last check took
     local: str | None = None  # the last result failed for this reason on this node (healthchecks.local)
     local_since: float | None = None  # time.monotonic() when the current run of local results began
+    began_at: float | None = None  # time.time() when the last completed check began (its answer may be older
+    #                                than checked_at: a reply read after a stall was sent before it)
 
 
 def jittered(delay: float, jitter: float, rand: Callable[[], float]) -> float:
@@ -145,7 +147,8 @@ class HealthMonitor:
         result = local.blamed(result, self._node_fault(now - took, now))
         new = step(seen.health, result.ok, result.reason, spec.rise, spec.fall, result.local)
         since = (seen.local_since or now) if result.local else None
-        self._seen[key] = Observation(new, time.time(), seen.checks + 1, took, result.local, since)
+        wall = time.time()
+        self._seen[key] = Observation(new, wall, seen.checks + 1, took, result.local, since, wall - took)
         if self._on_result is not None:
             try:
                 self._on_result(key, result, self._seen[key])

@@ -12,9 +12,9 @@ Progress is two things:
   jitter, its timeout) plus slack. No checks running counts as progress.
 
 After a stall of [bgp].heartbeat_timeout or more (the bridge withdrew everything meanwhile), the heartbeat
-that would announce again waits until every prober completed a check newer than the stall and none is half-way
-through a rise/fall streak (RESYNC_MAX at most): a backend that died while the supervisor was stopped is down
-before its node is announced again.
+that would announce again waits until every prober completed a check begun after the stall and none is
+half-way through a rise/fall streak (RESYNC_MAX at most): a backend that died while the supervisor was
+stopped is down before its node is announced again.
 
 Two layers act on a hang: the bridge (edge_lb.bgp.exabgp_bridge) withdraws every route once the heartbeat
 stops for [bgp].heartbeat_timeout, with or without systemd; systemd (WatchdogSec in the unit) kills and
@@ -99,11 +99,13 @@ class Scheduler:
         return now - self._changed if keys else None
 
     def fresh_since(self, since: float) -> bool:
-        """Every prober completed a check after `since` (epoch seconds) and none is half-way through a
-        rise/fall streak: health is as it is now, not as it was before a stall."""
+        """Every prober completed a check that began after `since` (epoch seconds) and none is half-way
+        through a rise/fall streak: health is as it is now, not as it was before a stall. A check that began
+        before `since` does not count even if it completed after: its answer may have sat in a socket since
+        before the stall (a reply read on SIGCONT from a backend that died meanwhile)."""
         for key in self.monitor.running():
             seen = self.monitor.observation(key)
-            if (seen is None or seen.checked_at is None or seen.checked_at < since or seen.health.changing
+            if (seen is None or seen.began_at is None or seen.began_at < since or seen.health.changing
                     or seen.local is not None):  # "overran" during the stall is no judgement of the backend
                 return False
         return True
@@ -121,7 +123,7 @@ class Watchdog:
         # A stall this long ([bgp].heartbeat_timeout) had the bridge withdraw everything: the next heartbeat,
         # which announces again, waits for health checks newer than the stall (a backend may have died).
         self.resync_after = float("inf")
-        self._resync: tuple[float, float] | None = None  # (epoch the stall began, monotonic it ended)
+        self._resync: tuple[float, float] | None = None  # (epoch the stall was seen to end, monotonic same)
         self.notify = notify_to or (lambda message: notify(message, environ))
         self.ok = True
         self.reason: str | None = None
@@ -184,9 +186,9 @@ class Watchdog:
             return
         gap = now - self._beat_at
         if gap >= self.resync_after - 0.1:
-            self._resync = (self.wall() - gap, now)
+            self._resync = (self.wall(), now)
             events.emit("watchdog", logging.WARNING, stalled=f"{gap:.1f}s",
-                        effect="BGP announces again once health checks newer than the stall completed")
+                        effect="BGP announces again once health checks begun after the stall completed")
 
     def _held(self, scheduler: Scheduler, now: float) -> bool:
         """After a long stall: no heartbeat until fresh checks (RESYNC_MAX at most)."""

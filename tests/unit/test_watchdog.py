@@ -69,7 +69,7 @@ class FakeMonitor:
     last one did (epoch) and the streak under way."""
 
     checks: dict[CheckKey, int] = field(default_factory=dict)
-    checked_at: dict[CheckKey, float] = field(default_factory=dict)
+    began_at: dict[CheckKey, float] = field(default_factory=dict)
     streak: dict[CheckKey, int] = field(default_factory=dict)
 
     def running(self) -> set[CheckKey]:
@@ -78,8 +78,9 @@ class FakeMonitor:
     def observation(self, key: CheckKey) -> Observation | None:
         if key not in self.checks:
             return None
-        return Observation(Health(up=True, streak=self.streak.get(key, 0)), self.checked_at.get(key),
-                           self.checks[key])
+        began = self.began_at.get(key)
+        return Observation(Health(up=True, streak=self.streak.get(key, 0)), began, self.checks[key],
+                           began_at=began)
 
 
 @dataclass
@@ -212,11 +213,11 @@ def test_after_a_long_stall_the_heartbeat_waits_for_checks_newer_than_the_stall(
 
     assert step() == 1
     assert step(lag=4.0, seconds=5.0) == 1, "no heartbeat (it would announce again) on health from before"
-    monitor.checked_at[one] = wall.now + 0.1  # one prober checked since the stall; the other has not
+    monitor.began_at[one] = wall.now + 0.1  # one prober checked since the stall; the other has not
     assert step() == 1
-    monitor.checked_at[two], monitor.streak[two] = wall.now + 0.1, 1  # checked, half-way through a fall
+    monitor.began_at[two], monitor.streak[two] = wall.now + 0.1, 1  # checked, half-way through a fall
     assert step() == 1
-    monitor.checked_at[two], monitor.streak[two] = wall.now + 0.1, 0  # its fall completed: health as it is
+    monitor.began_at[two], monitor.streak[two] = wall.now + 0.1, 0  # its fall completed: health as it is
     assert step() == 2
     # A prober that never reports again does not keep the node withdrawn for longer than RESYNC_MAX.
     assert step(lag=4.0, seconds=5.0) == 2
@@ -242,7 +243,7 @@ def test_a_stall_before_the_first_tick_also_waits_for_fresh_checks() -> None:
     wall.now += 5.0
     dog.tick(scheduler, 4.75, clock.now, speaker.heartbeat)
     assert speaker.beats == 0, "no heartbeat on health from before the stall"
-    monitor.checked_at[one], monitor.checks[one] = wall.now + 0.1, 6
+    monitor.began_at[one], monitor.checks[one] = wall.now + 0.1, 6
     clock.now += 1.0
     dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
     assert speaker.beats == 1, "fresh health: announced again"
@@ -275,5 +276,31 @@ def test_a_check_scheduler_stall_also_waits_for_fresh_checks() -> None:
     for _ in range(6):  # 3 s of checks running again (judged once a second), two's health still old
         assert step(checks=True) == stalled, "no heartbeat on health from before the stall"
     assert dog.ok, "the scheduler is judged to make progress again"
-    monitor.checked_at[one] = monitor.checked_at[two] = wall.now + 0.1
+    monitor.began_at[one] = monitor.began_at[two] = wall.now + 0.1
     assert step(checks=True) == stalled + 1, "fresh health everywhere: announced again"
+
+
+def test_a_check_begun_before_the_stall_ended_is_not_fresh_even_if_it_completed_after() -> None:
+    """A reply read on SIGCONT was sent before the stall: the backend may have died since (CI saw b1 'up'
+    and announced again on such a reply). Only a check begun after the stall was seen to end counts."""
+    clock, speaker, wall = Clock(), FakeSpeaker(), Clock(1000.0)
+    one = _key("10.0.0.1")
+    monitor = FakeMonitor({one: 5}, {one: 999.0})
+    dog = Watchdog({}, clock, wall=wall)
+    dog.resync_after = 2.0
+    scheduler = Scheduler(monitor, clock)  # type: ignore[arg-type]
+    dog.started(clock.now)
+    clock.now += 5.0
+    wall.now += 5.0
+    dog.tick(scheduler, 4.75, clock.now, speaker.heartbeat)
+    assert speaker.beats == 0
+    monitor.began_at[one], monitor.checks[one] = wall.now - 4.0, 6  # began before the stop, read after it
+    clock.now += 1.0
+    wall.now += 1.0
+    dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert speaker.beats == 0, "no heartbeat on an answer from before the stall"
+    monitor.began_at[one], monitor.checks[one] = wall.now - 0.5, 7  # began after the stall was seen to end
+    clock.now += 1.0
+    wall.now += 1.0
+    dog.tick(scheduler, 0.0, clock.now, speaker.heartbeat)
+    assert speaker.beats == 1
