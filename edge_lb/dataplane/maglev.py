@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,16 +55,26 @@ def permutation(key: bytes, ring_size: int) -> tuple[int, int]:
 
 def build_table(members: Iterable[Member], ring_size: int = DEFAULT_RING_SIZE) -> list[bytes | None]:
     """Slot -> member key for every slot; every slot is None only when no member has a weight above 0."""
+    keys, owners = owner_table(members, ring_size)
+    if not keys:
+        return [None] * ring_size
+    return list(map(keys.__getitem__, owners))
+
+
+def owner_table(members: Iterable[Member],
+                ring_size: int = DEFAULT_RING_SIZE) -> tuple[list[bytes], array[int]]:
+    """The table as (keys, owners): `keys` are the members with a weight above 0 in canonical order, and
+    owners[slot] is an index into them (array('i'), so numpy can view it without a copy). With no such
+    member `keys` is empty and every slot is -1."""
     if not is_prime(ring_size):
         raise ValueError(f"Maglev ring size must be prime, got {ring_size}")
     ordered = _canonical(members)
     active = [member for member in ordered if member.weight > 0]
     if not active:
-        return [None] * ring_size
+        return [], array("i", [-1]) * ring_size
     starts, skips = zip(*(permutation(member.key, ring_size) for member in active), strict=True)
     owners = _populate(list(starts), skips, _rounds([m.weight for m in active], ring_size), ring_size)
-    keys = [member.key for member in active]
-    return list(map(keys.__getitem__, owners))
+    return [member.key for member in active], array("i", owners)
 
 
 def diff(old: Sequence[bytes | None], new: Sequence[bytes | None]) -> list[tuple[int, bytes | None]]:
