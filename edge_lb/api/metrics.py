@@ -68,6 +68,8 @@ def backend_families(status: NodeDocument) -> Iterator[Metric]:
     weight = _gauge("edge_lb_backend_weight", "Effective weight (0 = drained).", bl)
     share = _gauge("edge_lb_backend_ring_share", "Fraction of the Maglev ring held by the backend.", bl)
     latency = _gauge("edge_lb_backend_check_latency_seconds", "Duration of the last health check.", bl)
+    via = _gauge("edge_lb_backend_check_via", "1 for the path the backend's check takes: tunnel (the VIP "
+                 "through its tunnel, as clients reach it) or direct (its own address).", [*bl, "via"])
     for vip in status["vips"]:
         name = vip["vip"]
         vip_packets.add_metric([name], vip["packets"])
@@ -84,7 +86,9 @@ def backend_families(status: NodeDocument) -> Iterator[Metric]:
             seconds = b["latency"]
             if seconds is not None:
                 latency.add_metric(labels, seconds)
-    yield from (vip_packets, vip_bytes, packets, nbytes, up, state, weight, share, latency)
+            if b["via"] is not None:
+                via.add_metric([*labels, b["via"]], 1)
+    yield from (vip_packets, vip_bytes, packets, nbytes, up, state, weight, share, latency, via)
 
 
 def node_families(status: NodeDocument, counters: CounterSnapshot) -> Iterator[Metric]:
@@ -112,6 +116,23 @@ def node_families(status: NodeDocument, counters: CounterSnapshot) -> Iterator[M
     yield GaugeMetricFamily("edge_lb_dataplane_attached", "1 while the XDP program is attached.",
                             value=1 if status.get("attached") else 0)
     yield from local_fault_families(status)
+    yield from check_tunnel_families(status)
+
+
+def check_tunnel_families(status: NodeDocument) -> Iterator[Metric]:
+    """The tunnel checks' encapsulator (absent when no check goes through a tunnel)."""
+    tunnel = status.get("check_tunnel")
+    if tunnel is None:
+        return
+    ready = 1 if tunnel["ready"] else 0
+    yield GaugeMetricFamily("edge_lb_check_tunnel_ready", "1 while the tunnel checks' encapsulator (tc "
+                            "filter and fwmark rule) is in place; 0: tunnel checks wait.", value=ready)
+    yield CounterMetricFamily("edge_lb_check_tunnel_restores", "Times the encapsulator was found removed "
+                              "from outside and put back.", value=tunnel["restores"])
+    yield CounterMetricFamily("edge_lb_check_tunnel_failures", "Failed attempts to put the encapsulator in "
+                              "place (retried).", value=tunnel["failures"])
+    yield GaugeMetricFamily("edge_lb_check_tunnel_local_vips", "Tunnelled VIPs that are local addresses on "
+                            "this node: their checks are answered locally.", value=len(tunnel["local_vips"]))
 
 
 def local_fault_families(status: NodeDocument) -> Iterator[Metric]:

@@ -112,6 +112,11 @@ def test_api_metrics_cli_and_dashboard_on_a_real_node(node: DataplaneLab) -> Non
     assert metric(dlab, "edge_lb_backend_state", backend=b2, state="drained") == 1.0
     assert metric(dlab, "edge_lb_backend_state", backend=b2, state="up") == 0.0
     assert metric(dlab, "edge_lb_conntable_hits") > 0
+    via = json.loads(curl(dlab, "GET", "/api/v1/vips")[1])[0]["backends"][1]["via"]
+    assert via in ("tunnel", "direct")
+    assert metric(dlab, "edge_lb_backend_check_via", backend=b2, via=via) == 1.0
+    if via == "tunnel":
+        assert metric(dlab, "edge_lb_check_tunnel_ready") == 1.0
 
     weight = f"/api/v1/vips/{VIP}/80/tcp/backends/{b2}/weight"
     assert curl(dlab, "PUT", weight, token=TOKEN, body='{"weight": "x"}')[0] == 400

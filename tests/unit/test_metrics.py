@@ -34,8 +34,8 @@ Doc = dict[str, Any]
 
 def _backend(address: str) -> Doc:
     return {"address": address, "weight": 1, "state": "up", "config_weight": 1, "reason": "HTTP 200",
-            "last_check": time.time(), "latency": 0.002, "check": "http", "ring_slots": 0, "ring_share": 0.0,
-            "packets": 0, "bytes": 0}
+            "last_check": time.time(), "latency": 0.002, "check": "http", "via": "tunnel", "ring_slots": 0,
+            "ring_share": 0.0, "packets": 0, "bytes": 0}
 
 
 def _reasons(**packets: int) -> dict[int, tuple[int, int]]:
@@ -92,7 +92,7 @@ def ops() -> CountingOperations:
     vip.update(packets=300, bytes=45000)
     b1, b2 = vip["backends"]
     b1.update(packets=200, bytes=30000, ring_share=0.6, latency=0.004)
-    b2.update(packets=100, bytes=15000, ring_share=0.4, state="down", weight=3, latency=None)
+    b2.update(packets=100, bytes=15000, ring_share=0.4, state="down", weight=3, latency=None, via="direct")
     return ops
 
 
@@ -115,6 +115,26 @@ def test_health_weight_ring_and_latency(ops: CountingOperations) -> None:
     assert value(s, "edge_lb_backend_ring_share", vip=VIP, backend=B1) == pytest.approx(0.6)
     assert value(s, "edge_lb_backend_check_latency_seconds", vip=VIP, backend=B1) == pytest.approx(0.004)
     assert names(s, "edge_lb_backend_check_latency_seconds", "backend") == {B1}  # B2's latency unknown
+
+
+def test_the_path_each_check_takes(ops: CountingOperations) -> None:
+    ops.doc["vips"][0]["backends"].append({**_backend("10.1.0.3"), "via": None, "check": None})  # unchecked
+    s = scrape(Metrics(ops))
+    assert value(s, "edge_lb_backend_check_via", vip=VIP, backend=B1, via="tunnel") == 1
+    assert value(s, "edge_lb_backend_check_via", vip=VIP, backend=B2, via="direct") == 1
+    assert names(s, "edge_lb_backend_check_via", "backend") == {B1, B2}
+
+
+def test_the_tunnel_checks_encapsulator(ops: CountingOperations) -> None:
+    assert not any(n.startswith("edge_lb_check_tunnel") for n, _ in scrape(Metrics(ops))), "no tunnel: none"
+    ops.doc["check_tunnel"] = {"ready": False, "restores": 2, "failures": 5, "local_vips": ["10.0.0.1"]}
+    s = scrape(Metrics(ops))
+    assert value(s, "edge_lb_check_tunnel_ready") == 0
+    assert value(s, "edge_lb_check_tunnel_restores_total") == 2
+    assert value(s, "edge_lb_check_tunnel_failures_total") == 5
+    assert value(s, "edge_lb_check_tunnel_local_vips") == 1
+    ops.doc["check_tunnel"]["ready"] = True
+    assert value(scrape(Metrics(ops)), "edge_lb_check_tunnel_ready") == 1
 
 
 @pytest.mark.parametrize(("state", "up"), [("drained", 1), ("unchecked", 1), ("down", 0), ("starting", 0)])
