@@ -123,7 +123,11 @@ _SCHEMAS: Doc = {
         "check_tunnel": {"oneOf": [_ref("CheckTunnel"), {"type": "null"}],
                          "description": "null: still starting"},
         "api": {"type": "object", "additionalProperties": _ref("ApiSite"),
-                "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"}},
+                "description": "API site (unix: the control socket, tcp: [api].listen) -> its connections"},
+        "notices": {"type": "array", "items": _TEXT,
+                    "description": "what `edge-lb status` says of the node beyond its VIPs, problems "
+                                   "first (not attached, tunnel checks waiting, local faults, watchdog, "
+                                   "speaker, the connection table); the dashboard shows them"}},
         description="Null fields are not known yet (phase starting)."),
     "ConnTable": _typed(ConnTableStatus, {
         "new_flow_rate_limit": {"type": "integer", "minimum": 0,

@@ -37,6 +37,7 @@ from edge_lb.api import openapi
 from edge_lb.config import vip_name
 from edge_lb.control.document import BackendRow, NodeDocument, NodeView, VipRow
 from edge_lb.control.operations import Operations
+from edge_lb.control.status import notices
 from edge_lb.errors import EdgeLbError
 
 PREFIX = "/api/v1"
@@ -163,7 +164,8 @@ def _node(doc: NodeDocument) -> NodeView:
             "watchdog": doc.get("watchdog"), "local_faults": doc.get("local_faults"),
             "conntable": doc.get("conntable"),
             "api": {site: {"open": s["open"], "limit": s["limit"], "evicted": s["evicted"],
-                           "refused": s["refused"]} for site, s in doc.get("api", {}).items()}}
+                           "refused": s["refused"]} for site, s in doc.get("api", {}).items()},
+            "notices": notices(doc)}
 
 
 # -- request parts

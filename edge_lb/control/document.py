@@ -177,3 +177,4 @@ class NodeView(TypedDict):
     program: ProgramStatus | None
     check_tunnel: CheckTunnelStatus | None
     api: dict[str, ApiSite]  # site -> its connections
+    notices: list[str]  # derived (edge_lb.control.status.notices): what `edge-lb status` says of the node

@@ -134,6 +134,21 @@ def _hang(doc: Doc) -> list[str]:
     return lines
 
 
+def notices(doc: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """What the node says of itself beyond its VIPs, problems first: `edge-lb status` prints these lines and
+    GET /api/v1/node serves them (the dashboard shows them), so both say the same."""
+    now = time.time() if now is None else now
+    lines = []
+    if doc.get("attached") is False:
+        lines.append(f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced from "
+                     "outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it")
+    lines += _check_tunnel(doc.get("check_tunnel"))
+    lines += _local_faults(doc.get("local_faults"), now)
+    lines += _hang(doc)
+    lines += _conntable(doc.get("conntable"))
+    return lines
+
+
 def render(doc: Doc, now: float | None = None) -> str:
     """A fixed-width table: one block per VIP, one row per backend."""
     now = time.time() if now is None else now
@@ -147,13 +162,7 @@ def render(doc: Doc, now: float | None = None) -> str:
         lines[-1:-1] = [f"program {program['origin']} (digest {program['digest'][:16]}) in "
                         f"{program['seconds']:.2f}s"]
     lines[-1:-1] = _api(doc.get("api"))
-    if doc.get("attached") is False:
-        lines[-1:-1] = [f"XDP program NOT ATTACHED to {doc.get('interface', '?')} (detached or replaced "
-                        "from outside): nothing is balanced; `edge-lb run` or `edge-lb load` attaches it"]
-    lines[-1:-1] = _check_tunnel(doc.get("check_tunnel"))
-    lines[-1:-1] = _local_faults(doc.get("local_faults"), now)
-    lines[-1:-1] = _hang(doc)
-    lines[-1:-1] = _conntable(doc.get("conntable"))
+    lines[-1:-1] = notices(doc, now)
     bgp = doc.get("bgp")
     if bgp:
         peers = ", ".join(f"{peer} {state}" for peer, state in sorted(bgp["peers"].items())) or "none"

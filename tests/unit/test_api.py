@@ -89,6 +89,8 @@ def test_node_reports_phase_data_plane_and_bgp() -> None:
         limit = new_flow_rate(mem.state.config.dataplane.conn_table_size, None, possible_cpus())
         assert node.pop("conntable") == {"new_flow_rate_limit": limit, "hits": 50, "misses": 9,
                                          "flood_no_insert": 7, "stateless": 0}
+        assert node.pop("notices") == [f"connection table: 50 hits, 9 from the ring, 7 new flows not "
+                                       f"inserted (over {limit} per CPU per second), 0 stateless"]
         assert 0 <= node.pop("uptime") < 60
         assert node.pop("api") == {}, "no API sites around the in-memory node's operations"
         assert node.pop("watchdog") is None, "the in-memory node runs no watchdog"

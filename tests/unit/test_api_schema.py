@@ -156,6 +156,7 @@ def test_the_status_schemas_are_the_documents_typed_dicts(schema_name: str, shap
 
 
 def test_the_node_view_is_the_node_documents_fields() -> None:
-    assert set(document.NodeView.__annotations__) <= set(document.NodeDocument.__annotations__)
+    assert set(document.NodeView.__annotations__) - set(document.NodeDocument.__annotations__) == {
+        "notices"}, "derived from the document (status.notices)"
     assert set(document.NodeDocument.__annotations__) - set(document.NodeView.__annotations__) == {
         "vips", "ring_size", "applies"}, "what GET /node leaves out (GET /vips has the VIPs)"

@@ -223,6 +223,8 @@ def test_dashboard_shows_the_lab_and_follows_a_drain(tmp_path: Path) -> None:
     assert first.one("tr", data_peer="10.9.0.1").attrs["data-state"] == "up"
     assert first.all("code", data_prefix="10.0.0.1/32")
     assert "hidden" in first.one("p", id="bgp-disabled").attrs
+    notices = [li.text() for li in first.one("ul", id="node-notices").all("li")]
+    assert any(text.startswith("connection table: ") for text in notices), notices  # status's lines
 
     # The VIP and both backends, up, with their columns.
     assert VIP in first.one("section", data_vip=VIP).one("h3").text()

@@ -111,6 +111,11 @@
       `pid ${node.pid ?? "?"}`, `up ${duration(node.uptime)}`, `gateway ${node.gateway_mac || "?"}`,
       `config ${node.config || "?"}`,
     ].join(" · ");
+    // The same lines as `edge-lb status`: local faults, tunnel checks, watchdog, speaker, connection table.
+    const notices = node.notices || [];
+    const list = byId("node-notices");
+    list.dataset.count = notices.length;
+    list.replaceChildren(...notices.map((text) => el("li", {}, text)));
     renderBgp(node.bgp ?? null);
   }
 
