@@ -19,7 +19,7 @@ from typing import cast
 
 from healthchecks import local, reasons
 from healthchecks.base import Result, Target
-from healthchecks.httpwire import BODY_LIMIT, Answer, parse
+from healthchecks.httpwire import BODY_LIMIT, Answer, final_head, parse
 from healthchecks.spec import CheckSpec
 
 USER_AGENT = "edge-lb-healthcheck"
@@ -60,14 +60,15 @@ class HttpChecker:
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (str(target.address), target.port))
         phase[0] = "TLS" if self._tls is not None else "HTTP"
-        done: asyncio.Future[bytes] = loop.create_future()
+        done: asyncio.Future[tuple[bytes, bool]] = loop.create_future()
         server_name = (self.spec.host or str(target.address)) if self._tls is not None else None
         transport, _ = await loop.create_connection(
             lambda: _Reader(self._request(target), self._reads_body, done), sock=sock,
             ssl=self._tls, server_hostname=server_name)
         phase[0] = "HTTP"
         try:
-            return parse(await done, head_only=self.spec.method == "HEAD")
+            data, ended = await done
+            return parse(data, head_only=self.spec.method == "HEAD", ended=ended)
         finally:
             transport.close()
 
@@ -101,11 +102,13 @@ class HttpChecker:
 
 
 class _Reader(asyncio.Protocol):
-    """Sends the request, collects the answer; `done` gets the bytes once the verdict can be made from them
-    (the head when the body is not needed, else the end or BODY_LIMIT), or at the end of the stream."""
+    """Sends the request, collects the answer; `done` gets (the bytes, whether the stream ended) once the
+    verdict can be made from them (the final head when the body is not needed, else the end or BODY_LIMIT),
+    or at the end of the stream. Nothing is kept after that: what it holds is bounded by the server's reads,
+    not by how much the server sends."""
 
     def __init__(self, request: bytes, reads_body: Callable[[int], bool],
-                 done: asyncio.Future[bytes]) -> None:
+                 done: asyncio.Future[tuple[bytes, bool]]) -> None:
         self._request = request
         self._reads_body = reads_body
         self._done = done
@@ -117,38 +120,44 @@ class _Reader(asyncio.Protocol):
         cast(asyncio.WriteTransport, transport).write(self._request)
 
     def data_received(self, data: bytes) -> None:
+        if self._done.done():
+            return
         self._data += data
         if self._head_end < 0:
-            self._head_end = self._data.find(b"\r\n\r\n")
+            start, self._head_end = final_head(self._data)
             if self._head_end < 0:
                 if len(self._data) > BODY_LIMIT:
                     self._finish()  # parse() names the oversized head
                 return
-            if not self._wants_body():
-                self._finish()
+            if not self._wants_body(start):
+                self._finish(keep=self._head_end + 4)  # the head only, however the bytes came
                 return
-        if len(self._data) - self._head_end > 2 * BODY_LIMIT:  # room for chunk framing
-            self._finish()
+        enough = self._head_end + 4 + 2 * BODY_LIMIT  # the head and BODY_LIMIT with room for chunk framing
+        if len(self._data) >= enough:
+            self._finish(keep=enough)
 
     def eof_received(self) -> bool:
-        self._finish()
+        self._finish(ended=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self._data and not self._done.done():
             self._done.set_exception(exc)
-        self._finish()
+        self._finish(ended=True)
 
-    def _wants_body(self) -> bool:
+    def _wants_body(self, start: int) -> bool:
         try:
-            status = int(self._data[9:12])  # "HTTP/1.1 200": parse() checks the line properly
+            status = int(self._data[start + 9:start + 12])  # "HTTP/1.1 200": parse() checks the line
         except ValueError:
             return False
         return self._reads_body(status)
 
-    def _finish(self) -> None:
+    def _finish(self, ended: bool = False, keep: int | None = None) -> None:
+        """`keep`: the bytes the verdict reads, so that it does not depend on how the bytes came in reads."""
         if not self._done.done():
-            self._done.set_result(bytes(self._data))
+            if keep is not None:
+                del self._data[keep:]
+            self._done.set_result((bytes(self._data), ended))
 
 
 def _tls_context(verify: bool) -> ssl.SSLContext:
