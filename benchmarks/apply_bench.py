@@ -5,8 +5,7 @@ When a backend shared by every VIP dies, every VIP's ring is rebuilt at once. By
 in-memory twin (mapio.FakeMapIO): the Python side only. `--kernel` (root, bcc) loads the real program
 unpinned and unattached and writes its maps through FdMapIO, as the supervisor does. `--loop-lag` also
 runs the dead-backend apply under an asyncio loop with a 1 ms ticker and reports the ticker's longest wait:
-once with the apply called on the loop, as control/reconciler.py runs it, and once in a worker thread (what
-moving it off the loop would give; not done: see benchmarks/README.md).
+once with the apply called on the loop, and once in a worker thread, as control/reconciler.py runs it.
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ class NodeState:
         """Backend index -> ring slots it holds, from what was last written; counted once per apply."""
         cached = self._ring_counts.get(vip)
         if cached is None or cached[0] != self.applies:
-            cached = (self.applies, Counter(self.maps.ring(vip)))
+            cached = (self.applies, Counter(self.maps.slot_counts(vip)))
             self._ring_counts[vip] = cached
         return cached[1]
 

@@ -13,11 +13,18 @@ import operator
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from edge_lb.config import Config, IPAddress, Vip, vip_name
 from edge_lb.dataplane import maglev
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
+# A VIP's ring: slot -> backend index (0 = none), as the rings map holds it. Rings built here are read-only:
+# one array may be shared by the ring cache, the programmer's tables and readers.
+Ring = npt.NDArray[np.uint32]
 
 
 @dataclass(frozen=True, order=True)
@@ -52,7 +59,7 @@ class BackendSlot:
 class DesiredState:
     vips: Mapping[VipKey, int]  # VIP -> vip_num
     backends: Mapping[int, BackendSlot]  # index -> slot (index 0 is never used)
-    rings: Mapping[int, tuple[int, ...]]  # vip_num -> ring of backend indexes (0 = none)
+    rings: Mapping[int, Ring]  # vip_num -> ring of backend indexes (0 = none), read-only
     vip_addrs: Mapping[tuple[IPAddress, int], int] = field(default_factory=dict)  # (addr, 0) -> count | flags
     port0_vips: int = 0
     vip_flags: Mapping[VipKey, int] = field(default_factory=dict)  # VIP -> VIP_F_* (absent: 0)
@@ -88,23 +95,37 @@ def filter_words(addresses: Iterable[IPAddress]) -> dict[int, int]:
 
 
 @dataclass
+class _Used:
+    """The numbers one of the allocator's tables holds, kept between allocations while that table (the same
+    object) only grew through the allocator: otherwise rebuilt. Every number from the start below `low` is
+    in use, so the lowest free one is found from there."""
+
+    table: dict[Any, int]
+    size: int
+    numbers: set[int]
+    low: int
+
+
+@dataclass
 class Allocator:
-    """Stable numbering of VIPs and (VIP, backend) pairs; seeded from what the maps already hold."""
+    """Stable numbering of VIPs and (VIP, backend) pairs; seeded from what the maps already hold. A new one
+    gets the lowest free number."""
 
     max_vips: int
     max_backends: int
     vip_nums: dict[VipKey, int] = field(default_factory=dict)
     backend_idx: dict[tuple[int, IPAddress], int] = field(default_factory=dict)
+    _used: dict[str, _Used] = field(default_factory=dict, repr=False, compare=False)
 
     def vip_num(self, key: VipKey) -> int:
         if key not in self.vip_nums:
-            self.vip_nums[key] = _lowest_free(set(self.vip_nums.values()), 0, self.max_vips)
+            self.vip_nums[key] = self._lowest_free("vips", self.vip_nums, 0, self.max_vips)
         return self.vip_nums[key]
 
     def backend(self, vip_num: int, address: IPAddress) -> int:
         pair = (vip_num, address)
         if pair not in self.backend_idx:
-            self.backend_idx[pair] = _lowest_free(set(self.backend_idx.values()), 1, self.max_backends)
+            self.backend_idx[pair] = self._lowest_free("backends", self.backend_idx, 1, self.max_backends)
         return self.backend_idx[pair]
 
     def retain(self, vips: Iterable[VipKey], pairs: Iterable[tuple[int, IPAddress]]) -> None:
@@ -113,47 +134,70 @@ class Allocator:
         self.vip_nums = {k: n for k, n in self.vip_nums.items() if k in keep_v}
         self.backend_idx = {p: i for p, i in self.backend_idx.items() if p in keep_b}
 
+    def _lowest_free(self, name: str, table: dict[Any, int], start: int, limit: int) -> int:
+        """The number the caller adds to `table` next. Amortised O(1): a first apply numbers thousands."""
+        used = self._used.get(name)
+        if used is None or used.table is not table or used.size != len(table):
+            used = self._used[name] = _Used(table, len(table), set(table.values()), start)
+        number = used.low
+        while number in used.numbers:
+            number += 1
+        if number >= limit:
+            raise ValueError(f"no free number below {limit}")
+        used.numbers.add(number)
+        used.size += 1
+        used.low = number + 1
+        return number
 
-def _lowest_free(used: set[int], start: int, limit: int) -> int:
-    for n in range(start, limit):
-        if n not in used:
-            return n
-    raise ValueError(f"no free number below {limit}")
+
+_Array = TypeVar("_Array", bound=npt.NDArray[Any])
+Owners = npt.NDArray[np.intp]  # slot -> index into a Maglev table's keys; -1: no member
+TableCache = dict[tuple[object, ...], tuple[list[bytes], Owners]]  # (ring size, members) -> Maglev table
 
 
-TableCache = dict[tuple[object, ...], list[bytes | None]]  # (ring size, members) -> Maglev table
+def frozen(array: _Array) -> _Array:
+    """The array made read-only, so that sharing it (caches, the programmer's tables) cannot corrupt it."""
+    array.flags.writeable = False
+    return array
 
 
 def ring_for(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
              healthy: Mapping[IPAddress, bool] | None = None,
-             tables: TableCache | None = None) -> tuple[int, ...]:
-    """The VIP's Maglev ring as backend indexes. Unhealthy backends get no slots; weight 0 gets none.
-    `tables` shares Maglev builds between VIPs with the same members (a pool behind many VIPs)."""
+             tables: TableCache | None = None) -> Ring:
+    """The VIP's Maglev ring as backend indexes (read-only). Unhealthy backends get no slots; weight 0 gets
+    none. `tables` shares Maglev builds between VIPs with the same members (a pool behind many VIPs)."""
     members = [maglev.Member(key=b.address.packed, weight=b.weight) for b in vip.backends
                if healthy is None or healthy.get(b.address, True)]
-    by_key: dict[bytes | None, int] = {b.address.packed: indexes[b.address] for b in vip.backends}
-    by_key[None] = 0  # an empty slot
-    table = _table(members, ring_size, {} if tables is None else tables)
-    return tuple(map(by_key.__getitem__, table))
+    keys, owners = _table(members, ring_size, {} if tables is None else tables)
+    by_key = {b.address.packed: indexes[b.address] for b in vip.backends}
+    # owner index -> backend index; the extra last entry is what owner -1 (an empty slot) picks: 0
+    lut = np.array([by_key[k] for k in keys] + [0], dtype=np.uint32)
+    return frozen(lut[owners])
 
 
-def _table(members: list[maglev.Member], ring_size: int, tables: TableCache) -> list[bytes | None]:
+def _table(members: list[maglev.Member], ring_size: int, tables: TableCache) -> tuple[list[bytes], Owners]:
     """The table depends only on the set of (key, weight) pairs (maglev.py), so equal sets share one."""
     key = (ring_size, *sorted((m.key, m.weight) for m in members))
     if key not in tables:
-        tables[key] = maglev.build_table(members, ring_size)
+        keys, owners = maglev.owner_table(members, ring_size)
+        # as intp once per table: numpy indexes with intp, and would convert the owners for every VIP
+        tables[key] = (keys, frozen(np.asarray(owners, dtype=np.intp)))
     return tables[key]
 
 
-RingCache = dict[tuple[object, ...], tuple[int, ...]]
+RingCache = dict[tuple[object, ...], Ring]
 
 
 def _cached_ring(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
                  healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache,
-                 tables: TableCache) -> tuple[int, ...]:
-    """A Maglev build costs tens of ms: reuse the ring when nothing that shapes it has changed."""
+                 tables: TableCache) -> Ring:
+    """A Maglev build costs milliseconds: reuse the ring when nothing that shapes it has changed."""
     key = (ring_size, *((b.address, b.weight, healthy[b.address], indexes[b.address]) for b in vip.backends))
-    ring = cache.get(key) or used.get(key) or ring_for(vip, indexes, ring_size, healthy, tables)
+    ring = cache.get(key)
+    if ring is None:
+        ring = used.get(key)
+    if ring is None:
+        ring = ring_for(vip, indexes, ring_size, healthy, tables)
     used[key] = ring
     return ring
 
@@ -169,7 +213,7 @@ def desired_state(config: Config, alloc: Allocator,
     tables: TableCache = {}  # for this call only: the tables are large, the rings are what is kept
     vips: dict[VipKey, int] = {}
     backends: dict[int, BackendSlot] = {}
-    rings: dict[int, tuple[int, ...]] = {}
+    rings: dict[int, Ring] = {}
     vip_addrs: dict[tuple[IPAddress, int], int] = {}
     wanted = [VipKey.of(v) for v in config.vips]
     # Free what the config no longer wants first, so a swap at capacity fits.

@@ -8,17 +8,27 @@ in one BPF_MAP_UPDATE_BATCH each.
 
 from __future__ import annotations
 
-import array
 import ctypes
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from edge_lb.config import IPAddress
 from edge_lb.dataplane import bpfsys
-from edge_lb.dataplane.desired import VIP_FILTER_BITS, BackendSlot, VipKey, encap_masks_v4, encap_masks_v6
+from edge_lb.dataplane.desired import (
+    VIP_FILTER_BITS,
+    BackendSlot,
+    Ring,
+    VipKey,
+    encap_masks_v4,
+    encap_masks_v6,
+)
 from edge_lb.dataplane.mapio import Ctl
+from edge_lb.errors import DataplaneError
 
 FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in bpf/balancer_consts.h
 BACKEND_F_IPV6 = 1 << 0  # bpf/balancer_consts.h
@@ -119,8 +129,12 @@ class FdMapIO:
         return {address(k.addr, k.family): int(v.value)  # type: ignore[attr-defined]
                 for k, v in self._hash_items("vip_addrs", U32)}
 
-    def read_ring(self, vip_num: int) -> tuple[int, ...]:
-        return tuple(bpfsys.array_lookup_range(self.fds["rings"], vip_num * self.ring_size, self.ring_size))
+    def read_ring(self, vip_num: int) -> Ring:
+        raw = bpfsys.array_values(self.fds["rings"], vip_num * self.ring_size, self.ring_size, 4)
+        if len(raw) != 4 * self.ring_size:
+            raise DataplaneError(f"read the ring of VIP #{vip_num}: the rings map ends after "
+                                 f"{len(raw) // 4} of its {self.ring_size} slots")
+        return np.frombuffer(memoryview(raw), dtype=np.uint32).copy()
 
     def read_filter(self) -> dict[int, int]:
         words = bpfsys.array_lookup_range(self.fds["vip_filter"], 0, VIP_FILTER_BITS // 32)
@@ -197,15 +211,15 @@ class FdMapIO:
         keys = [U32(i) for i in indexes]
         self._batch("backends", keys, [BackendC() for _ in keys], f"clear {len(keys)} backends")
 
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
-        if not changes:
+    def write_ring_slots(self, vip_num: int, slots: npt.NDArray[np.intp], values: Ring) -> None:
+        count = len(slots)
+        if not count:
             return
-        base = vip_num * self.ring_size
-        # array('I') from a list is filled in C; a ctypes array from a generator goes value by value
-        keys = (U32 * len(changes)).from_buffer(array.array("I", [base + s for s, _ in changes]))
-        values = (U32 * len(changes)).from_buffer(array.array("I", [i for _, i in changes]))
-        bpfsys.map_update_batch(self.fds["rings"], keys, values,
-                                f"{len(changes)} ring slots of VIP #{vip_num}")
+        # the map's keys and values as contiguous u32 arrays of our own, handed to the kernel as they are
+        key_buf = (slots + vip_num * self.ring_size).astype(np.uint32)
+        value_buf = np.array(values, dtype=np.uint32)
+        keys, leaves = np.ctypeslib.as_ctypes(key_buf), np.ctypeslib.as_ctypes(value_buf)
+        bpfsys.map_update_batch(self.fds["rings"], keys, leaves, f"{count} ring slots of VIP #{vip_num}")
 
     def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
         keys = [U32(i) for i in indexes]

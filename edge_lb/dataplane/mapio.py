@@ -7,12 +7,15 @@ bcc has just compiled and one adopted from its pins without bcc).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from edge_lb.config import IPAddress
-from edge_lb.dataplane.desired import BackendSlot, VipKey
+from edge_lb.dataplane.desired import BackendSlot, Ring, VipKey
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class MapIO(Protocol):
         """The vips map's VIP_F_* flags of every VIP that has any."""
     def read_backends(self) -> dict[int, BackendSlot]: ...
     def read_vip_addrs(self) -> dict[IPAddress, int]: ...
-    def read_ring(self, vip_num: int) -> tuple[int, ...]: ...
+    def read_ring(self, vip_num: int) -> Ring:
+        """One VIP's ring as the map holds it: a new array of ring_size backend indexes."""
     def read_filter(self) -> dict[int, int]:
         """The VIP prefilter's non-zero words: word index -> bits."""
     def write_filter(self, words: Mapping[int, int]) -> None:
@@ -47,8 +51,8 @@ class MapIO(Protocol):
     def delete_vip_addrs(self, addrs: Iterable[IPAddress]) -> None: ...
     def put_backends(self, backends: Mapping[int, BackendSlot]) -> None: ...
     def clear_backends(self, indexes: Iterable[int]) -> None: ...
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
-        """Write (slot, backend index) pairs of one VIP's ring in a single batch."""
+    def write_ring_slots(self, vip_num: int, slots: npt.NDArray[np.intp], values: Ring) -> None:
+        """Write values[i] into slots[i] of one VIP's ring in a single batch."""
     def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
         """A per-CPU counter map ("vip_stats", "backend_stats") summed: index -> (packets, bytes)."""
     def zero_counters(self, name: str, indexes: Iterable[int]) -> None:
@@ -67,7 +71,7 @@ class FakeMapIO:
     filter: dict[int, int] = field(default_factory=dict)  # the VIP prefilter's words
     filter_batches: list[dict[int, int]] = field(default_factory=list)
     backends: dict[int, BackendSlot] = field(default_factory=dict)
-    rings: dict[int, list[int]] = field(default_factory=dict)
+    rings: dict[int, Ring] = field(default_factory=dict)
     ring_batches: list[tuple[int, int]] = field(default_factory=list)  # (vip_num, slots in batch)
     counters: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
 
@@ -83,8 +87,9 @@ class FakeMapIO:
     def read_vip_addrs(self) -> dict[IPAddress, int]:
         return dict(self.vip_addrs)
 
-    def read_ring(self, vip_num: int) -> tuple[int, ...]:
-        return tuple(self.rings.get(vip_num, [0] * self.ring_size))
+    def read_ring(self, vip_num: int) -> Ring:
+        ring = self.rings.get(vip_num)
+        return np.zeros(self.ring_size, dtype=np.uint32) if ring is None else ring.copy()
 
     def read_filter(self) -> dict[int, int]:
         return {w: bits for w, bits in self.filter.items() if bits}
@@ -120,11 +125,11 @@ class FakeMapIO:
         for i in indexes:
             self.backends.pop(i, None)
 
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
-        ring = self.rings.setdefault(vip_num, [0] * self.ring_size)
-        for slot, idx in changes:
-            ring[slot] = idx
-        self.ring_batches.append((vip_num, len(changes)))
+    def write_ring_slots(self, vip_num: int, slots: npt.NDArray[np.intp], values: Ring) -> None:
+        if vip_num not in self.rings:
+            self.rings[vip_num] = np.zeros(self.ring_size, dtype=np.uint32)
+        self.rings[vip_num][slots] = values
+        self.ring_batches.append((vip_num, len(slots)))
 
     def read_counters(self, name: str) -> dict[int, tuple[int, int]]:
         return dict(self.counters.get(name, {}))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from edge_lb import netlink
 from edge_lb.config import Config, IPAddress, Node
 from edge_lb.dataplane.bpfsys import possible_cpus
-from edge_lb.dataplane.desired import Allocator, RingCache, VipKey, desired_state, new_flow_rate
+from edge_lb.dataplane.desired import Allocator, Ring, RingCache, VipKey, desired_state, frozen, new_flow_rate
 from edge_lb.dataplane.loader import Dataplane
 from edge_lb.dataplane.mapio import Ctl, MapIO
 from edge_lb.dataplane.programmer import ApplyReport, Programmer
@@ -110,10 +112,17 @@ class NodeMaps:
         slot = None if index is None else self.programmer.backends.get(index)
         return slot is not None and slot.up
 
-    def ring(self, vip: VipKey) -> Sequence[int]:
-        """The VIP's ring as last written (backend index per slot); empty when the VIP is not written."""
+    def ring(self, vip: VipKey) -> Ring:
+        """The VIP's ring as last written (backend index per slot, read-only); empty when the VIP is not
+        written."""
         num = self.programmer.vips.get(vip)
-        return () if num is None else self.programmer.rings.get(num, ())
+        ring = None if num is None else self.programmer.rings.get(num)
+        return _NO_RING if ring is None else ring
+
+    def slot_counts(self, vip: VipKey) -> dict[int, int]:
+        """Backend index -> slots it holds in the VIP's ring as last written (0 included: empty slots)."""
+        indexes, counts = np.unique(self.ring(vip), return_counts=True)
+        return dict(zip(indexes.tolist(), counts.tolist(), strict=True))
 
     def apply(self, config: Config, health: Mapping[tuple[VipKey, IPAddress], bool] | None = None,
               link: Link | None = None) -> ApplyReport:
@@ -131,6 +140,9 @@ class NodeMaps:
         self.link = link
         self.new_flow_rate = ctl.new_flow_rate
         return report
+
+
+_NO_RING: Ring = frozen(np.zeros(0, dtype=np.uint32))
 
 
 def program_maps(io: MapIO, config: Config, link: Link, adopt: bool) -> ApplyReport:

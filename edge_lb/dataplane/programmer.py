@@ -4,12 +4,13 @@ rings before the VIPs that use them; removals in reverse."""
 
 from __future__ import annotations
 
-import itertools
-import operator
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from edge_lb.config import IPAddress
-from edge_lb.dataplane.desired import Allocator, BackendSlot, DesiredState, VipKey, filter_words
+from edge_lb.dataplane.desired import Allocator, BackendSlot, DesiredState, Ring, VipKey, filter_words, frozen
 from edge_lb.dataplane.mapio import MapIO
 
 
@@ -29,11 +30,13 @@ class ApplyReport:
                     or self.backends_cleared)
 
 
-def ring_changes(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Only the slots whose backend differs (compared at C speed: a ring has tens of thousands of slots)."""
-    if len(old) != len(new):
-        raise ValueError(f"cannot diff rings of {len(old)} and {len(new)} slots")
-    return [(slot, new[slot]) for slot in itertools.compress(range(len(new)), map(operator.ne, old, new))]
+def ring_changes(old: Ring, new: Ring) -> tuple[npt.NDArray[np.intp], Ring]:
+    """Only the slots whose backend differs, as (slots, their new backend indexes): two arrays, compared in
+    numpy (a ring has tens of thousands of slots; no Python object per slot)."""
+    if old.shape != new.shape:
+        raise ValueError(f"cannot diff rings of {old.size} and {new.size} slots")
+    slots = np.flatnonzero(old != new)
+    return slots, new[slots]
 
 
 class Programmer:
@@ -43,7 +46,7 @@ class Programmer:
         self.vips: dict[VipKey, int] = {}
         self.vip_flags: dict[VipKey, int] = {}  # non-zero flags only
         self.backends: dict[int, BackendSlot] = {}
-        self.rings: dict[int, tuple[int, ...]] = {}
+        self.rings: dict[int, Ring] = {}  # read-only arrays
         self.vip_addrs: dict[IPAddress, int] = {}
         self.filter: dict[int, int] = {}  # the VIP prefilter's non-zero words, as written
 
@@ -52,7 +55,7 @@ class Programmer:
         self.vips = self.io.read_vips()
         self.vip_flags = self.io.read_vip_flags()
         self.backends = self.io.read_backends()
-        self.rings = {num: self.io.read_ring(num) for num in self.vips.values()}
+        self.rings = {num: frozen(self.io.read_ring(num)) for num in self.vips.values()}
         self.vip_addrs = self.io.read_vip_addrs()
         self.filter = self.io.read_filter()
         alloc.vip_nums.update(self.vips)
@@ -118,20 +121,20 @@ class Programmer:
             self.backends.update(changed)
             report.backends_written = len(changed)
 
-    def _write_ring(self, num: int, ring: tuple[int, ...], report: ApplyReport) -> None:
+    def _write_ring(self, num: int, ring: Ring, report: ApplyReport) -> None:
         old = self.rings.get(num)
-        if old is ring:  # the same cached ring (desired.py): nothing to compare, 65,537 slots at a time
+        if old is ring:  # the same cached ring (desired.py): nothing to compare
             return
         if old is None:  # a number new to us: the map may hold a ring a crash left behind, not zeros
             old = self.io.read_ring(num)
-        changes = ring_changes(old, ring)
-        if changes:
+        slots, values = ring_changes(old, ring)
+        if slots.size:
             try:
-                self.io.write_ring_slots(num, changes)
+                self.io.write_ring_slots(num, slots, values)
             except Exception:
                 self.rings.pop(num, None)  # a batch may be partly written: the next apply reads the map
                 raise
-            report.ring_slots[num] = len(changes)
+            report.ring_slots[num] = int(slots.size)
         self.rings[num] = ring
 
     def _write_vips(self, want: DesiredState, report: ApplyReport) -> None:
@@ -159,7 +162,7 @@ class Programmer:
             self.vip_flags.pop(key, None)
             num = self.vips.pop(key)
             if num not in want.rings:  # the number was not reused by a new VIP in this apply
-                self._write_ring(num, (0,) * self.ring_size, report)
+                self._write_ring(num, frozen(np.zeros(self.ring_size, dtype=np.uint32)), report)
                 del self.rings[num]
         stale = [i for i in self.backends if i not in want.backends]
         if stale:

@@ -1,18 +1,22 @@
 """The fd-level map interface and the program pins (edge_lb.dataplane.fdmaps, .pinned) against
 the real compiled program: every ctypes layout equals clang's (bcc's table.Key / table.Leaf), and a load with
-pins leaves the program pinned under the digest that adoption looks for."""
+pins leaves the program pinned under the digest that adoption looks for; ring slots go in and come out as
+arrays."""
 
 from __future__ import annotations
 
 import ctypes
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_lb import paths
 from edge_lb.dataplane import bpfsys, fdmaps, pinned
+from edge_lb.dataplane.desired import frozen
 from edge_lb.dataplane.loader import BPF_DIR, MAP_NAMES, Dataplane, remove_pins
 
 from .conftest import make_config
@@ -27,21 +31,50 @@ def _layout(ctype: Any) -> list[tuple[str, int, int]] | int:
     return [(name, getattr(ctype, name).offset, getattr(ctype, name).size) for name, *_ in ctype._fields_]
 
 
-def test_every_mirrored_layout_is_clangs() -> None:
+@pytest.fixture(scope="module")
+def loaded() -> Iterator[Dataplane]:
     dp = Dataplane.load(make_config().dataplane, pin=False)
+    yield dp
+    dp.close()
+
+
+def test_every_mirrored_layout_is_clangs(loaded: Dataplane) -> None:
+    dp = loaded
+    for name, (key, value) in fdmaps.LAYOUTS.items():
+        table = dp.bpf[name.encode()]
+        assert _layout(key) == _layout(table.Key), f"{name} key"
+        leaf = table.Leaf._type_ if issubclass(table.Leaf, ctypes.Array) else table.Leaf  # per CPU
+        assert _layout(value) == _layout(leaf), f"{name} value"
+        info = bpfsys.map_info(table.map_fd)
+        assert (info.key_size, info.value_size) == (ctypes.sizeof(key), ctypes.sizeof(value)), name
+    # every map the program uses is named for adoption
+    used = bpfsys.prog_ids(dp.prog_fd)[1]
+    assert {bpfsys.map_info(dp.bpf[n.encode()].map_fd).id for n in MAP_NAMES} == used
+
+
+@pytest.mark.parametrize(("case", "slots"), [
+    ("nothing", []),
+    ("the first and last slot", [0, -1]),
+    ("scattered, out of order", [65536, 7, 30000, 1]),
+    ("every slot", list(range(65537))),
+])
+def test_ring_slots_are_written_and_read_as_arrays(loaded: Dataplane, case: str, slots: list[int]) -> None:
+    """FdMapIO writes (slot, value) arrays in one batch under the VIP's base (the last VIP number: the end of
+    the rings map) and reads a ring back as an array; the ring before it is untouched."""
+    io = loaded.io
+    size, last = io.ring_size, make_config().dataplane.max_vips - 1
+    index = np.arange(size, dtype=np.intp)[slots] if slots else np.zeros(0, dtype=np.intp)
+    values = frozen(np.arange(1, len(index) + 1, dtype=np.uint32) * 3)  # read-only, as rings are
+    neighbour = io.read_ring(last - 1)
+    io.write_ring_slots(last, index, values)
     try:
-        for name, (key, value) in fdmaps.LAYOUTS.items():
-            table = dp.bpf[name.encode()]
-            assert _layout(key) == _layout(table.Key), f"{name} key"
-            leaf = table.Leaf._type_ if issubclass(table.Leaf, ctypes.Array) else table.Leaf  # per CPU
-            assert _layout(value) == _layout(leaf), f"{name} value"
-            info = bpfsys.map_info(table.map_fd)
-            assert (info.key_size, info.value_size) == (ctypes.sizeof(key), ctypes.sizeof(value)), name
-        # every map the program uses is named for adoption
-        used = bpfsys.prog_ids(dp.prog_fd)[1]
-        assert {bpfsys.map_info(dp.bpf[n.encode()].map_fd).id for n in MAP_NAMES} == used
+        want = np.zeros(size, dtype=np.uint32)
+        want[index] = values
+        got = io.read_ring(last)
+        assert got.dtype == np.uint32 and got.tolist() == want.tolist(), case
+        assert np.array_equal(io.read_ring(last - 1), neighbour), "only this VIP's slots"
     finally:
-        dp.close()
+        io.write_ring_slots(last, np.arange(size, dtype=np.intp), np.zeros(size, dtype=np.uint32))
 
 
 def test_a_pinned_load_pins_the_program_under_its_digest_and_adoption_checks_it() -> None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,10 @@ class RefusingMapIO(FakeMapIO):
             raise DataplaneError("cannot write backends to the maps: No space left on device")
         super().put_backends(backends)
 
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
+    def write_ring_slots(self, vip_num: int, slots: Any, values: Any) -> None:
         if self.refuse:
             raise DataplaneError("cannot write the ring: No space left on device")
-        super().write_ring_slots(vip_num, changes)
+        super().write_ring_slots(vip_num, slots, values)
 
     def clear_backends(self, indexes: Iterable[int]) -> None:
         if self.refuse:

@@ -80,12 +80,13 @@ class RecordingMapIO(FakeMapIO):
         self.log.lines.append("map backends")
         super().put_backends(backends)
 
-    def write_ring_slots(self, vip_num: int, changes: Sequence[tuple[int, int]]) -> None:
+    def write_ring_slots(self, vip_num: int, slots: Any, values: Any) -> None:
         self.log.lines.append("map ring")
         if self.refuse_ring:
-            super().write_ring_slots(vip_num, changes[:len(changes) // 2])
+            half = len(slots) // 2
+            super().write_ring_slots(vip_num, slots[:half], values[:half])
             raise DataplaneError("rings: batch update failed half-way")
-        super().write_ring_slots(vip_num, changes)
+        super().write_ring_slots(vip_num, slots, values)
 
     def put_vips(self, vips: Mapping[VipKey, int], flags: Mapping[VipKey, int]) -> None:
         if self.refuse:
@@ -120,7 +121,7 @@ class Node:
 
     def ring(self, vip: str) -> tuple[int, ...]:
         key = next(VipKey.of(v) for v in self.state.config.vips if v.name == vip)
-        return tuple(self.maps.ring(key))
+        return tuple(self.maps.ring(key).tolist())
 
     async def start(self) -> None:
         await self.rec.change("startup")

@@ -6,12 +6,14 @@ import copy
 import ipaddress
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_lb.config import Config, parse_config
 from edge_lb.dataplane import maglev
 from edge_lb.dataplane.desired import (
     VIP_FILTER_BITS,
+    Allocator,
     VipKey,
     filter_bucket,
     filter_words,
@@ -85,7 +87,7 @@ def test_change_writes_exactly_the_slot_diff(node: tuple[FakeMapIO, NodeMaps], c
     assert report.ring_slots == {0: len(maglev.diff(old, new))}, change
     assert io.ring_batches[-1] == (0, len(maglev.diff(old, new)))
     index_of = {s.address.packed: i for i, s in io.backends.items()}
-    assert [index_of.get(k, 0) if k else 0 for k in new] == io.rings[0]
+    assert [index_of.get(k, 0) if k else 0 for k in new] == io.rings[0].tolist()
 
 
 def test_removed_backend_entry_is_cleared_and_numbers_are_stable(node: tuple[FakeMapIO, NodeMaps]) -> None:
@@ -104,9 +106,81 @@ def test_removed_vip_is_deleted_and_its_ring_zeroed(node: tuple[FakeMapIO, NodeM
     assert set(io.rings[0]) == {0}
 
 
-def test_ring_changes_lists_only_differences() -> None:
-    assert ring_changes((1, 2, 3), (1, 4, 3)) == [(1, 4)]
-    assert ring_changes((1,), (1,)) == []
+def u32(*values: int) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    return np.array(values, dtype=np.uint32)
+
+
+@pytest.mark.parametrize(("case", "old", "new", "slots", "values"), [
+    ("same ring", (1, 2, 3), (1, 2, 3), [], []),
+    ("one slot", (1, 2, 3), (1, 4, 3), [1], [4]),
+    ("first and last", (1, 2, 3), (5, 2, 0), [0, 2], [5, 0]),
+    ("every slot, to empty", (1, 2, 3), (0, 0, 0), [0, 1, 2], [0, 0, 0]),
+    ("from empty", (0, 0, 0), (7, 0, 7), [0, 2], [7, 7]),
+    ("large indexes", (0, 1 << 31), (0xFFFFFFFF, 1 << 31), [0], [0xFFFFFFFF]),
+])
+def test_ring_changes_lists_only_differences(case: str, old: tuple[int, ...], new: tuple[int, ...],
+                                             slots: list[int], values: list[int]) -> None:
+    got_slots, got_values = ring_changes(u32(*old), u32(*new))
+    assert (got_slots.tolist(), got_values.tolist()) == (slots, values), case
+    assert got_values.dtype == np.uint32, "the map's value type, written from the buffer as it is"
+
+
+def test_ring_changes_refuses_rings_of_different_sizes() -> None:
+    with pytest.raises(ValueError, match="rings of 2 and 3 slots"):
+        ring_changes(u32(1, 2), u32(1, 2, 3))
+
+
+@pytest.mark.parametrize(("case", "slots", "values", "ring"), [
+    ("nothing", [], [], [0, 0, 0, 0, 0]),
+    ("scattered", [4, 0, 2], [9, 8, 7], [8, 0, 7, 0, 9]),
+    ("every slot", [0, 1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]),
+])
+def test_fake_maps_write_ring_slots_from_the_arrays(case: str, slots: list[int], values: list[int],
+                                                     ring: list[int]) -> None:
+    io = FakeMapIO(ring_size=5)
+    io.write_ring_slots(3, np.array(slots, dtype=np.intp), u32(*values))
+    assert io.read_ring(3).tolist() == ring, case
+    assert io.ring_batches == [(3, len(slots))]
+    io.read_ring(3)[:] = 6
+    assert io.read_ring(3).tolist() == ring, "read_ring hands out a copy, never the map itself"
+    assert io.read_ring(2).tolist() == [0] * 5, "a ring never written holds zeros"
+
+
+def test_rings_are_read_only_and_shared(node: tuple[FakeMapIO, NodeMaps]) -> None:
+    """The ring cache, the programmer's tables and readers share one array: nobody can write into it."""
+    _, maps = node
+    vip = VipKey.of(cfg().vips[0])
+    ring = maps.ring(vip)
+    assert ring.dtype == np.uint32 and ring.size == RING
+    with pytest.raises(ValueError, match="read-only"):
+        ring[0] = 3
+    assert maps.ring(vip) is ring and maps.programmer.rings[0] is ring
+    assert maps.apply(cfg()).ring_slots == {}, "the same cached ring: nothing compared, nothing written"
+    assert maps.ring(vip) is ring
+    assert maps.slot_counts(vip) == {i: ring.tolist().count(i) for i in (1, 2, 3)}
+
+
+def test_a_vip_with_no_backend_up_has_an_all_zero_ring() -> None:
+    vip = with_backends(1, 2).vips[0]
+    indexes = {b.address: n for n, b in enumerate(vip.backends, start=5)}
+    ring = ring_for(vip, indexes, RING, {a: False for a in indexes})
+    assert ring.dtype == np.uint32 and ring.tolist() == [0] * RING
+    assert set(ring_for(vip, indexes, RING).tolist()) == {5, 6}, "owner indexes mapped to these backends"
+
+
+def test_the_allocator_hands_out_the_lowest_free_number() -> None:
+    """Whatever changed its tables in between: its own numbers, retain() freeing some, the maps adopted."""
+    ip = ipaddress.ip_address
+    alloc = Allocator(max_vips=4, max_backends=8)
+    assert [alloc.backend(0, ip(f"10.0.0.{i}")) for i in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert alloc.backend(0, ip("10.0.0.2")) == 2, "a pair keeps its number"
+    alloc.retain([], [(0, ip("10.0.0.1")), (0, ip("10.0.0.4"))])  # frees 2 and 3
+    assert [alloc.backend(1, ip(f"10.0.0.{i}")) for i in (5, 6, 7)] == [2, 3, 5]
+    alloc.backend_idx.update({(2, ip("10.0.0.8")): 6})  # as adopting the maps does
+    assert alloc.backend(2, ip("10.0.0.9")) == 7
+    with pytest.raises(ValueError, match="no free number below 8"):
+        alloc.backend(2, ip("10.0.0.10"))
+    assert [alloc.vip_num(VipKey(ip(f"10.200.0.{i}"), 80, 6)) for i in (1, 2)] == [0, 1]
 
 
 def test_swap_at_capacity_fits() -> None:
@@ -188,7 +262,7 @@ def test_a_number_new_to_us_is_diffed_against_the_map_not_zeros() -> None:
     """A crash between a VIP's delete and its ring's zeroing leaves a ring under a free number: the VIP
     that gets the number next must overwrite every slot that differs, not only those that differ from 0."""
     io = FakeMapIO(ring_size=RING)
-    io.rings[0] = [7] * RING  # left behind; no VIP entry names number 0
+    io.rings[0] = np.full(RING, 7, dtype=np.uint32)  # left behind; no VIP entry names number 0
     maps = NodeMaps(io, cfg(), LINK, adopt=True)
     vip = cfg().vips[0]
     waiting = {(VipKey.of(vip), b.address): False for b in vip.backends}
@@ -203,24 +277,34 @@ def test_a_ring_batch_that_failed_half_way_is_rewritten_by_the_next_apply() -> N
 
     class HalfWrites(FakeMapIO):
         fail_next = False
+        reads = 0
 
-        def write_ring_slots(self, vip_num: int, changes: Any) -> None:
+        def read_ring(self, vip_num: int) -> Any:
+            self.reads += 1
+            return super().read_ring(vip_num)
+
+        def write_ring_slots(self, vip_num: int, slots: Any, values: Any) -> None:
             if self.fail_next:
                 self.fail_next = False
-                super().write_ring_slots(vip_num, changes[: len(changes) // 2])
+                half = len(slots) // 2
+                super().write_ring_slots(vip_num, slots[:half], values[:half])
                 raise OSError("E2BIG half-way")
-            super().write_ring_slots(vip_num, changes)
+            super().write_ring_slots(vip_num, slots, values)
 
     io = HalfWrites(ring_size=RING)
     maps = NodeMaps(io, cfg(), LINK, adopt=False)
     maps.apply(cfg())
-    before = list(io.rings[0])
+    before = io.rings[0].copy()
     io.fail_next = True
     with pytest.raises(OSError):
         maps.apply(with_backends(1, 2))
-    assert io.rings[0] != before, "the failed batch left part of the new ring behind"
-    maps.apply(cfg())  # the rollback
-    assert io.rings[0] == before
+    half_done = io.rings[0].copy()
+    assert not np.array_equal(half_done, before), "the failed batch left part of the new ring behind"
+    reads = io.reads
+    report = maps.apply(cfg())  # the rollback
+    assert io.reads == reads + 1, "the next apply reads the ring from the map"
+    assert np.array_equal(io.rings[0], before)
+    assert report.ring_slots == {0: int(np.count_nonzero(half_done != before))}, "exactly what the map lacked"
 
 
 def test_vips_with_the_same_pool_share_one_maglev_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,8 +314,8 @@ def test_vips_with_the_same_pool_share_one_maglev_build(monkeypatch: pytest.Monk
                          "vip": [{"address": f"10.200.1.{n}", "port": 80, "protocol": "tcp", "backend": pool}
                                  for n in range(1, 7)]})
     builds: list[int] = []
-    real = maglev.build_table
-    monkeypatch.setattr(maglev, "build_table", lambda members, size: builds.append(1) or real(members, size))
+    real = maglev.owner_table
+    monkeypatch.setattr(maglev, "owner_table", lambda members, size: builds.append(1) or real(members, size))
     io = FakeMapIO(ring_size=RING)
     maps = NodeMaps(io, many, LINK, adopt=False)
     maps.apply(many)
@@ -239,7 +323,7 @@ def test_vips_with_the_same_pool_share_one_maglev_build(monkeypatch: pytest.Monk
     for vip in many.vips:
         num = maps.programmer.vips[VipKey.of(vip)]
         indexes = {b.address: maps.alloc.backend_idx[(num, b.address)] for b in vip.backends}
-        assert tuple(io.rings[num]) == ring_for(vip, indexes, RING), "each ring names its own VIP's backends"
+        assert np.array_equal(io.rings[num], ring_for(vip, indexes, RING)), "each ring names its own backends"
     builds.clear()
     dead = ipaddress.ip_address("10.0.0.2")
     maps.apply(many, {(VipKey.of(v), dead): False for v in many.vips})
@@ -399,15 +483,16 @@ def test_readers_see_the_written_tables_change_only_when_the_apply_ends() -> Non
     seen: list[tuple[bool, tuple[int, ...]]] = []
 
     class Watching(FakeMapIO):
-        def write_ring_slots(self, vip_num: int, changes: Any) -> None:
-            seen.append((maps.written_up(vip, ipaddress.ip_address("10.0.0.4")), tuple(maps.ring(vip))))
-            super().write_ring_slots(vip_num, changes)
+        def write_ring_slots(self, vip_num: int, slots: Any, values: Any) -> None:
+            up = maps.written_up(vip, ipaddress.ip_address("10.0.0.4"))
+            seen.append((up, tuple(maps.ring(vip).tolist())))
+            super().write_ring_slots(vip_num, slots, values)
 
     vip = VipKey.of(cfg().vips[0])
     io = Watching(ring_size=RING)
     maps = NodeMaps(io, cfg(), LINK, adopt=False)
     maps.apply(cfg())
-    before = tuple(maps.ring(vip))
+    before = tuple(maps.ring(vip).tolist())
     maps.apply(with_backends(1, 2, 3, 4))
     assert seen[-1] == (False, before), "mid-apply, readers still see the tables as before it"
-    assert maps.written_up(vip, ipaddress.ip_address("10.0.0.4")) and tuple(maps.ring(vip)) != before
+    assert maps.written_up(vip, ipaddress.ip_address("10.0.0.4")) and tuple(maps.ring(vip).tolist()) != before
