@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One idempotent set-up step for edge-lb on Debian 12: system packages, kernel headers for bcc,
-# and a venv that sees Debian's bcc. Used by the README and by .ci/run. A second run changes nothing.
+# and a venv that sees Debian's bcc (the editable install also compiles the C Maglev fill in place).
+# Used by the README and by .ci/run. A second run changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-bpfcc python3-venv linux-headers-amd64 bird2 frr iproute2 ethtool bpftool clang llvm
-              libbpf-dev tcpdump procps iputils-ping curl chromium python3-wheel systemd)
+              libbpf-dev tcpdump procps iputils-ping curl chromium python3-wheel systemd
+              gcc python3-dev)  # gcc, python3-dev: edge_lb/dataplane/_maglevfill.c (setup.py)
 VENV=.venv
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -54,8 +56,11 @@ make_venv() {
     say "venv: creating $VENV (Debian python3, system site packages for bcc)"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
   fi
-  local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
-  if [ -f "$stamp" ]; then say "venv: up to date"; return; fi
+  # Reinstall (and so recompile) when the package metadata or the C extension's source changes.
+  local stamp="$VENV/.installed-$(cat pyproject.toml setup.py edge_lb/dataplane/_maglevfill.c | sha256sum | cut -c1-16)"
+  if [ -f "$stamp" ] && "$VENV/bin/python" -c 'import edge_lb.dataplane._maglevfill' 2>/dev/null; then
+    say "venv: up to date"; return
+  fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[test]'
   rm -f "$VENV"/.installed-*
@@ -72,4 +77,4 @@ install_packages
 link_kernel_headers
 make_venv
 mount_bpffs
-"$VENV/bin/python" -c 'import bcc, pyroute2, scapy' && say "ready: $VENV/bin/edge-lb"
+"$VENV/bin/python" -c 'import bcc, pyroute2, scapy, edge_lb.dataplane._maglevfill' && say "ready: $VENV/bin/edge-lb"

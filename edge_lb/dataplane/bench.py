@@ -27,7 +27,7 @@ from edge_lb.assets import asset_dir
 from edge_lb.config import parse_config
 from edge_lb.dataplane import loader
 from edge_lb.dataplane.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, possible_cpus, sys_bpf
-from edge_lb.dataplane.maglev import Member, build_table
+from edge_lb.dataplane.maglev import Member, owner_table
 from edge_lb.dataplane.simulate import VERDICTS, Simulator
 from edge_lb.dataplane.testrun import _TestAttr
 from edge_lb.errors import EdgeLbError
@@ -40,7 +40,7 @@ MAX_PACKETS = 100_000
 RING_SIZE = 65537
 MAGLEV_SIZES = (10, 100, 1000)
 MAGLEV_RUNS = 5
-MAGLEV_TARGET_MS = 50.0
+MAGLEV_TARGET_MS = 5.0  # issue 13, item 3: 1,000 backends at 65,537 slots
 OWN_MAC, GW_MAC, CLIENT_MAC = "02:00:00:00:00:01", "00:00:de:ad:be:af", "02:00:00:00:00:99"
 # case -> (reference, the most the ratio to it may be): issue 13's targets (0.7x Katran's ratios measured the
 # same way); reported, never asserted.
@@ -311,14 +311,15 @@ def measure(packets: int) -> tuple[dict[str, dict[str, Any]], int]:
 
 
 def maglev_ms() -> dict[str, float]:
-    """Median of MAGLEV_RUNS rebuilds of a RING_SIZE-slot table for 10, 100 and 1000 equal backends, in ms."""
+    """Median of MAGLEV_RUNS rebuilds of a RING_SIZE-slot table for 10, 100 and 1000 equal backends, in ms:
+    owner_table, what the apply path calls (hashing + the fill, in C when built)."""
     result = {}
     for count in MAGLEV_SIZES:
         members = [Member(ipaddress.IPv4Address(0x0A000001 + n).packed, 1) for n in range(count)]
         times = []
         for _ in range(MAGLEV_RUNS):
             start = time.perf_counter()
-            build_table(members, RING_SIZE)
+            owner_table(members, RING_SIZE)
             times.append((time.perf_counter() - start) * 1000)
         result[str(count)] = round(statistics.median(times), 1)
     return result
