@@ -11,7 +11,7 @@ from healthchecks.dns import DnsChecker
 from healthchecks.http import HttpChecker
 from healthchecks.spec import CheckSpec
 from healthchecks.tcp import TcpChecker
-from healthchecks.tunnel import TunnelChecker
+from healthchecks.tunnel import Disturbed, TunnelChecker
 
 _BY_KIND: dict[str, Callable[[CheckSpec], Checker]] = {
     "tcp": TcpChecker,
@@ -22,11 +22,12 @@ _BY_KIND: dict[str, Callable[[CheckSpec], Checker]] = {
 }
 
 
-def make_checker(spec: CheckSpec) -> Checker:
-    """ValueError for "none" (nothing to run: the backend is simply healthy) and for unknown kinds."""
+def make_checker(spec: CheckSpec, disturbed: Disturbed | None = None) -> Checker:
+    """ValueError for "none" (nothing to run: the backend is simply healthy) and for unknown kinds.
+    `disturbed`: asked before a tunnel check blames its backend (healthchecks/tunnel.py)."""
     try:
         build = _BY_KIND[spec.kind]
     except KeyError:
         raise ValueError(f"no checker for health check kind {spec.kind!r}") from None
     checker = build(spec)
-    return TunnelChecker(checker) if spec.tunnelled else checker
+    return TunnelChecker(checker, disturbed) if spec.tunnelled else checker

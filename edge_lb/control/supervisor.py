@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -141,7 +142,8 @@ class Supervisor:
         maps = NodeMaps(dp.io, config, await self._link(config), adopt=True)
         counters = CounterSampler(dp.io)
         counters.refresh()
-        state = NodeState(maps, config, overrides.load(paths.weights(instance)), make_checker)
+        checkers = functools.partial(make_checker, disturbed=self._tunnel_disturbed)
+        state = NodeState(maps, config, overrides.load(paths.weights(instance)), checkers)
         state.tunnel_ready = False  # until the TunnelKeeper has the encapsulator in place
         self._on_shutdown("health checks", state.stop)
         await self._watch_link(config, state)
@@ -179,6 +181,10 @@ class Supervisor:
         events.emit("startup", phase="program", program=got.origin, digest=got.digest[:16],
                     seconds=f"{took:.3f}")
         return got, {"origin": got.origin, "digest": got.digest, "seconds": round(took, 3)}
+
+    async def _tunnel_disturbed(self, start: float, end: float) -> bool:
+        """For tunnel checks about to blame a backend: was this node's encapsulator out of place then?"""
+        return self._tunnel is None or await self._tunnel.disturbed(start, end)
 
     def _bgp(self, config: Config, state: NodeState, attachment: Attachment) -> BgpController | None:
         if config.bgp is None:

@@ -13,17 +13,22 @@ reverse path, the VIP, is routed out of the same interface, so rp_filter accepts
 Like the XDP program, the filter stays attached when the supervisor exits (it only acts on marked packets);
 `edge-lb unload` removes it and the policy route. Its name carries the digest of its build (sources, flags,
 kernel: dataplane/pinned.py), so a restarted supervisor whose build is the one attached adopts it without the
-compiler (ensure()); otherwise it compiles and replaces it.
+compiler (ensure()); otherwise it compiles and replaces it. A compiled build is also pinned under that name
+beside the balancer's maps, so when the filter is removed from outside the keeper puts the same program back
+from its pin in milliseconds, without the compiler ("pinned"), as long as the maps it uses are still the
+balancer's pinned ones.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from edge_lb import netlink_tc, paths
 from edge_lb.config import Dataplane as DataplaneSettings
-from edge_lb.dataplane import loader
+from edge_lb.dataplane import bpfsys, loader
 from edge_lb.dataplane.loader import BPF_DIR, MapSizes
 from edge_lb.dataplane.pinned import program_digest
 from edge_lb.errors import DataplaneError, NetlinkError
@@ -74,7 +79,8 @@ def filter_name(settings: DataplaneSettings) -> str:
 
 
 class Ensured(NamedTuple):
-    origin: str  # "adopted": the filter attached was this build; "compiled": (re)attached now
+    origin: str  # "adopted": the filter attached was this build; "pinned": this build put back from its pin;
+    #              "compiled": built and (re)attached now
     gateways: list[str]  # the policy route goes through these
     rules_added: int  # fwmark rules that were missing (or wrong) and were put in place
 
@@ -85,18 +91,65 @@ def ensure(settings: DataplaneSettings, ifname: str) -> Ensured:
     (pyroute2, bcc): run it in a thread. Idempotent: control/checktunnel.py re-runs it to restore them."""
     name = filter_name(settings)
     try:
-        adopted = netlink_tc.tc_egress_name(ifname, FILTER_PRIO) == name
-        if not adopted:
-            encap = CheckEncap.load(settings)
-            try:
-                netlink_tc.attach_tc_egress(ifname, encap.prog_fd, name, FILTER_PRIO)
-            finally:
-                encap.close()  # the filter keeps the program
+        origin = "adopted"
+        if netlink_tc.tc_egress_name(ifname, FILTER_PRIO) != name:
+            origin = _attach(settings, ifname, name)
         base = settings.check_mark_base
         gateways, added = netlink_tc.mark_routes(ifname, base, MARK_MASK, table_of(base), rule_priority(base))
     except NetlinkError as exc:
         raise DataplaneError(f"check encapsulator on {ifname}: {exc}") from exc
-    return Ensured("adopted" if adopted else "compiled", gateways, added)
+    return Ensured(origin, gateways, added)
+
+
+def _attach(settings: DataplaneSettings, ifname: str, name: str) -> str:
+    """Attach this build: from its pin when that is usable ("pinned"), else compiled and pinned."""
+    pins = paths.pins(settings.instance)
+    fd = _pinned_fd(pins, name)
+    if fd is not None:
+        try:
+            netlink_tc.attach_tc_egress(ifname, fd, name, FILTER_PRIO)
+        finally:
+            os.close(fd)
+        return "pinned"
+    encap = CheckEncap.load(settings)
+    try:
+        netlink_tc.attach_tc_egress(ifname, encap.prog_fd, name, FILTER_PRIO)
+        _pin(encap.prog_fd, pins, name)
+    finally:
+        encap.close()  # the filter (and the pin) keep the program
+    return "compiled"
+
+
+_SHARED_MAPS = ("backends", "ctl")  # the balancer's maps checkencap.c reads
+
+
+def _pinned_fd(pins: Path, name: str) -> int | None:
+    """An fd of the pinned program `name` when the balancer's pinned maps are the ones it uses (a rebuilt
+    balancer's are not: then it is compiled again), else None."""
+    path = pins / name
+    if not path.exists():
+        return None
+    fd = bpfsys.obj_get(path)
+    try:
+        _, used = bpfsys.prog_ids(fd)
+        for map_name in _SHARED_MAPS:
+            map_fd = bpfsys.obj_get(pins / map_name)
+            try:
+                if bpfsys.map_info(map_fd).id not in used:
+                    raise LookupError(map_name)
+            finally:
+                os.close(map_fd)
+    except (LookupError, DataplaneError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _pin(fd: int, pins: Path, name: str) -> None:
+    """Pin the program as `name`; other builds' pins go."""
+    for old in pins.glob(f"{PROGRAM}_*"):
+        old.unlink(missing_ok=True)
+    bpfsys.obj_pin(fd, pins / name)
 
 
 class CheckEncap:

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from edge_lb.config import Dataplane
+from edge_lb.dataplane import checkencap
 from edge_lb.lab.labs import PY, VIP, VIP4_OVER_V6, VIP6, VIP_PORT, DataplaneLab, wait_for
 from edge_lb.lab.netns import Lab
 
@@ -170,3 +172,35 @@ def test_ipv6_backends_are_checked_through_ip6ip6_and_4in6(tlab: DataplaneLab) -
         vip_on_lo(d, "b1", VIP6, "add")
         vip_on_lo(d, "b2", VIP4_OVER_V6, "add")
     wait_for(lambda: all_up(d), 10, "both back once mended")
+
+
+def test_the_encapsulator_removed_at_runtime_is_restored_and_still_catches_a_broken_backend(
+        tlab: DataplaneLab) -> None:
+    """The tc filter and the fwmark rules deleted from outside under a running supervisor (an operator's
+    `tc filter del`, a network manager's rule flush): without them marked checks would leave unencapsulated,
+    the router would send them back to the balancer, and every check would pass whatever a backend's decap.
+    The keeper puts both back within its period, says so, blames no backend, and the checks catch a broken
+    decap again afterwards."""
+    d = tlab
+    assert d.lb is not None
+    reload(d, "tunnel")
+    wait_for(lambda: all_up(d), 10, "every backend up")
+    before = d.status()["check_tunnel"]["restores"]
+    base = Dataplane().check_mark_base
+    d.lb.ns.run(["tc", "filter", "del", "dev", "eth0", "egress", "pref", str(checkencap.FILTER_PRIO)])
+    for family in ("-4", "-6"):
+        d.lb.ns.run(["ip", family, "rule", "del", "priority", str(checkencap.rule_priority(base))])
+    assert "bpf" not in d.lb.ns.run(["tc", "filter", "show", "dev", "eth0", "egress"]).stdout, "removed"
+    took = wait_for(lambda: d.status()["check_tunnel"]["restores"] > before, 5, "the keeper restored them")
+    print(f"encapsulator and rules removed from outside: restored within {took:.2f} s")
+    assert "bpf" in d.lb.ns.run(["tc", "filter", "show", "dev", "eth0", "egress"]).stdout
+    assert f"fwmark {base:#x}" in d.lb.ns.run(["ip", "-4", "rule", "show"]).stdout
+    assert d.status()["check_tunnel"]["ready"] and all_up(d), "no backend blamed for it"
+    assert "result=restored" in d.supervisor_log()
+    FAULTS["decap removed"][0](d, "b1")
+    try:
+        wait_for(lambda: rows(d)[(VIP, "b1")]["ring_slots"] == 0, BOUND + SLACK + 5, "b1 out once restored")
+        assert rows(d)[(VIP, "b1")]["reason"].startswith("direct OK, via tunnel: ")
+    finally:
+        FAULTS["decap removed"][1](d, "b1")
+    wait_for(lambda: all_up(d), 10, "b1 back once mended")

@@ -83,7 +83,8 @@ def test_a_filter_or_rule_removed_from_outside_is_restored_and_said_so(emitted: 
     kernel.rule = False  # `ip rule del` of the fwmark rule
     assert asyncio.run(k.once()) and kernel.rule and k.restores == 2
     restored = [f for kind, f in emitted if f.get("result") == "restored"]
-    assert [(f["filter"], f["rules_added"]) for f in restored] == [("re-attached", 0), ("in place", 1)]
+    assert [(f["filter"], f["rules_added"]) for f in restored] == [("compiled and re-attached", 0),
+                                                                    ("in place", 1)]
 
 
 def test_a_failure_is_retried_until_ready_with_a_bounded_backoff(emitted: list[Any],
@@ -163,3 +164,40 @@ def test_status_shows_readiness_restores_and_local_vips(emitted: list[Any]) -> N
                      'VIP 10.0.0.3 is a local address on this node: tunnel checks to it are answered '
                      'locally; remove it or use via = "direct"']
     assert _check_tunnel({"ready": True, "restores": 0, "failures": 0, "local_vips": []}) == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_check_that_overlapped_an_outage_is_told_so_and_many_askers_share_one_pass(
+        emitted: list[Any]) -> None:
+    """A tunnel check about to blame its backend ("direct OK") asks whether the node's encapsulator was out
+    of place during it: found missing by a pass begun after the check failed, it was missing since the last
+    pass that saw it whole, so every check that overlapped that time is the node's fault."""
+    kernel, clock = FakeKernel(), Clock()
+    state = State(parse_config(copy.deepcopy(BASE)))
+    k = TunnelKeeper(state, "eth0", kernel.ensure, kernel.local_under_mark, clock)
+
+    async def main() -> None:
+        assert await k.shared_pass(clock.now)  # startup: compiled (no check ran before: not ready)
+        clock.now = 101.0
+        assert await k.shared_pass(clock.now) and kernel.calls == 2  # seen whole at 101
+        clock.now = 102.0
+        assert not await k.disturbed(101.5, 102.0), "found whole again at 102: the backend's fault"
+        assert kernel.calls == 3
+        clock.now = 103.0
+        kernel.filter = False  # removed from outside some time after 102
+        answers = await asyncio.gather(*(k.disturbed(102.5, 103.0) for _ in range(50)))
+        assert all(answers) and kernel.filter, "put back, and every check that overlapped it is told"
+        assert kernel.calls == 4, "50 checks asking at once share one pass"
+        assert await k.disturbed(102.5, 102.8) and kernel.calls == 4, "answered by that same pass"
+        clock.now = 104.0
+        assert not await k.disturbed(103.5, 104.0), "a check begun after it was put back is judged"
+        assert await k.disturbed(102.9, 104.0), "one that began before is not"
+
+    asyncio.run(main())

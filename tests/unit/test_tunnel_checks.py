@@ -127,6 +127,27 @@ def test_a_failed_tunnel_check_is_followed_by_a_direct_one(tunnel: Result, direc
         assert inner.calls[1] == Target(ipaddress.ip_address("10.1.0.1"), 80, vip=VIP_A), "unmarked, itself"
 
 
+@pytest.mark.parametrize(("disturbed", "reason", "cause"), [
+    (False, "direct OK, via tunnel: timeout (1s)", None),
+    (True, "tunnel: this node's encapsulator was out of place (timeout (1s))", local.NOT_WRITTEN)])
+def test_direct_ok_blames_the_backend_only_when_the_nodes_tunnel_was_in_place(
+        disturbed: bool, reason: str, cause: str | None) -> None:
+    asked: list[tuple[float, float]] = []
+
+    async def was_disturbed(start: float, end: float) -> bool:
+        asked.append((start, end))
+        return disturbed
+
+    inner = Scripted(Result(False, "timeout (1s)"), Result(True, "HTTP 200"))
+    result = asyncio.run(TunnelChecker(inner, was_disturbed).check(TUNNEL))
+    assert (result.ok, result.reason, result.local) == (False, reason, cause)
+    assert len(asked) == 1 and asked[0][0] <= asked[0][1], "asked of the tunnel check's own time"
+    asked.clear()
+    both = asyncio.run(TunnelChecker(Scripted(Result(False, "timeout (1s)"), Result(False, "refused")),
+                                     was_disturbed).check(TUNNEL))
+    assert both.reason == "timeout (1s); direct: refused" and not asked, "a dead backend: nothing to ask"
+
+
 def test_a_direct_target_is_not_checked_twice() -> None:
     inner = Scripted(Result(False, "x"), Result(False, "timeout (1s)"))
     result = asyncio.run(TunnelChecker(inner).check(TUNNEL.direct()))
