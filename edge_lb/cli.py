@@ -218,9 +218,11 @@ def _unreachable(args: argparse.Namespace, exc: EdgeLbError) -> EdgeLbError:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edge_lb.dataplane.bench import main as bench_main
+    from edge_lb.bench import command
 
-    return bench_main(json_out=args.json, packets=args.packets)
+    return command.main(command.Options(
+        json_out=args.json, packets=args.packets, restart=args.restart or args.all,
+        checks=args.checks or args.all, restart_runs=args.restart_runs, check_seconds=args.check_seconds))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -278,9 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("load", cmd_load, "load or adopt the data plane, write the maps, attach it, and exit")
     sp.add_argument("--no-attach", action="store_true", help="program the pinned maps only")
     add("unload", cmd_unload, "detach the program and unpin every map of the instance (uninstall)")
-    sp = add("bench", cmd_bench, "measure the data plane per packet beside pass.c and floor.c", config=False)
+    sp = add("bench", cmd_bench, "measure the data plane per packet beside pass.c and floor.c, the control "
+             "plane's reaction and API cost, and on request restart and health checks at scale", config=False)
     sp.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     sp.add_argument("--packets", type=int, default=20000, help="test runs per case (default 20000)")
+    sp.add_argument("--restart", action="store_true",
+                    help="also kill -9 -> checking again, in a namespace lab (~1 min)")
+    sp.add_argument("--checks", action="store_true",
+                    help="also health checks at scale (1,000 http, 10,000 tcp backends), in labs (~4 min)")
+    sp.add_argument("--all", action="store_true", help="--restart and --checks")
+    sp.add_argument("--restart-runs", type=int, metavar="N", help="kill -9 and restarts (default 3)")
+    sp.add_argument("--check-seconds", type=float, metavar="S",
+                    help="measurement window of each --checks profile (default 20)")
     add("demo", cmd_demo, "build the namespace lab, show balancing and direct return, tear down",
         config=False)
     sp = add("decap", cmd_decap,

@@ -9,6 +9,7 @@
     +-- SupervisorError         the supervisor cannot start (another one runs) or cannot be reached
     +-- BgpError                the BGP speaker (ExaBGP) refused a command, is not running, or cannot start
     +-- BackendError            `edge-lb backend`: a bad argument, a refused setup, a kernel's refusal
+    +-- BenchError              `edge-lb bench`: a bad argument, or a measurement that could not run
 
 Lower libraries' exceptions (bcc's bare Exception, pyroute2's NetlinkError, OSError) are translated once, at
 the module that talks to them, with `raise XError(...) from exc`.
@@ -57,3 +58,8 @@ class BgpError(EdgeLbError):
 class BackendError(EdgeLbError):
     """`edge-lb backend`: a bad argument, a setup it refuses (a missing kernel module, someone else's XDP
     program, a VIP configured where it would answer ARP), or a change the kernel refused."""
+
+
+class BenchError(EdgeLbError):
+    """`edge-lb bench`: a bad argument, a measurement that could not run (its lab or supervisor failed), or a
+    program that returned another XDP action than the case expects."""

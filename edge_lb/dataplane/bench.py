@@ -30,7 +30,7 @@ from edge_lb.dataplane.bpfsys import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, 
 from edge_lb.dataplane.maglev import Member, owner_table
 from edge_lb.dataplane.simulate import VERDICTS, Simulator
 from edge_lb.dataplane.testrun import _TestAttr
-from edge_lb.errors import EdgeLbError
+from edge_lb.errors import BenchError, EdgeLbError
 
 REFERENCE_DIR = asset_dir("benchmarks/reference")
 BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0  # include/uapi/linux/bpf.h
@@ -69,10 +69,6 @@ CONFIG: dict[str, Any] = {
 }
 SYN, ACK = 0x02, 0x10
 GUE_VIP4, GUE_VIP6 = "10.200.1.3", "fd00:200::2"  # the GUE twins of 10.200.1.1:80 and [fd00:200::1]:443
-
-
-class BenchError(EdgeLbError):
-    """The benchmark could not run, or a program returned another XDP action than the case expects."""
 
 
 class _InfoAttr(ctypes.Structure):
