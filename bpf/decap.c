@@ -10,8 +10,12 @@
  * client directly (direct server return). It replaces an ipip/ip6tnl device on hosts that lack those modules.
  *
  * Anything else - not addressed to us, not encapsulated, UDP to another port, GUE whose UDP length is not the rest
- * of the datagram or whose inner version is neither 4 nor 6, IPv6 extension headers, IPv4 with options, outer
- * fragments, truncated - is passed untouched: the kernel decides what to do with it, exactly as without us.
+ * of the datagram or whose inner version is neither 4 nor 6, IPv6 extension headers, IPv4 with options or a wrong
+ * header checksum, outer fragments, truncated, an inner packet that is malformed (IPv4: IHL < 5, a wrong header
+ * checksum, a total length shorter than its header) or longer than what the outer datagram carries - is passed
+ * untouched: the kernel decides what to do with it, exactly as without us (never dropped here: a frame this
+ * program misjudges still reaches the stack, its counters and tcpdump). So what it strips is exactly the packet
+ * the tunnel carried: bytes past the outer datagram (Ethernet padding) are never taken for part of it.
  * The UDP checksum of GUE is not verified (the balancer sends 0, RFC 6935 for IPv6): the inner packet's own
  * checksums still protect it end to end. */
 #include <uapi/linux/bpf.h>
@@ -119,6 +123,41 @@ static __always_inline int decapsulate(struct xdp_md *ctx, int outer_len, __be16
   return XDP_PASS;
 }
 
+/* The IPv4 header at ip (ihl 32-bit words) sums to 0xffff: its checksum is right. Each word is checked to lie
+ * inside the packet (the verifier needs it; a header cut short is not right). */
+static __always_inline int ipv4_header_ok(const struct iphdr *ip, void *data_end) {
+  const __u16 *w = (const void *)ip;
+  __u32 words = ip->ihl * 2;
+  __u32 sum = 0;
+#pragma clang loop unroll(full)
+  for (int i = 0; i < DECAP_IPV4_MAX_HDR_LEN / 2; i++) {
+    if (i < words) {
+      if ((void *)(w + i + 1) > data_end)
+        return 0;
+      sum += w[i];
+    }
+  }
+  sum = (sum & 0xffff) + (sum >> 16);
+  sum = (sum & 0xffff) + (sum >> 16);
+  return sum == 0xffff;
+}
+
+/* A well-formed IPv4 (version 4) or IPv6 packet at inner that lies inside the `carried` bytes the outer datagram
+ * has after its headers (those are inside the frame: the callers checked the outer length against it). */
+static __always_inline int inner_ok(void *inner, __u32 carried, void *data_end, int version) {
+  if (version == 4) {
+    struct iphdr *ip4 = inner;
+    if ((void *)(ip4 + 1) > data_end || ip4->version != 4 || ip4->ihl < 5)
+      return 0;
+    __u32 len = bpf_ntohs(ip4->tot_len);
+    return ip4->ihl * 4 <= len && len <= carried && ipv4_header_ok(ip4, data_end);
+  }
+  struct ipv6hdr *ip6 = inner;
+  if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+    return 0;
+  return sizeof(*ip6) + bpf_ntohs(ip6->payload_len) <= carried;
+}
+
 static __always_inline int is_our_address(const void *addr, int len, __u32 family) {
   struct decap_addr_key key;
 
@@ -130,25 +169,18 @@ static __always_inline int is_our_address(const void *addr, int len, __u32 famil
 
 /* GUE variant 1 behind the UDP header at udp, udp_len: the outer datagram's bytes from udp on. Returns the inner
  * packet's EtherType (network order), or 0 when it is not GUE to strip: another port, a UDP length that is not the
- * rest of the datagram, an inner version neither 4 nor 6, or an inner header not inside both. */
+ * rest of the datagram, an inner version neither 4 nor 6, or an inner packet that is not well-formed inside it. */
 static __always_inline __be16 gue_inner(struct udphdr *udp, __u32 udp_len, void *data_end) {
-  if ((void *)(udp + 1) > data_end || udp->dest != bpf_htons(DECAP_GUE_PORT) || bpf_ntohs(udp->len) != udp_len)
+  if (udp_len < DECAP_UDP_LEN || (void *)(udp + 1) > data_end || udp->dest != bpf_htons(DECAP_GUE_PORT) ||
+      bpf_ntohs(udp->len) != udp_len)
     return 0;
   __u8 *inner = (void *)(udp + 1);
   if ((void *)(inner + 1) > data_end)
     return 0;
-  if (inner[0] >> 4 == 4) {
-    struct iphdr *ip4 = (void *)inner;
-    if (udp_len < DECAP_UDP_LEN + sizeof(*ip4) || (void *)(ip4 + 1) > data_end)
-      return 0;
+  if (inner[0] >> 4 == 4 && inner_ok(inner, udp_len - DECAP_UDP_LEN, data_end, 4))
     return bpf_htons(ETH_P_IP);
-  }
-  if (inner[0] >> 4 == 6) {
-    struct ipv6hdr *ip6 = (void *)inner;
-    if (udp_len < DECAP_UDP_LEN + sizeof(*ip6) || (void *)(ip6 + 1) > data_end)
-      return 0;
+  if (inner[0] >> 4 == 6 && inner_ok(inner, udp_len - DECAP_UDP_LEN, data_end, 6))
     return bpf_htons(ETH_P_IPV6);
-  }
   return 0;
 }
 
@@ -175,11 +207,12 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, struct iphdr *outer, 
   __u16 tot_len = bpf_ntohs(outer->tot_len);
   if (tot_len < sizeof(*outer) + sizeof(struct iphdr) || (void *)outer + tot_len > data_end)
     return pass_untouched(); /* the frame is shorter than the outer header claims */
+  if (!ipv4_header_ok(outer, data_end))
+    return pass_untouched(); /* corrupted on the way: the kernel drops it, as it would without us */
   if (outer->protocol == IPPROTO_UDP)
     return handle_gue(ctx, (void *)(outer + 1), tot_len - sizeof(*outer), data_end, &outer->daddr,
                       sizeof(outer->daddr), DECAP_AF_INET, outer->tos & DECAP_ECN_MASK, sizeof(*outer));
-  struct iphdr *inner = (void *)(outer + 1);
-  if ((void *)(inner + 1) > data_end || inner->version != 4)
+  if (!inner_ok(outer + 1, tot_len - sizeof(*outer), data_end, 4))
     return pass_untouched();
   if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET))
     return pass_untouched();
@@ -203,22 +236,11 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, struct ipv6hdr *outer
 
   void *inner = (void *)(outer + 1);
   __u8 outer_ecn = ipv6_ecn(outer);
-  __be16 inner_proto;
-  if (outer->nexthdr == IPPROTO_IPV6) {
-    struct ipv6hdr *inner6 = inner;
-    if (payload_len < sizeof(*inner6) || (void *)(inner6 + 1) > data_end || inner6->version != 6)
-      return pass_untouched();
-    if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
-      return pass_untouched();
-    inner_proto = bpf_htons(ETH_P_IPV6);
-  } else {
-    struct iphdr *inner4 = inner;
-    if (payload_len < sizeof(*inner4) || (void *)(inner4 + 1) > data_end || inner4->version != 4)
-      return pass_untouched();
-    if (!is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
-      return pass_untouched();
-    inner_proto = bpf_htons(ETH_P_IP);
-  }
+  int version = outer->nexthdr == IPPROTO_IPV6 ? 6 : 4;
+  if (!inner_ok(inner, payload_len, data_end, version) ||
+      !is_our_address(&outer->daddr, sizeof(outer->daddr), DECAP_AF_INET6))
+    return pass_untouched();
+  __be16 inner_proto = version == 6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
   return decapsulate(ctx, sizeof(*outer), inner_proto, outer_ecn, 1, 0);
 }
 

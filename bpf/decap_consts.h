@@ -22,6 +22,9 @@
 #define DECAP_ECN_MASK 3
 #define DECAP_ECN_CE 3
 
+/* The longest IPv4 header (IHL 15): an inner header's checksum is summed over at most this. */
+#define DECAP_IPV4_MAX_HDR_LEN 60
+
 /* IPv4 frag_off bits that mark a fragment (MF flag | offset), host order. */
 #define DECAP_IPV4_MF_OFFSET 0x3fff
 

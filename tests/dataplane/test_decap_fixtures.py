@@ -160,7 +160,52 @@ def cases() -> list[Case]:
         Case("GUE/IPv6 with an inner IPv6 header cut short: untouched", gue(OUR6, Raw(bytes(inner6())[:30]))),
         Case("GUE/IPv4 outer fragment (MF): untouched", gue(flags="MF")),
         Case("GUE/IPv4 shorter than its tot_len: untouched", gue()[:-4]),
+        # Found by test_fuzz_decap.py: each of these was decapsulated before, so the stack got a packet the
+        # tunnel did not carry (bytes past the outer datagram taken for its own) or one corrupted on the way.
+        Case("IPIP whose outer header checksum is wrong: untouched",
+             with_bytes(ipip(), 14 + 10, b"\x12\x34")),
+        Case("IPIP whose inner packet runs past the outer datagram (into the frame's padding): untouched",
+             longer_inner(ipip(), 14 + 20, 4)),
+        Case("IPIP whose inner header checksum is wrong: untouched",
+             with_bytes(ipip(), 14 + 20 + 10, b"\0\1")),
+        Case("IPIP whose inner IHL is 4: untouched", ipip(inner=Raw(b"\x44" + bytes(inner4())[1:]))),
+        Case("IPIP whose inner total length is shorter than its header: untouched",
+             ipip(inner=IP(bytes(inner4())[:2] + b"\x00\x10" + bytes(inner4())[4:]))),
+        Case("IP6IP6 whose inner packet runs past the outer payload: untouched",
+             longer_inner(ip6(), 14 + 40, 6)),
+        Case("4in6 whose inner packet runs past the outer payload: untouched",
+             longer_inner(ip6(inner=inner4()), 14 + 40, 4)),
+        Case("GUE/IPv6 whose inner packet runs past the UDP datagram: untouched",
+             longer_inner(gue(OUR6, inner6()), 14 + 40 + 8, 6)),
+        Case("IPIP whose inner IPv4 header has options (checksum right): passed up",
+             ipip(inner=IP(src="192.0.2.10", dst="10.200.1.1", options=[IPOption_Router_Alert()]) / TCP()),
+             expected=decapped(IP(src="192.0.2.10", dst="10.200.1.1", options=[IPOption_Router_Alert()])
+                               / TCP())),
     ]
+
+
+def with_bytes(frame: bytes, at: int, data: bytes) -> bytes:
+    return frame[:at] + data + frame[at + len(data):]
+
+
+def longer_inner(frame: bytes, at: int, version: int) -> bytes:
+    """`frame` plus 6 bytes of padding, its inner packet (at `at`) saying it holds them (IPv4: with a right
+    header checksum), the outer headers as they were."""
+    inner = bytearray(frame[at:])
+    if version == 4:
+        inner[2:4] = (int.from_bytes(inner[2:4], "big") + 6).to_bytes(2, "big")
+        inner[10:12] = b"\0\0"
+        inner[10:12] = _ipv4_checksum(bytes(inner[:20]))
+    else:
+        inner[4:6] = (int.from_bytes(inner[4:6], "big") + 6).to_bytes(2, "big")
+    return frame[:at] + bytes(inner) + b"\0" * 6
+
+
+def _ipv4_checksum(header: bytes) -> bytes:
+    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (0xFFFF ^ total).to_bytes(2, "big")
 
 
 @pytest.fixture(scope="module")
