@@ -141,7 +141,7 @@ def format_targets(doc: Mapping[str, Any]) -> str:
     lines = [row.format("item", "target (issue 13)", "value", "limit", "verdict")]
     for name in TARGETS:
         t = doc["targets"][name]
-        value = "-" if t["value"] is None else f"{t['value']:g} {t['unit']}"
+        value = "-" if t["value"] is None else f"{t['value']:.4g} {t['unit']}"
         limit = "-" if t["max"] is None else f"<= {t['max']:g} {t['unit']}"
         lines.append(row.format(t["item"], t["what"], value, limit, _verdict(t)))
     durations = ", ".join(f"{name} {seconds:g} s" for name, seconds in doc.get("durations_s", {}).items())

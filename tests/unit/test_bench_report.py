@@ -133,3 +133,10 @@ def test_all_means_restart_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(command, "main", lambda opts: seen.append(opts) or 0)
     assert cli.main(["bench", "--all", "--json", "--check-seconds", "30"]) == 0
     assert seen == [command.Options(json_out=True, restart=True, checks=True, check_seconds=30.0)]
+
+
+def test_table_values_have_four_significant_digits() -> None:
+    reaction = dict(REACTION, big_first_apply_s=spread(15.9362), flip_ms=spread(0.0213))
+    lines = targets.format_targets(targets.assemble({}, {"reaction": reaction}, {})).splitlines()
+    assert "15.94 s" in next(line for line in lines if "first apply" in line)
+    assert "0.0213 ms" in next(line for line in lines if "health flip" in line)
