@@ -175,13 +175,36 @@ def templates() -> list[bytes]:
     return out
 
 
+def with_checksums(frame: bytes) -> bytes:
+    """`frame` with its outer and inner IPv4 header checksums made right again (where it has such headers):
+    so a changed field meets the program's other checks, not only its checksum check."""
+    b = bytearray(frame)
+    inner = None
+    if b[12:14] == b"\x08\x00" and len(b) >= 34 and b[14] == 0x45:
+        _set_checksum(b, 14, 20)
+        inner = {4: 34, 17: 42}.get(b[23])
+    elif b[12:14] == b"\x86\xdd" and len(b) >= 54:
+        inner = {4: 54, 17: 62}.get(b[20])
+    if inner is not None and len(b) > inner and b[inner] >> 4 == 4 and len(b) >= inner + (b[inner] & 0xF) * 4:
+        _set_checksum(b, inner, (b[inner] & 0xF) * 4)
+    return bytes(b)
+
+
+def _set_checksum(b: bytearray, at: int, length: int) -> None:
+    if length >= 20:
+        b[at + 10:at + 12] = b"\0\0"
+        b[at + 10:at + 12] = struct.pack("!H", 0xFFFF ^ csum(bytes(b[at:at + length])))
+
+
 def systematic() -> Iterator[bytes]:
     for frame in templates():
         for length in range(14, len(frame)):
             yield frame[:length]
         for at in range(12, len(frame) - 8):  # every byte of the headers (not the payload's last 8)
             for flip in (0x01, 0x80, 0xFF):
-                yield frame[:at] + bytes([frame[at] ^ flip]) + frame[at + 1:]
+                flipped = frame[:at] + bytes([frame[at] ^ flip]) + frame[at + 1:]
+                yield flipped
+                yield with_checksums(flipped)
 
 
 def mutate(rng: random.Random, frame: bytes) -> bytes:
@@ -208,7 +231,7 @@ def mutate(rng: random.Random, frame: bytes) -> bytes:
                 b[at] = rng.choice([0x45, 0x46, 0x44, 0x4F, 0x60, 0x65, 0x50, 0x00])
         else:
             b[12:14] = rng.choice([b"\x08\x00", b"\x86\xdd"])
-    return bytes(b[:MAX_FRAME])
+    return with_checksums(bytes(b[:MAX_FRAME])) if rng.random() < 0.6 else bytes(b[:MAX_FRAME])
 
 
 def random_frame(rng: random.Random) -> bytes:
