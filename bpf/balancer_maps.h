@@ -24,8 +24,9 @@ LB_MAP("hash", struct vip_key, __u32, vip_addrs, MAX_VIPS, 0);
  * the bucket. The control plane sets bits before the VIPs they cover go in, and clears them after. */
 LB_MAP("array", __u32, __u32, vip_filter, VIP_FILTER_WORDS, 0);
 
-/* All Maglev rings, RING_SIZE slots per VIP number -> backend index (0 = none). */
-LB_MAP("array", __u32, __u32, rings, RINGS_ENTRIES, 0);
+/* All Maglev rings, RING_SIZE slots per VIP number -> backend index (0 = none). Mmapable: the control plane
+ * writes changed slots as stores into the map's memory, not a syscall copying every key and value. */
+LB_MAP("array", __u32, __u32, rings, RINGS_ENTRIES, BPF_F_MMAPABLE);
 
 /* Backend index -> address and flags. */
 LB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);

@@ -3,13 +3,14 @@ for one adopted from its pins without bcc (no compiler, no LLVM in the process).
 
 The ctypes layouts below mirror bpf/balancer_structs.h; tests/dataplane/test_fdmaps.py checks every field's
 name, offset and size against clang's own layout (bcc's table.Key / table.Leaf). Writes of many entries go
-in one BPF_MAP_UPDATE_BATCH each.
+in one BPF_MAP_UPDATE_BATCH each; the rings map (BPF_F_MMAPABLE) is mapped and its slots written as stores.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ FAMILY_TAG = {4: 4, 6: 6}  # LB_FAMILY_V4 / LB_FAMILY_V6 in bpf/balancer_consts.
 BACKEND_F_IPV6 = 1 << 0  # bpf/balancer_consts.h
 BACKEND_F_UP = 1 << 1  # bpf/balancer_consts.h
 BACKEND_F_GUE = 1 << 2  # bpf/balancer_consts.h
+BPF_F_MMAPABLE = 1 << 10  # include/uapi/linux/bpf.h: an array map whose values user space may mmap
 U32 = ctypes.c_uint32
 
 
@@ -87,14 +89,45 @@ def _vip_of(k: VipKeyC) -> VipKey:
     return VipKey(address(k.addr, k.family), socket.ntohs(k.port), k.proto)
 
 
+class MappedArray:
+    """A u32 array map created with BPF_F_MMAPABLE, mapped into our memory: reading and writing its values are
+    plain loads and stores (each aligned u32 store is atomic: the program reads a slot whole, old or new),
+    instead of a syscall that copies every key and value in. The kernel lays values out every 8 bytes."""
+
+    def __init__(self, fd: int, entries: int) -> None:
+        self._map = mmap.mmap(fd, entries * 8)  # MAP_SHARED, read and write
+        self.values: npt.NDArray[np.uint32] = np.frombuffer(self._map, dtype=np.uint32)[:2 * entries:2]
+
+    def close(self) -> None:
+        del self.values  # the view first: a mapping with views into it cannot be closed
+        self._map.close()
+
+
+def mapped(fd: int, entries: int) -> MappedArray | None:
+    """The array map mapped, or None when it was not created mmapable (pinned by an older build)."""
+    if not bpfsys.map_info(fd).map_flags & BPF_F_MMAPABLE:
+        return None
+    try:
+        return MappedArray(fd, entries)
+    except OSError as exc:
+        raise DataplaneError(f"mmap the rings map (fd {fd}, {entries} entries): {exc}") from exc
+
+
 class FdMapIO:
-    """MapIO over map fds (name -> fd). It owns none of them: whoever opened them closes them."""
+    """MapIO over map fds (name -> fd). It owns none of them: whoever opened them closes them (and close()s
+    this first: the rings map may be mapped into our memory)."""
 
     def __init__(self, fds: Mapping[str, int], ring_size: int) -> None:
         self.fds = dict(fds)
         self.ring_size = ring_size
         self.max_entries = {name: int(bpfsys.map_info(fd).max_entries) for name, fd in self.fds.items()}
         self._ncpu = bpfsys.possible_cpus()
+        self.rings = mapped(self.fds["rings"], self.max_entries["rings"]) if "rings" in self.fds else None
+
+    def close(self) -> None:
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
 
     # -- reads ---------------------------------------------------------------------------------------------
     def _hash_items(self, name: str, value_type: type[ctypes._CData]) -> list[tuple[VipKeyC, ctypes._CData]]:
@@ -130,7 +163,10 @@ class FdMapIO:
                 for k, v in self._hash_items("vip_addrs", U32)}
 
     def read_ring(self, vip_num: int) -> Ring:
-        raw = bpfsys.array_values(self.fds["rings"], vip_num * self.ring_size, self.ring_size, 4)
+        base = vip_num * self.ring_size
+        if self.rings is not None:
+            return self.rings.values[base:base + self.ring_size].copy()
+        raw = bpfsys.array_values(self.fds["rings"], base, self.ring_size, 4)
         if len(raw) != 4 * self.ring_size:
             raise DataplaneError(f"read the ring of VIP #{vip_num}: the rings map ends after "
                                  f"{len(raw) // 4} of its {self.ring_size} slots")
@@ -214,6 +250,9 @@ class FdMapIO:
     def write_ring_slots(self, vip_num: int, slots: npt.NDArray[np.intp], values: Ring) -> None:
         count = len(slots)
         if not count:
+            return
+        if self.rings is not None:  # stores into the map's memory: no syscall, no copy of keys
+            self.rings.values[vip_num * self.ring_size:(vip_num + 1) * self.ring_size][slots] = values
             return
         # the map's keys and values as contiguous u32 arrays of our own, handed to the kernel as they are
         key_buf = (slots + vip_num * self.ring_size).astype(np.uint32)

@@ -18,7 +18,15 @@ from edge_lb.config import Dataplane as DataplaneSettings
 from edge_lb.dataplane import bpfsys, pinned
 from edge_lb.dataplane.counters import reason_names_in
 from edge_lb.dataplane.desired import VIP_FILTER_BITS
-from edge_lb.dataplane.fdmaps import BACKEND_F_GUE, BACKEND_F_IPV6, BACKEND_F_UP, FAMILY_TAG, LAYOUTS, FdMapIO
+from edge_lb.dataplane.fdmaps import (
+    BACKEND_F_GUE,
+    BACKEND_F_IPV6,
+    BACKEND_F_UP,
+    BPF_F_MMAPABLE,
+    FAMILY_TAG,
+    LAYOUTS,
+    FdMapIO,
+)
 from edge_lb.errors import DataplaneError
 
 BPF_DIR = asset_dir("bpf")
@@ -94,6 +102,17 @@ def renew_short_counters(pins: Path, reasons: int) -> None:
     the old program, still attached until the new one replaces it, keeps its own reference."""
     path = pins / "reason_stats"
     if path.exists() and bpfsys.pinned_map_max_entries(path) < reasons:
+        path.unlink()
+
+
+def renew_unmapped_rings(pins: Path) -> None:
+    """rings is made mmapable (balancer_maps.h: the control plane writes its slots as stores). bcc adopts a
+    pinned map whatever its flags, so a pin made by an older build would keep the slow path of a syscall per
+    batch: such a pin is removed, and the load makes it again. Nothing is lost: the first apply writes every
+    ring before the program is attached (startup: load, change, attach), and the old program, attached
+    until then, keeps its own reference to the old map."""
+    path = pins / "rings"
+    if path.exists() and not bpfsys.pinned_map_info(path).map_flags & BPF_F_MMAPABLE:
         path.unlink()
 
 
@@ -185,6 +204,7 @@ class Dataplane:
             check_pinned(pins, sizes)
             renew_short_counters(pins, len(reason_names_in(BPF_DIR / "balancer_consts.h")))
             renew_ctl(pins)
+            renew_unmapped_rings(pins)
         bpf, prog = load_xdp(BPF_DIR / "balancer.c", "balancer", cflags)
         digest = pinned.program_digest(BPF_DIR / "balancer.c", cflags)
         if pins is not None:
@@ -231,6 +251,7 @@ class Dataplane:
 
     def close(self) -> None:
         """Close our fds. Pinned maps and an attached program stay in the kernel."""
+        self.io.close()  # unmaps the rings map: a mapping would keep the map alive after its fds are closed
         if self.bpf is not None:
             self.bpf.cleanup()
         if self.adopted is not None:
