@@ -429,3 +429,23 @@ def test_an_apply_runs_off_the_event_loop() -> None:
         assert {s.address for s in io.backends.values()} == {B1, B2, B3}
 
     run(body, io=io)
+
+
+def test_a_check_knows_the_pairs_it_serves() -> None:
+    """A backend behind two VIPs with one direct check is one prober: its flip names both pairs, and a flip is
+    looked up, not found by scanning every key (that was O(backends^2) at start-up)."""
+    from edge_lb.control.nodestate import Candidate
+
+    shared = {"address": "10.1.0.1"}
+    check = {"type": "tcp", "via": "direct"}
+    cfg = parse_config({"node": {"interface": "eth0"}, "healthcheck": check, "vip": [
+        {"address": "10.0.0.1", "port": 80, "protocol": "tcp", "backend": [shared, {"address": "10.1.0.2"}]},
+        {"address": "10.0.0.2", "port": 80, "protocol": "tcp", "backend": [shared]},
+        {"address": "10.0.0.3", "port": 80, "protocol": "tcp", "healthcheck": {"type": "none"},
+         "backend": [shared]}]})
+    cand = Candidate.of(cfg, {})
+    b1 = ipaddress.ip_address("10.1.0.1")
+    v1, v2 = (VipKey.of(v) for v in cfg.vips[:2])
+    key = cand.keys[(v1, b1)]
+    assert key is not None and cand.pairs_of[key] == [(v1, b1), (v2, b1)]
+    assert sorted(len(p) for p in cand.pairs_of.values()) == [1, 2], "the unchecked pair has no prober"
