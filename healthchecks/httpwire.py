@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 BODY_LIMIT = 64 * 1024  # bytes of the body searched for spec.body (also the longest head accepted)
 
-_STATUS = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
-_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
+_CHUNK_EXT = rb";[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?[ \t]*"
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:" + _CHUNK_EXT + rb")*")  # no backtracking blow-up
 _LENGTH_DIGITS = 18  # a longer Content-Length is no answer a check waits for (and int() has a digit limit)
 
 
@@ -65,7 +68,7 @@ def _parse(data: bytes, head_only: bool, ended: bool) -> Answer:
             raise _Bad(f"bad response: head longer than {BODY_LIMIT} bytes")
         raise _Bad("server disconnected in the head")
     for interim in data[:start].split(b"\r\n\r\n")[:-1]:  # checked as strictly as the final head
-        _head(interim)
+        _framing(_head(interim)[1])
     status, headers = _head(data[start:end])
     chunked, length = _framing(headers)
     if head_only or status in (204, 304) or 100 <= status < 200:
@@ -133,6 +136,7 @@ def _dechunk(raw: bytes, ended: bool) -> bytes:
             raise _Bad(f"bad response: chunk size {size_line[:20].decode('latin-1')!r}")
         size = int(match[1], 16)
         if size == 0:
+            _trailers(raw[eol + 2:], ended)
             return bytes(body)
         data_end = eol + 2 + size
         body += raw[eol + 2:data_end]
@@ -142,6 +146,20 @@ def _dechunk(raw: bytes, ended: bool) -> bytes:
             raise _Bad(f"bad response: a chunk of {size} bytes not followed by CRLF")
         pos = data_end + 2
     return bytes(body[:BODY_LIMIT])
+
+
+def _trailers(rest: bytes, ended: bool) -> None:
+    """The trailer section after the last chunk: field lines up to an empty line."""
+    if rest.startswith(b"\r\n"):
+        return
+    end = rest.find(b"\r\n\r\n")
+    if end < 0:
+        if ended:
+            raise _Bad("server disconnected in the body (chunked)")
+        return
+    for line in rest[:end].split(b"\r\n"):
+        if _FIELD.fullmatch(line) is None:
+            raise _Bad(f"bad response: trailer line {line[:60].decode('latin-1')!r}")
 
 
 def _cut(body: bytearray, ended: bool) -> bytes:

@@ -161,7 +161,20 @@ CASES = [
     (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", True, "bad response: Content-Length 'x'"),
     (b"HTTP/1.1 200 OK\nX: 1\r\n\r\n", False, "bad response: status line 'HTTP/1.1 200 OK\\nX: 1'"),
     (b"HTTP/1.x 200 OK\r\n\r\n", False, "bad response: status line 'HTTP/1.x 200 OK'"),
+    (b"HTTP/1.8 200 OK\r\n\r\n", False, "bad response: status line 'HTTP/1.8 200 OK'"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=\xec\r\nok\r\n0\r\n\r\n", False,
+     "bad response: chunk size '2;x=\xec'"),  # a chunk extension is a token (= a token or a quoted string)
+    (b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 ; x="a b" ;y\r\nok\r\n0\r\n\r\n', False,
+     Answer(200, b"ok")),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nT\xbcailer: 1\r\n\r\n", False,
+     "bad response: trailer line 'T\xbcailer: 1'"),  # the trailer section was not read
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n", False,  # no end of trailers
+     "server disconnected in the body (chunked)"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nT: 1\r\n\r\n", False,
+     Answer(200, b"ok")),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 Oops\r\n\r\n", False, Answer(500, b"")),  # was 100
+    (b"HTTP/1.1 100 Continue\r\nContent-Length: x\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", False,
+     "bad response: Content-Length 'x'"),  # an interim head is checked as the final one
     (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n\r\nok", False,
      Answer(200, b"ok")),  # was 103: a healthy server that sends early hints failed its check
     (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * BODY_LIMIT + b"\r\n\r\n", False,  # accepted in one read
