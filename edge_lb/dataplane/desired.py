@@ -124,9 +124,11 @@ class Allocator:
 
     def backend(self, vip_num: int, address: IPAddress) -> int:
         pair = (vip_num, address)
-        if pair not in self.backend_idx:
-            self.backend_idx[pair] = self._lowest_free("backends", self.backend_idx, 1, self.max_backends)
-        return self.backend_idx[pair]
+        index = self.backend_idx.get(pair)
+        if index is None:
+            index = self._lowest_free("backends", self.backend_idx, 1, self.max_backends)
+            self.backend_idx[pair] = index
+        return index
 
     def retain(self, vips: Iterable[VipKey], pairs: Iterable[tuple[int, IPAddress]]) -> None:
         """Forget numbers of VIPs and backends no longer wanted, so they can be reused."""
@@ -188,16 +190,20 @@ def _table(members: list[maglev.Member], ring_size: int, tables: TableCache) -> 
 RingCache = dict[tuple[object, ...], Ring]
 
 
-def _cached_ring(vip: Vip, indexes: Mapping[IPAddress, int], ring_size: int,
-                 healthy: Mapping[IPAddress, bool], cache: RingCache, used: RingCache,
-                 tables: TableCache) -> Ring:
-    """A Maglev build costs milliseconds: reuse the ring when nothing that shapes it has changed."""
-    key = (ring_size, *((b.address, b.weight, healthy[b.address], indexes[b.address]) for b in vip.backends))
+def _cached_ring(vip: Vip, indexes: list[int], healthy: list[bool], ring_size: int, cache: RingCache,
+                 used: RingCache, tables: TableCache) -> Ring:
+    """Reuse the ring when nothing that shapes it has changed: building and comparing one costs more than
+    this. `indexes` and `healthy` are per backend of vip.backends. The key holds addresses as ints (with their
+    version): an address object hashes through a hex string, and a 500-VIP apply hashed them 88,000 times."""
+    key = (ring_size, *((b.address.version, int(b.address), b.weight, up, index)
+                        for b, up, index in zip(vip.backends, healthy, indexes, strict=True)))
     ring = cache.get(key)
     if ring is None:
         ring = used.get(key)
     if ring is None:
-        ring = ring_for(vip, indexes, ring_size, healthy, tables)
+        addresses = [b.address for b in vip.backends]
+        ring = ring_for(vip, dict(zip(addresses, indexes, strict=True)), ring_size,
+                        dict(zip(addresses, healthy, strict=True)), tables)
     used[key] = ring
     return ring
 
@@ -222,12 +228,11 @@ def desired_state(config: Config, alloc: Allocator,
     for vip in config.vips:
         key = VipKey.of(vip)
         num = vips[key] = alloc.vip_num(key)
-        indexes = {b.address: alloc.backend(num, b.address) for b in vip.backends}
-        healthy = {a: health.get((key, a), True) for a in indexes}
-        for b in vip.backends:
-            up, gue = healthy[b.address], b.encap == "gue"
-            backends[indexes[b.address]] = BackendSlot(num, b.address, up=up, gue=gue)
-        rings[num] = _cached_ring(vip, indexes, config.dataplane.ring_size, healthy, cache, used, tables)
+        indexes = [alloc.backend(num, b.address) for b in vip.backends]
+        healthy = [health.get((key, b.address), True) for b in vip.backends]
+        for b, index, up in zip(vip.backends, indexes, healthy, strict=True):
+            backends[index] = BackendSlot(num, b.address, up=up, gue=b.encap == "gue")
+        rings[num] = _cached_ring(vip, indexes, healthy, config.dataplane.ring_size, cache, used, tables)
         vip_addrs[(key.address, 0)] = vip_addrs.get((key.address, 0), 0) + 1
     for vip in config.vips:
         if not vip.icmp_echo:
