@@ -35,12 +35,19 @@ class TunnelChecker:
             return result
         failed = time.monotonic()
         direct = await self.inner.check(target.direct())
-        if not direct.ok:
-            return Result(ok=False, reason=f"{result.reason}; direct: {direct.reason}")
-        if self.disturbed is not None and await self.disturbed(began, failed):
-            why = f"tunnel: this node's encapsulator was out of place ({result.reason})"
-            return Result(ok=False, reason=why, local=local.NOT_WRITTEN)
-        return Result(ok=False, reason=DIRECT_OK + result.reason)
+        upset = direct.ok and self.disturbed is not None and await self.disturbed(began, failed)
+        return verdict(result, direct, upset)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def verdict(tunnelled: Result, direct: Result, disturbed: bool) -> Result:
+    """A failed tunnel check's result, given its direct re-check's and, when that passed, whether this node's
+    encapsulator was out of place during the tunnel check (also healthchecks/tcpengine.py's)."""
+    if not direct.ok:
+        return Result(ok=False, reason=f"{tunnelled.reason}; direct: {direct.reason}")
+    if disturbed:
+        why = f"tunnel: this node's encapsulator was out of place ({tunnelled.reason})"
+        return Result(ok=False, reason=why, local=local.NOT_WRITTEN)
+    return Result(ok=False, reason=DIRECT_OK + tunnelled.reason)

@@ -30,8 +30,8 @@ BOUND = 2.0  # [node].local_fault_after: the node says it cannot judge its backe
 DOWN_FOR = INTERVAL * FALL + 2.5  # long enough for every backend to have been marked down without the fix
 
 
-def start(d: DataplaneLab) -> None:
-    text = d.config_text(check=CHECK).replace('[node]\ninterface = "eth0"\n',
+def start(d: DataplaneLab, kind: str = "http") -> None:
+    text = d.config_text(check=CHECK.replace('"http"', f'"{kind}"')).replace('[node]\ninterface = "eth0"\n',
                                                f'[node]\ninterface = "eth0"\nlocal_fault_after = {BOUND}\n')
     d.config_path.write_text(text)
     d.start_supervisor()
@@ -107,8 +107,9 @@ def _open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def test_out_of_file_descriptors_is_a_local_fault_not_a_dead_backend(dlab: DataplaneLab) -> None:
-    start(dlab)
+@pytest.mark.parametrize("kind", ["http", "tcp"])  # tcp: the batched engine (healthchecks/tcpengine.py)
+def test_out_of_file_descriptors_is_a_local_fault_not_a_dead_backend(dlab: DataplaneLab, kind: str) -> None:
+    start(dlab, kind)
     assert dlab.supervisor is not None
     pid = dlab.supervisor.pid
     _prlimit(pid, _open_fds(pid))  # nothing new can be opened: every check's socket() fails

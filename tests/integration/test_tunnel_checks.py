@@ -35,11 +35,13 @@ SLACK = 1.0  # a busy 2-core machine
 REQUESTS = 60
 
 
-def config_text(d: DataplaneLab, via: str) -> str:
-    """VIP6 and VIP4_OVER_V6 (tunnel checks) and VIP with IPv4 backends, checked `via` tunnel or direct."""
+def config_text(d: DataplaneLab, via: str, kind: str = "http") -> str:
+    """VIP6 and VIP4_OVER_V6 (tunnel checks) and VIP with IPv4 backends, checked `via` tunnel or direct by
+    `kind` checks (tcp: the batched engine, healthchecks/tcpengine.py)."""
     backends = "".join(f'  [[vip.backend]]\n  address = "{s.address}"\n' for s in d.servers)
+    check = CHECK.replace('"http"', f'"{kind}"')
     return (d.config_text_v6(check=CHECK) + f'[[vip]]\naddress = "{VIP}"\nport = {VIP_PORT}\n'
-            f'protocol = "tcp"\n  [vip.healthcheck]\n{CHECK}  via = "{via}"\n{backends}')
+            f'protocol = "tcp"\n  [vip.healthcheck]\n{check}  via = "{via}"\n{backends}')
 
 
 def rows(d: DataplaneLab) -> dict[tuple[str, str], dict[str, Any]]:
@@ -53,8 +55,8 @@ def all_up(d: DataplaneLab) -> bool:
     return all(r["state"] == "up" and r["ring_slots"] for r in rows(d).values())
 
 
-def reload(d: DataplaneLab, via: str) -> None:
-    d.config_path.write_text(config_text(d, via))
+def reload(d: DataplaneLab, via: str, kind: str = "http") -> None:
+    d.config_path.write_text(config_text(d, via, kind))
     assert d.reload().startswith("reloaded "), "the reload was applied"
     wait_for(lambda: all(r["via"] == via for (v, _), r in rows(d).items() if v == VIP), 10, f"via {via}")
 
@@ -106,13 +108,16 @@ def get(d: DataplaneLab, count: int, vip: str = VIP) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize(("fault", "role"), [("decap removed", "b2"), ("VIP off lo", "b3")])
+@pytest.mark.parametrize(("fault", "role", "kind"), [
+    ("decap removed", "b2", "http"), ("VIP off lo", "b3", "http"),
+    ("decap removed", "b2", "tcp"),  # tcp: the batched engine (healthchecks/tcpengine.py), marks and all
+])
 def test_a_backend_broken_for_clients_stays_under_direct_checks_and_leaves_under_tunnel_checks(
-        tlab: DataplaneLab, fault: str, role: str) -> None:
+        tlab: DataplaneLab, fault: str, role: str, kind: str) -> None:
     d = tlab
     breaks, mends = FAULTS[fault]
     # Direct checks: the backend answers on its own address, so it stays in the ring and clients fail.
-    reload(d, "direct")
+    reload(d, "direct", kind)
     wait_for(lambda: all_up(d), 10, "every backend up")
     breaks(d, role)
     try:
@@ -125,7 +130,7 @@ def test_a_backend_broken_for_clients_stays_under_direct_checks_and_leaves_under
     finally:
         mends(d, role)
     # Tunnel checks: the same fault takes it out of the ring in time, and no request fails.
-    reload(d, "tunnel")
+    reload(d, "tunnel", kind)
     wait_for(lambda: all_up(d), 10, "every backend up through its tunnel")
     breaks(d, role)
     try:
@@ -142,6 +147,8 @@ def test_a_backend_broken_for_clients_stays_under_direct_checks_and_leaves_under
     finally:
         mends(d, role)
     wait_for(lambda: all_up(d), 10, f"{role} back once mended")
+    if kind != "http":
+        reload(d, "tunnel")  # as the module's other tests expect it
 
 
 def test_ipv6_backends_are_checked_through_ip6ip6_and_4in6(tlab: DataplaneLab) -> None:

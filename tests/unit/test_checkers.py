@@ -30,6 +30,8 @@ from healthchecks.spec import CheckSpec
 from healthchecks.tcp import TcpChecker
 from healthchecks.tunnel import TunnelChecker
 
+from .tcpcheck import HOWS, first_result
+
 LOCAL = ipaddress.ip_address("127.0.0.1")
 LOCAL6 = ipaddress.ip_address("::1")
 CA = trustme.CA()  # the test servers' certificates; trusted only where a test says so
@@ -87,20 +89,27 @@ def test_clip_makes_one_short_line() -> None:
 # --- tcp ----------------------------------------------------------------------------------------------------
 
 
-def test_tcp_connected() -> None:
+# Through the monitor both ways (a prober task with TcpChecker, the batched engine): tests/unit/tcpcheck.py.
+DIRECT = CheckSpec(via="direct")
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_tcp_connected(how: str) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         tgt = target(server.getsockname()[1])
-        assert check(TcpChecker(CheckSpec()), tgt) == Result(ok=True, reason="connected")
+        assert asyncio.run(first_result(how, DIRECT, tgt)) == Result(ok=True, reason="connected")
     assert tgt.opened == [socket.SOCK_STREAM]
 
 
-def test_tcp_refused() -> None:
-    assert check(TcpChecker(CheckSpec()), target(free_port())) == Result(ok=False, reason="connect: refused")
+@pytest.mark.parametrize("how", HOWS)
+def test_tcp_refused(how: str) -> None:
+    assert asyncio.run(first_result(how, DIRECT, target(free_port()))) == Result(False, "connect: refused")
 
 
-def test_tcp_timeout_when_the_accept_queue_is_full() -> None:
+@pytest.mark.parametrize("how", HOWS)
+def test_tcp_timeout_when_the_accept_queue_is_full(how: str) -> None:
     # Linux drops a SYN while the listener's accept queue is full, so the connect hangs until the timeout.
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(socket.socket())
@@ -112,7 +121,7 @@ def test_tcp_timeout_when_the_accept_queue_is_full() -> None:
             filler.setblocking(False)
             with contextlib.suppress(BlockingIOError):
                 filler.connect(("127.0.0.1", port))
-        result = check(TcpChecker(CheckSpec(timeout=0.3)), target(port))
+        result = asyncio.run(first_result(how, CheckSpec(timeout=0.3, via="direct"), target(port)))
     assert result == Result(ok=False, reason="connect: timeout after 0.3s")
 
 

@@ -24,9 +24,9 @@ from healthchecks.base import Result, Target
 from healthchecks.machine import Health, step
 from healthchecks.monitor import CheckKey, HealthMonitor, Observation
 from healthchecks.spec import CheckSpec
-from healthchecks.tcp import TcpChecker
 
 from .memnode import BACKENDS, running
+from .tcpcheck import HOWS, first_result
 
 LOOPBACK = Target(ipaddress.ip_address("127.0.0.1"), 9)
 
@@ -74,24 +74,26 @@ def test_describe_names_the_errno() -> None:
     assert local.describe("link down") == "link down"
 
 
-def test_a_tcp_check_out_of_descriptors_is_a_local_fault() -> None:
-    """The real checker with the process at its RLIMIT_NOFILE: EMFILE, blamed on this node."""
+@pytest.mark.parametrize("how", HOWS)
+def test_a_tcp_check_out_of_descriptors_is_a_local_fault(how: str) -> None:
+    """The real check (a prober's TcpChecker, or the tcp engine) with the process at its RLIMIT_NOFILE:
+    EMFILE, blamed on this node."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
 
-    async def main() -> Result:
-        held: list[int] = []
+    def exhaust() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
-        try:
-            with pytest.raises(OSError):
-                for _ in range(64):  # bounded: the limit is 16 above what is open
-                    held.append(os.open("/dev/null", os.O_RDONLY))
-            return await TcpChecker(CheckSpec()).check(LOOPBACK)
-        finally:
-            for fd in held:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with pytest.raises(OSError):
+            for _ in range(64):  # bounded: the limit is 16 above what is open
+                held.append(os.open("/dev/null", os.O_RDONLY))
 
-    assert asyncio.run(main()) == Result(False, "socket: too many open files", "EMFILE")
+    try:
+        result = asyncio.run(first_result(how, CheckSpec(via="direct"), LOOPBACK, started=exhaust))
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result == Result(False, "socket: too many open files", "EMFILE")
 
 
 UP, DOWN = Health(up=True), Health(up=False)

@@ -5,8 +5,11 @@ setup problem from a dead service, exec's placeholders, and what status shows.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import errno
 import ipaddress
+import socket
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from healthchecks.monitor import CheckKey, HealthMonitor
 from healthchecks.spec import CheckSpec
 from healthchecks.tunnel import TunnelChecker
 
+from .tcpcheck import HOWS, Opening, first_results
 from .test_reconciler import B1, B2, VIP, Harness, config, run
 
 VIP_A = ipaddress.ip_address("10.0.0.1")
@@ -187,6 +191,15 @@ def test_the_monitor_waits_for_the_mark_and_never_counts_the_wait() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("how", HOWS)
+def test_a_tcp_check_waits_for_the_mark_and_never_counts_the_wait(how: str) -> None:
+    """The same for the real tcp check, both ways it runs: not written, no socket opened, no time taken."""
+    target = Opening(VIP_A, 80, mark=0x4C500001, backend=ipaddress.ip_address("10.1.0.1"), vip=VIP_A)
+    [(result, seen)] = asyncio.run(first_results(how, CheckSpec(), [target], resolve=lambda t: None))
+    assert result == Result(False, "tunnel: not in place yet", local.NOT_WRITTEN) and not target.opened
+    assert seen.latency == 0.0 and seen.local == local.NOT_WRITTEN and seen.health.up
+
+
 def test_the_mark_is_the_backend_index_the_change_path_wrote() -> None:
     async def body(h: Harness) -> None:
         await h.start()
@@ -268,3 +281,49 @@ def test_exec_defaults_to_direct_and_an_explicit_via_wins() -> None:
     assert not spec({"via": "direct"}, exec_check).tunnelled and spec({"via": "tunnel"}, exec_check).tunnelled
     keys = check_keys(parsed(exec_check))
     assert all(key and not key.target.tunnelled and key.target.mark == 0 for key in keys.values())
+
+
+TUNNELLED_LO = ipaddress.ip_address("127.0.0.2"), ipaddress.ip_address("127.0.0.3")  # the VIP, its backend
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize(("vip_serves", "backend_serves", "fail", "upset", "reason", "opened"), [
+    (True, True, 0, None, "connected", 1),
+    (False, True, 0, None, "direct OK, via tunnel: connect: refused", 2),
+    (False, True, 0, False, "direct OK, via tunnel: connect: refused", 2),
+    (False, True, 0, True, "tunnel: this node's encapsulator was out of place (connect: refused)", 2),
+    (False, False, 0, True, "connect: refused; direct: connect: refused", 2),  # not asked: a dead backend
+    (False, True, errno.EMFILE, None, "socket: too many open files", 1),  # local: not re-checked
+])
+def test_a_failed_tcp_tunnel_check_is_rechecked_directly(how: str, vip_serves: bool, backend_serves: bool,
+                                                         fail: int, upset: bool | None, reason: str,
+                                                         opened: int) -> None:
+    """Real connects on loopback (unmarked: the tunnel is the kernel's, in the lab tests), both ways the
+    monitor runs a tcp check; `upset`: what disturbed() answers (None: no such question)."""
+    asked: list[tuple[float, float]] = []
+
+    async def disturbed(start: float, end: float) -> bool:
+        asked.append((start, end))
+        await asyncio.sleep(0.01)
+        return bool(upset)
+
+    vip, backend = TUNNELLED_LO
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(socket.socket()) for _ in range(2)]
+        servers[1].bind((str(backend), 0))
+        port = servers[1].getsockname()[1]
+        servers[0].bind((str(vip), port))
+        for server, serves in zip(servers, (vip_serves, backend_serves), strict=True):
+            if serves:
+                server.listen()
+        target = Opening(vip, port, backend=backend, vip=vip, fail=fail)
+        [(result, _)] = asyncio.run(first_results(how, CheckSpec(), [target],
+                                                  disturbed=None if upset is None else disturbed))
+    assert (result.reason, len(target.opened)) == (reason, opened)
+    assert result.ok == (reason == "connected")
+    assert (result.local is not None) == bool(fail or (upset and asked)), "local: EMFILE, or tunnel out"
+    assert len(asked) == (upset is not None and backend_serves), "asked only before blaming a live backend"
+    assert all(start <= end for start, end in asked), "of the tunnel check's own time"
+    if opened == 2:
+        again = target.opened[1]
+        assert (again.address, again.mark, again.tunnelled) == (backend, 0, False), "to the backend, unmarked"
