@@ -207,12 +207,16 @@ def pick_mark(rng: random.Random, base: int, written: list[int], free: list[int]
     pick = rng.random()
     if pick < 0.15:
         other_base = base ^ (1 << rng.randrange(MARK_INDEX_BITS, 32))
-        return "unmarked", rng.choice([0, rng.randrange(1 << 32), other_base, (base - 1) & 0xFFFFFFFF,
-                                       base + (1 << MARK_INDEX_BITS) + rng.choice([0, 1])])
-    if pick < 0.3:
+        mark = rng.choice([0, rng.randrange(1 << 32), other_base, (base - 1) & 0xFFFFFFFF,
+                           base + (1 << MARK_INDEX_BITS) + rng.choice([0, 1])])
+    elif pick < 0.3:
         past = rng.randrange(len(written) + len(free) + 1, INDEX_MASK + 1)  # past the backends map
-        return "no backend", base | rng.choice([0, *free, past])
-    return "backend", base | rng.choice(written)
+        mark = base | rng.choice([0, *free, past])
+    else:
+        mark = base | rng.choice(written)
+    if mark & ~INDEX_MASK != base:  # (a random mark may be a check mark: what it is, not how it was picked)
+        return "unmarked", mark
+    return ("backend" if mark & INDEX_MASK in written else "no backend"), mark
 
 
 def test_fuzz_checkencap(pair: Pair) -> None:
