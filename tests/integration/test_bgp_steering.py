@@ -54,7 +54,11 @@ def test_prepend_and_large_community_steer_and_down_med_keeps_a_backup_route(sla
     wait_for(lambda: set(routes(slab)) == {"lb1", "lb2"}, 20, "the router has the VIP from both nodes")
     # lb1 starts before its backends' checks have risen: down = "med" announces it with MED 500 until
     # they have (a backup route, not a black hole), then without.
-    wait_for(lambda: "med" not in lb1_route(slab), 15, "lb1's route without MED once its backends are up")
+    # (Its tunnel checks wait for checkencap's first compile, several seconds on a loaded machine: meanwhile
+    # it cannot judge its backends and withholds the route, so wait for that first, then for the route.)
+    wait_for(lambda: (slab.status(1).get("check_tunnel") or {}).get("ready"), 60, "lb1's tunnel checks ready")
+    wait_for(lambda: "as_path" in lb1_route(slab) and "med" not in lb1_route(slab), 30,
+             "lb1's route without MED once its backends are up")
 
     # Prepend: lb1's path is 3 ASes long, lb2's 1: the router uses lb2 only (no ECMP across them).
     route = lb1_route(slab)
