@@ -113,6 +113,7 @@ class _Reader(asyncio.Protocol):
         self._reads_body = reads_body
         self._done = done
         self._data = bytearray()
+        self._head_start = 0  # of the final head: interim 1xx heads skipped
         self._head_end = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,14 +123,15 @@ class _Reader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done.done():
             return
+        searched = len(self._data)
         self._data += data
         if self._head_end < 0:
-            start, self._head_end = final_head(self._data)
+            self._head_start, self._head_end = final_head(self._data, self._head_start, searched)
             if self._head_end < 0:
                 if len(self._data) > BODY_LIMIT:
                     self._finish()  # parse() names the oversized head
                 return
-            if not self._wants_body(start):
+            if not self._wants_body(self._head_start):
                 self._finish(keep=self._head_end + 4)  # the head only, however the bytes came
                 return
         enough = self._head_end + 4 + 2 * BODY_LIMIT  # the head and BODY_LIMIT with room for chunk framing

@@ -45,12 +45,13 @@ def parse(data: bytes, *, head_only: bool = False, ended: bool = True) -> Answer
         return str(exc)
 
 
-def final_head(data: bytes | bytearray) -> tuple[int, int]:
+def final_head(data: bytes | bytearray, start: int = 0, searched: int = 0) -> tuple[int, int]:
     """(start, end) of the final response's head in `data`: interim 1xx heads (not 101) before it skipped;
-    end is where its blank line starts, -1 while it is not all there."""
-    start = 0
+    end is where its blank line starts, -1 while it is not all there. `start`: where a head begins (an
+    earlier call's answer); `searched`: bytes after it already searched, so a head read a byte at a time
+    costs linear time, not quadratic."""
     while True:
-        end = data.find(b"\r\n\r\n", start)
+        end = data.find(b"\r\n\r\n", max(start, searched - 3))
         if end < 0:
             return start, end
         status = _STATUS.fullmatch(data[start:data.find(b"\r\n", start)])
