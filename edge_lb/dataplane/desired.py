@@ -34,6 +34,17 @@ class VipKey:
     address: IPAddress
     port: int
     proto: int
+    # Computed once: every (VIP, backend) lookup hashes the VIP, and an address hashes through a hex string.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.address, self.port, self.proto)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[VipKey], tuple[IPAddress, int, int]]:
+        return VipKey, (self.address, self.port, self.proto)  # copies hash anew: str hashes are per process
 
     @classmethod
     def of(cls, vip: Vip) -> VipKey:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import pickle
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -181,6 +183,16 @@ def test_the_allocator_hands_out_the_lowest_free_number() -> None:
     with pytest.raises(ValueError, match="no free number below 8"):
         alloc.backend(2, ip("10.0.0.10"))
     assert [alloc.vip_num(VipKey(ip(f"10.200.0.{i}"), 80, 6)) for i in (1, 2)] == [0, 1]
+
+
+@pytest.mark.parametrize("copy_of", [copy.copy, copy.deepcopy, lambda k: pickle.loads(pickle.dumps(k)),
+                                     lambda k: replace(k, port=k.port)])
+def test_a_vip_key_hashes_once_and_its_copies_hash_alike(copy_of: Any) -> None:
+    key = VipKey(ipaddress.ip_address("fd00:200::1"), 443, 6)
+    other = copy_of(key)
+    assert other == key and hash(other) == hash(key) == hash((key.address, 443, 6))
+    assert {key: 1}[other] == 1 and repr(other) == repr(key)
+    assert replace(key, port=80) != key and hash(replace(key, port=80)) == hash((key.address, 80, 6))
 
 
 def test_swap_at_capacity_fits() -> None:
