@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -166,6 +167,10 @@ class Supervisor:
         events.emit("startup", phase="ready", interface=config.node.interface, mode=config.dataplane.xdp_mode,
                     ring_slots_written=sum(report.ring_slots.values()), socket=path, pid=os.getpid())
         notify("READY=1")  # systemd Type=notify: started only now
+        # What startup built (config, modules, probers, rings) lives as long as the process: out of the
+        # collector's reach, a full collection no longer walks it while holding the GIL (at 500 VIPs such
+        # a pass stalled the loop and the apply thread for tens of ms).
+        gc.freeze()
 
     @staticmethod
     async def _dataplane(config: Config) -> tuple[Dataplane, ProgramStatus]:
