@@ -1,5 +1,6 @@
 """Runs the checks: one prober task per (target, spec), bounded concurrency, jittered delays; tcp checks all
 in one batch instead (healthchecks/tcpengine.py: no task, timer or future per check), recorded the same way.
+`concurrency` bounds each of the two: tasks checking at once, and tcp connects in flight.
 
 The monitor owns only health. It calls on_change(key, old, new) when a backend's up/down state flips; what
 that means for the data plane is the supervisor's business. A result that failed for a reason on this node
