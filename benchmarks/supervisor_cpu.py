@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from edge_lb.bench.checkscale import PROFILES, RING_SIZE, VIPS, measure
+from edge_lb.bench.checkscale import PROFILES, RING_SIZE, TUNNEL_MAX, VIPS, measure
 from edge_lb.bench.checkserver import INTERVAL, ON_TIME, STALE_AFTER
 from edge_lb.dataplane.maglev import is_prime
 from edge_lb.errors import BenchError
@@ -51,8 +51,9 @@ def main(argv: list[str]) -> int:
                         help="the CPU the supervisor is pinned to (default: the highest usable)")
     parser.add_argument("--profile", action="append", choices=sorted(PROFILES),
                         help="tcp1k, http1k (the default: both) or tcp10k; repeatable")
-    parser.add_argument("--via", default="tunnel,direct",
-                        help="check paths to measure, comma-separated (default tunnel,direct)")
+    parser.add_argument("--via", default=None,
+                        help="check paths to measure, comma-separated (default tunnel,direct; tunnel only "
+                             f"for profiles of at most {TUNNEL_MAX} backends, decap.c's limit)")
     parser.add_argument("--ring-size", type=int, default=RING_SIZE,
                         help=f"Maglev slots per VIP, prime (default {RING_SIZE})")
     args = parser.parse_args(argv)
@@ -60,14 +61,15 @@ def main(argv: list[str]) -> int:
         parser.error("--seconds must be positive")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu}: not one of the CPUs this process may use")
-    vias = args.via.split(",")
+    vias = (args.via or "tunnel,direct").split(",")
     if any(v not in ("tunnel", "direct") for v in vias):
         parser.error("--via: tunnel and/or direct, comma-separated")
+    runs = [(profile, via) for profile in args.profile or ("tcp1k", "http1k") for via in vias
+            if args.via or via == "direct" or VIPS * PROFILES[profile][1] <= TUNNEL_MAX]
     if not is_prime(args.ring_size) or not 1009 <= args.ring_size <= 1_000_003:
         parser.error("--ring-size must be a prime 1009..1000003")
     try:
-        results = [measure(profile, via, args.seconds, args.cpu, args.ring_size)
-                   for profile in args.profile or ("tcp1k", "http1k") for via in vias]
+        results = [measure(profile, via, args.seconds, args.cpu, args.ring_size) for profile, via in runs]
     except BenchError as exc:
         print(f"supervisor_cpu: {exc}", file=sys.stderr)
         return 1
