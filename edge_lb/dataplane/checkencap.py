@@ -21,6 +21,7 @@ balancer's pinned ones.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -73,8 +74,11 @@ def cflags(settings: DataplaneSettings) -> list[str]:
             f'-DPIN_DIR="{pins}"']
 
 
+@functools.lru_cache(maxsize=8)
 def filter_name(settings: DataplaneSettings) -> str:
-    """The tc filter's name for the build of `settings`: checkencap_<16 hex digits of its digest>."""
+    """The tc filter's name for the build of `settings`: checkencap_<16 hex digits of its digest>. Hashed
+    once per settings: the keeper asks every second, and a running supervisor keeps the build it started
+    with (sources changed on disk under it are the next start's)."""
     return f"{PROGRAM}_{program_digest(SOURCE, cflags(settings))[:16]}"
 
 
