@@ -164,7 +164,9 @@ def test_idle_api_flood_leaves_checks_the_vip_and_the_cli_alone(node: DataplaneL
         most_fds = max(most_fds, fds(d.supervisor.pid))
         time.sleep(0.5)
     print(f"the supervisor had {most_fds} fds at most; API {api}")
-    assert most_fds < 400, most_fds  # 1,100 connections would have hit the limit of 1,024
+    # 1,100 connections would have hit the limit of 1,024; what the supervisor holds besides the 128 capped
+    # API connections (maps, checks, connections being displaced) reached 418 once in CI: half the limit.
+    assert most_fds < NOFILE // 2, most_fds
     grown = len(d.supervisor_log()) - log_before
     assert grown < 20_000, f"the log grew {grown} bytes during the flood"
     assert d.supervisor_log().count("at its connection limit") <= 2  # once per site
